@@ -1,0 +1,71 @@
+//! The error type of the schedule crate.
+
+use thiserror::Error;
+
+/// Everything that can go wrong while generating, validating, simulating or parsing a schedule.
+/// Every variant says what was wrong and, where it can, what would work.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ScheduleError {
+    /// A generator was asked for a shape it cannot serve.
+    #[error("{kind} cannot serve stages={stages}, microbatches={microbatches}, chunks={chunks}: {reason}")]
+    Unsupported {
+        /// Schedule family name.
+        kind: &'static str,
+        /// Requested stages.
+        stages: u32,
+        /// Requested micro-batches.
+        microbatches: u32,
+        /// Requested chunks per stage.
+        chunks: u32,
+        /// Which constraint failed and what would work.
+        reason: String,
+    },
+    /// An unknown schedule name.
+    #[error("unknown schedule `{0}`; expected one of gpipe, 1f1b, interleaved, zb-h1, zb-v")]
+    UnknownKind(String),
+    /// The placement is not a permutation of the parts.
+    #[error("bad placement: {0}")]
+    Placement(String),
+    /// An action names a chunk or micro-batch out of range.
+    #[error("stage {stage} action #{index} `{action}`: {reason}")]
+    BadAction {
+        /// Stage holding the action.
+        stage: u32,
+        /// Position in the stage's list.
+        index: usize,
+        /// The action, as text.
+        action: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A (part, micro-batch) is missing an action or has too many.
+    #[error("part {part} micro-batch {mb}: {reason}")]
+    Coverage {
+        /// Model part.
+        part: u32,
+        /// Micro-batch.
+        mb: u32,
+        /// What is missing or repeated.
+        reason: String,
+    },
+    /// The per-stage orders admit no execution: the listed actions wait on each other in a cycle.
+    #[error("deadlock: the actions wait on each other in a cycle: {}", cycle.join(" -> "))]
+    Deadlock {
+        /// The cycle, as `stage:action` strings.
+        cycle: Vec<String>,
+    },
+    /// Cost model does not fit the schedule.
+    #[error("bad costs: {0}")]
+    Costs(String),
+    /// Text (action string or CSV) could not be parsed.
+    #[error("parse error at {location}: {reason}")]
+    Parse {
+        /// Where: `row R, column C` or the token.
+        location: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// A lowered (compute + comm) schedule is inconsistent.
+    #[error("communication mismatch: {0}")]
+    Comm(String),
+}

@@ -1,0 +1,25 @@
+//! Pipeline schedules for Baton: the IR, generators (GPipe, 1F1B, interleaved 1F1B, ZB-H1,
+//! ZB-V), a validator, a discrete-event simulator, PyTorch-compatible text formats and
+//! renderers. Pure Rust: no device, no threads.
+
+#![warn(missing_docs)]
+
+mod error;
+mod generate;
+mod graph;
+mod ir;
+mod render;
+mod simulate;
+mod text;
+mod validate;
+
+pub use error::ScheduleError;
+pub use generate::{generate, gpipe, interleaved, one_f_one_b, zb_h1, zb_v};
+pub use ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBATCHES_MAX, STAGES_MAX};
+pub use render::{to_json, to_svg, to_text, TEXT_COLUMNS_MAX};
+pub use simulate::{simulate, Costs, SimReport, Span};
+pub use text::{
+    check_comms, from_csv, lower_with_comms, schedule_from_rank_actions, to_csv, to_rank_actions, CommOp, PipeAction,
+    CSV_CELLS_MAX,
+};
+pub use validate::{peak_inflight, peak_weight_stash, validate, Validation};

@@ -1,0 +1,113 @@
+//! The `baton` command line: argument parsing and the subcommands.
+
+mod schedule;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad command-line arguments.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a failure while running a command.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Baton: pipeline-parallel training for transformer language models.
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate (or import), validate and simulate a pipeline schedule, and print or draw it.
+    Schedule(schedule::ScheduleArgs),
+}
+
+/// Parses `std::env::args`, runs the command, and maps errors to a one-line message and exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.use_stderr() {
+                    ExitCode::from(EXIT_USAGE)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            let text = e.to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
+            eprintln!("baton: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = match cli.command {
+        Command::Schedule(args) => schedule::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// A CLI failure: a one-line message and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// One line for the user.
+    pub message: String,
+    /// Process exit code.
+    pub code: u8,
+}
+
+impl CliError {
+    /// A usage error (bad argument value): exit code 2.
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: EXIT_USAGE,
+        }
+    }
+
+    /// A failure while running: exit code 1.
+    pub fn failure(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: EXIT_FAILURE,
+        }
+    }
+}
+
+/// Writes `contents` to `path`, or to stdout when no path is given. A file is written to a
+/// temporary name and renamed, so a failed write never leaves a half-written file behind.
+pub(crate) fn write_output(path: Option<&std::path::Path>, contents: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    match path {
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(contents.as_bytes())
+                .map_err(|e| CliError::failure(format!("writing to stdout: {e}")))
+        }
+        Some(path) => {
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".tmp");
+            let tmp = std::path::PathBuf::from(tmp);
+            std::fs::write(&tmp, contents)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| CliError::failure(format!("writing {}: {e}", path.display())))
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! `baton schedule`: generate or import a schedule, validate, simulate, and render it.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use super::{write_output, CliError};
+use crate::schedules::{
+    from_csv, generate, lower_with_comms, schedule_from_rank_actions, simulate, to_csv, to_json, to_rank_actions,
+    to_svg, to_text, Costs, Schedule, ScheduleKind,
+};
+
+/// Arguments of `baton schedule`.
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// Schedule family to generate.
+    #[arg(long, value_enum, required_unless_present = "from_csv", conflicts_with = "from_csv")]
+    pub schedule: Option<KindArg>,
+    /// Import a PyTorch-pipelining per-rank CSV instead of generating.
+    #[arg(long, value_name = "FILE")]
+    pub from_csv: Option<PathBuf>,
+    /// Number of pipeline stages (ranks).
+    #[arg(long, value_name = "P")]
+    pub stages: u32,
+    /// Micro-batches per step.
+    #[arg(long, value_name = "M", required_unless_present = "from_csv")]
+    pub microbatches: Option<u32>,
+    /// Model chunks per stage (default: 2 for interleaved and zb-v, else 1).
+    #[arg(long, value_name = "V")]
+    pub chunks: Option<u32>,
+    /// Cost model: forward, full backward, input-grad, weight-grad time per part, and per-hop latency.
+    #[arg(long, value_name = "F,B,I,W,LAT", default_value = "1,1,0.5,0.5,0")]
+    pub costs: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// With `--format csv`: include SEND_F / RECV_F / SEND_B / RECV_B actions.
+    #[arg(long)]
+    pub comms: bool,
+    /// Write to this file instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// Schedule family names on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KindArg {
+    /// All forwards, then all backwards.
+    Gpipe,
+    /// One-forward-one-backward (PipeDream-Flush).
+    #[value(name = "1f1b")]
+    OneFOneB,
+    /// Megatron's interleaved 1F1B (chunks >= 2).
+    Interleaved,
+    /// Zero-bubble H1.
+    #[value(name = "zb-h1")]
+    ZbH1,
+    /// Zero-bubble V (chunks = 2).
+    #[value(name = "zb-v")]
+    ZbV,
+}
+
+impl From<KindArg> for ScheduleKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Gpipe => ScheduleKind::GPipe,
+            KindArg::OneFOneB => ScheduleKind::OneFOneB,
+            KindArg::Interleaved => ScheduleKind::Interleaved,
+            KindArg::ZbH1 => ScheduleKind::ZbH1,
+            KindArg::ZbV => ScheduleKind::ZbV,
+        }
+    }
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// ASCII timeline and summary.
+    Text,
+    /// The JSON document (schedule, placement, actions, simulation).
+    Json,
+    /// PyTorch pipelining's per-rank CSV.
+    Csv,
+    /// SVG timeline picture.
+    Svg,
+}
+
+/// Parses `F,B,I,W,LAT`.
+pub fn parse_costs(text: &str, parts: u32) -> Result<Costs, CliError> {
+    let fields: Vec<&str> = text.split(',').map(str::trim).collect();
+    if fields.len() != 5 {
+        return Err(CliError::usage(format!(
+            "--costs expects 5 numbers F,B,I,W,LAT, got {} in `{text}`",
+            fields.len()
+        )));
+    }
+    let mut v = [0.0f64; 5];
+    for (slot, (name, field)) in v.iter_mut().zip(["F", "B", "I", "W", "LAT"].iter().zip(&fields)) {
+        *slot = field
+            .parse()
+            .map_err(|_| CliError::usage(format!("--costs: {name} = `{field}` is not a number")))?;
+        if !slot.is_finite() || *slot < 0.0 {
+            return Err(CliError::usage(format!(
+                "--costs: {name} = {field} must be finite and >= 0"
+            )));
+        }
+    }
+    Ok(Costs::uniform(parts, v[0], v[1], v[2], v[3], v[4]))
+}
+
+/// Runs `baton schedule`.
+pub fn run(args: &ScheduleArgs) -> Result<(), CliError> {
+    let schedule = build_schedule(args)?;
+    let costs = parse_costs(&args.costs, schedule.placement.num_parts())?;
+    let sim = simulate(&schedule, &costs).map_err(|e| CliError::failure(e.to_string()))?;
+    let text = match args.format {
+        Format::Text => to_text(&schedule, &sim),
+        Format::Svg => to_svg(&schedule, &sim),
+        Format::Json => {
+            let mut s = serde_json::to_string_pretty(&to_json(&schedule, &sim))
+                .map_err(|e| CliError::failure(e.to_string()))?;
+            s.push('\n');
+            s
+        }
+        Format::Csv if args.comms => {
+            let rows = lower_with_comms(&schedule).map_err(|e| CliError::failure(e.to_string()))?;
+            to_csv(
+                &rows
+                    .into_iter()
+                    .map(|r| r.into_iter().map(Some).collect())
+                    .collect::<Vec<_>>(),
+            )
+        }
+        Format::Csv => to_csv(&to_rank_actions(&schedule).map_err(|e| CliError::failure(e.to_string()))?),
+    };
+    if args.comms && args.format != Format::Csv {
+        return Err(CliError::usage("--comms only applies to --format csv"));
+    }
+    write_output(args.out.as_deref(), &text)
+}
+
+fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
+    if let Some(path) = &args.from_csv {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| CliError::failure(format!("reading {}: {e}", path.display())))?;
+        let rows = from_csv(&text).map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
+        let schedule = schedule_from_rank_actions(&rows, args.stages)
+            .map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
+        if let Some(m) = args.microbatches.filter(|&m| m != schedule.microbatches) {
+            return Err(CliError::failure(format!(
+                "{}: the file holds {} micro-batches but --microbatches is {m}",
+                path.display(),
+                schedule.microbatches
+            )));
+        }
+        return Ok(schedule);
+    }
+    let kind: ScheduleKind = args
+        .schedule
+        .expect("clap requires --schedule without --from-csv")
+        .into();
+    let m = args
+        .microbatches
+        .expect("clap requires --microbatches without --from-csv");
+    let v = args.chunks.unwrap_or(match kind {
+        ScheduleKind::Interleaved | ScheduleKind::ZbV => 2,
+        _ => 1,
+    });
+    generate(kind, args.stages, m, v).map_err(|e| CliError::usage(e.to_string()))
+}

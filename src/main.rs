@@ -1,0 +1,7 @@
+//! The `baton` command line; see `baton --help`.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    baton::cli::main()
+}
