@@ -138,24 +138,26 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<SimReport, Schedul
     }
     let makespan = end.iter().copied().fold(0.0, f64::max);
     let stages = schedule.stages() as usize;
-    let mut busy = vec![0.0; stages];
-    let mut spans = Vec::with_capacity(stages);
-    for s in 0..stages {
-        let range = graph.stage_start[s] as usize..graph.stage_start[s + 1] as usize;
-        let list: Vec<Span> = range
-            .map(|id| {
-                let node = &graph.nodes[id];
-                Span {
-                    action: node.action,
-                    part: node.part,
-                    start: start[id],
-                    end: end[id],
-                }
-            })
-            .collect();
-        busy[s] = list.iter().map(|sp| sp.end - sp.start).sum();
-        spans.push(list);
-    }
+    let spans: Vec<Vec<Span>> = (0..stages)
+        .map(|s| {
+            let range = graph.stage_start[s] as usize..graph.stage_start[s + 1] as usize;
+            range
+                .map(|id| {
+                    let node = &graph.nodes[id];
+                    Span {
+                        action: node.action,
+                        part: node.part,
+                        start: start[id],
+                        end: end[id],
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let busy: Vec<f64> = spans
+        .iter()
+        .map(|list| list.iter().map(|sp| sp.end - sp.start).sum())
+        .collect();
     let idle: Vec<f64> = busy.iter().map(|b| (makespan - b).max(0.0)).collect();
     let bubble = if makespan > 0.0 {
         idle.iter().sum::<f64>() / (stages as f64 * makespan)

@@ -1,0 +1,231 @@
+//! `baton schedule` end to end: every format, import from CSV, and one-line errors for bad arguments.
+
+use std::process::{Command, Output};
+
+fn baton(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .output()
+        .expect("the baton binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn text_format_shows_a_timeline_and_summary() {
+    let text = stdout(&baton(&[
+        "schedule",
+        "--schedule",
+        "1f1b",
+        "--stages",
+        "4",
+        "--microbatches",
+        "8",
+    ]));
+    assert!(text.contains("stage 0 |F0 F1 F2 F3 "), "{text}");
+    assert!(text.contains("makespan 22.0000, bubble 27.27%"), "{text}");
+}
+
+#[test]
+fn json_format_matches_the_documented_shape() {
+    let out = baton(&[
+        "schedule",
+        "--schedule",
+        "1f1b",
+        "--stages",
+        "4",
+        "--microbatches",
+        "8",
+        "--format",
+        "json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(j["schedule"], "1f1b");
+    assert_eq!(j["sim"]["makespan"], 22.0);
+    assert_eq!(j["sim"]["bubble"], 0.2727);
+    assert_eq!(j["sim"]["peak_inflight"], serde_json::json!([4, 3, 2, 1]));
+    let keys: Vec<&str> = j.as_object().unwrap().keys().map(String::as_str).collect();
+    for key in [
+        "schedule",
+        "stages",
+        "microbatches",
+        "chunks",
+        "placement",
+        "actions",
+        "sim",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    }
+}
+
+#[test]
+fn csv_export_imports_back_and_simulates_the_same() {
+    let dir = std::env::temp_dir().join(format!("baton-cli-csv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (kind, extra) in [
+        ("zb-v", vec![]),
+        ("interleaved", vec!["--chunks", "3"]),
+        ("zb-h1", vec![]),
+    ] {
+        let csv = dir.join(format!("{kind}.csv"));
+        let mut args = vec![
+            "schedule",
+            "--schedule",
+            kind,
+            "--stages",
+            "4",
+            "--microbatches",
+            "8",
+            "--format",
+            "csv",
+        ];
+        args.extend(&extra);
+        args.extend(["--out", csv.to_str().unwrap(), "--comms"]);
+        stdout(&baton(&args));
+        let imported = baton(&[
+            "schedule",
+            "--from-csv",
+            csv.to_str().unwrap(),
+            "--stages",
+            "4",
+            "--format",
+            "json",
+        ]);
+        let j: serde_json::Value = serde_json::from_str(&stdout(&imported)).unwrap();
+        let mut args = vec![
+            "schedule",
+            "--schedule",
+            kind,
+            "--stages",
+            "4",
+            "--microbatches",
+            "8",
+            "--format",
+            "json",
+        ];
+        args.extend(&extra);
+        let original: serde_json::Value = serde_json::from_str(&stdout(&baton(&args))).unwrap();
+        assert_eq!(j["schedule"], "custom");
+        assert_eq!(j["actions"], original["actions"], "{kind}");
+        assert_eq!(j["placement"], original["placement"], "{kind}");
+        assert_eq!(j["sim"], original["sim"], "{kind}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn svg_goes_to_a_file() {
+    let path = std::env::temp_dir().join(format!("baton-cli-{}.svg", std::process::id()));
+    let out = baton(&[
+        "schedule",
+        "--schedule",
+        "zb-h1",
+        "--stages",
+        "4",
+        "--microbatches",
+        "8",
+        "--format",
+        "svg",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(stdout(&out).is_empty());
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("weight grad (W)"));
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn bad_arguments_exit_non_zero_with_one_line() {
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["schedule", "--schedule", "nope", "--stages", "4", "--microbatches", "8"],
+            "invalid value 'nope'",
+        ),
+        (
+            &["schedule", "--schedule", "1f1b", "--stages", "0", "--microbatches", "8"],
+            "stages must be in",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "1f1b",
+                "--stages",
+                "four",
+                "--microbatches",
+                "8",
+            ],
+            "invalid value 'four'",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "interleaved",
+                "--stages",
+                "4",
+                "--microbatches",
+                "6",
+            ],
+            "multiple of 4",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "zb-v",
+                "--stages",
+                "4",
+                "--microbatches",
+                "8",
+                "--chunks",
+                "3",
+            ],
+            "--chunks 2",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "1f1b",
+                "--stages",
+                "4",
+                "--microbatches",
+                "8",
+                "--costs",
+                "1,2",
+            ],
+            "5 numbers",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "1f1b",
+                "--stages",
+                "4",
+                "--microbatches",
+                "8",
+                "--costs",
+                "1,-2,1,1,0",
+            ],
+            ">= 0",
+        ),
+        (
+            &["schedule", "--from-csv", "/nonexistent/x.csv", "--stages", "4"],
+            "/nonexistent/x.csv",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = baton(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
