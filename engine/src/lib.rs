@@ -1,0 +1,3 @@
+//! Baton engine.
+
+pub mod data;
