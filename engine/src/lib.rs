@@ -1,3 +1,21 @@
-//! Baton engine.
+//! Baton's engine: the `Backend` seam (CPU today), the GPT model and its layers, stage splits,
+//! the pipeline executor that replays a validated schedule with one thread per stage, the
+//! optimizer, and the data layer.
 
+#![warn(missing_docs)]
+
+pub mod backend;
 pub mod data;
+pub mod error;
+pub mod executor;
+pub mod model;
+pub mod optim;
+pub mod pipeline;
+pub mod split;
+
+pub use backend::{Backend, Cpu};
+pub use error::{EngineError, Result};
+pub use model::GptConfig;
+pub use optim::OptimizerConfig;
+pub use pipeline::{Pipeline, PipelineConfig, StepReport};
+pub use split::StageSplit;

@@ -1,0 +1,213 @@
+//! The backend seam: memory, copies and the model's ops. The executor and layers are written
+//! once against [`Backend`]; the CPU backend implements it today and CUDA slots in behind it.
+
+mod cpu;
+
+pub use cpu::Cpu;
+
+use baton_kernels::cpu::AdamW;
+
+use crate::error::Result;
+
+/// A device (or host) that stores `f32` buffers and runs the model's ops on them, in order, on
+/// one queue. Every op that writes a gradient **accumulates** (`+=`) into it, as in
+/// [`baton_kernels::cpu`]. Dimensions: `n` rows (= b·t tokens), `c` channels, `oc` out
+/// channels, `nh` heads, `v` vocabulary.
+pub trait Backend: Send + Sync + 'static {
+    /// A buffer of `f32` on this backend.
+    type Buf: Send + Sync + 'static;
+    /// A buffer of token ids on this backend.
+    type Tokens: Send + Sync + 'static;
+
+    /// Short name for messages (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+    /// A zero-filled buffer of `len` elements.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer holding a copy of `data`.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// The buffer's contents on the host.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Token ids on this backend.
+    fn upload_tokens(&self, tokens: &[u32]) -> Result<Self::Tokens>;
+    /// Number of elements.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// A second buffer with the same contents.
+    fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf>;
+    /// Moves a buffer of this backend to `dst` (a peer copy between devices; a move on the CPU).
+    fn transfer(&self, buf: Self::Buf, dst: &Self) -> Result<Self::Buf>;
+    /// Waits until every queued op has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    /// `buf = 0`.
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// `dst = src`.
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// `dst += src`.
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// `buf *= alpha`.
+    fn scale(&self, buf: &mut Self::Buf, alpha: f32) -> Result<()>;
+    /// Sum of squares in `f64`, in a fixed order (deterministic).
+    fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;
+    /// Sum in `f64`, in a fixed order; `Err` never hides a NaN (it is returned as the sum).
+    fn sum(&self, buf: &Self::Buf) -> Result<f64>;
+
+    /// `out (b,t,c) = wte[tokens] + wpe[t]`.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        tokens: &Self::Tokens,
+        wte: &Self::Buf,
+        wpe: &Self::Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// `dwte[tokens] += dout`, `dwpe[t] += dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        dwte: &mut Self::Buf,
+        dwpe: &mut Self::Buf,
+        dout: &Self::Buf,
+        tokens: &Self::Tokens,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// Layer norm over rows of width `c`, stashing `mean` and `rstd` (n each).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// `dinp += ∂L/∂inp`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_input(
+        &self,
+        dinp: &mut Self::Buf,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// `dweight += ∂L/∂weight`, `dbias += ∂L/∂bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_weight(
+        &self,
+        dweight: &mut Self::Buf,
+        dbias: &mut Self::Buf,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// `out (n,oc) = inp (n,c) · weight(oc,c)ᵀ + bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// `dinp += dout · weight`.
+    fn matmul_backward_input(
+        &self,
+        dinp: &mut Self::Buf,
+        dout: &Self::Buf,
+        weight: &Self::Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// `dweight += doutᵀ · inp`, `dbias += Σ rows of dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_weight(
+        &self,
+        dweight: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// Causal multi-head attention: `qkv (b,t,3c)` → `out (b,t,c)`, stashing `att (b,nh,t,t)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        att: &mut Self::Buf,
+        qkv: &Self::Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()>;
+    /// `dqkv += ∂L/∂qkv`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        att: &Self::Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()>;
+    /// GELU (tanh form).
+    fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
+    /// `dinp += gelu'(inp) · dout`.
+    fn gelu_backward(&self, dinp: &mut Self::Buf, inp: &Self::Buf, dout: &Self::Buf) -> Result<()>;
+    /// `out = a + b` (residual).
+    fn residual_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// Per-row cross-entropy of `softmax(logits)` against `targets`.
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Tokens,
+        n: usize,
+        v: usize,
+    ) -> Result<()>;
+    /// `dlogits += scale · (softmax(logits) − onehot(targets))`.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Tokens,
+        scale: f32,
+        n: usize,
+        v: usize,
+    ) -> Result<()>;
+    /// One AdamW step (1-based `step`) on `params` with moments `m`, `v`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        cfg: &AdamW,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        step: u32,
+    ) -> Result<()>;
+}

@@ -1,0 +1,586 @@
+//! The `Pipeline`: a GPT split into stages, a validated schedule, and the training step
+//! (executor → tied-gradient sum → global norm → clip → AdamW).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use baton_kernels::cpu::AdamW;
+use baton_schedules::{generate, validate, Schedule, ScheduleKind, Validation};
+
+use crate::backend::Backend;
+use crate::data::Batch;
+use crate::error::{EngineError, Result};
+use crate::executor::{run_step, ActionSpan, ExecConfig, Part, Stage};
+use crate::model::{build_layer, GptConfig, MicroBatch, Param};
+use crate::optim::OptimizerConfig;
+use crate::split::StageSplit;
+
+/// A tensor on the host: shape (row-major) and data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Elements, row-major.
+    pub data: Vec<f32>,
+}
+
+/// Tensors by global parameter name.
+pub type TensorMap = BTreeMap<String, HostTensor>;
+
+/// Default deadline for one blocking receive inside a step.
+pub const RECV_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+
+/// Everything that defines a pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineConfig {
+    /// The model.
+    pub model: GptConfig,
+    /// Pipeline stages.
+    pub stages: u32,
+    /// Schedule family.
+    pub schedule: ScheduleKind,
+    /// Micro-batches per step; must divide the batch.
+    pub microbatches: u32,
+    /// Chunks per stage (interleaved: ≥ 2, ZB-V: 2, others: 1).
+    pub chunks: u32,
+    /// How layers are divided among the parts.
+    pub split: StageSplit,
+    /// Optimizer.
+    pub optimizer: OptimizerConfig,
+    /// Keep only part inputs between forward and backward and recompute.
+    pub recompute: bool,
+    /// Seed of the initial weights.
+    pub seed: u64,
+    /// Longest wait for one input inside a step, in milliseconds.
+    pub recv_timeout_ms: u64,
+}
+
+impl PipelineConfig {
+    /// A config with the schedule family's natural chunk count and default optimizer.
+    pub fn new(model: GptConfig, stages: u32, schedule: ScheduleKind, microbatches: u32) -> Self {
+        let chunks = match schedule {
+            ScheduleKind::Interleaved | ScheduleKind::ZbV => 2,
+            _ => 1,
+        };
+        PipelineConfig {
+            model,
+            stages,
+            schedule,
+            microbatches,
+            chunks,
+            split: StageSplit::Uniform,
+            optimizer: OptimizerConfig::default(),
+            recompute: false,
+            seed: 1337,
+            recv_timeout_ms: RECV_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
+/// What one training step measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    /// Optimizer steps taken so far (1 after the first step).
+    pub step: u64,
+    /// Mean token loss over the batch.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Global gradient norm before clipping (tied weight counted once).
+    pub grad_norm: f32,
+    /// Tokens in the batch.
+    pub tokens: usize,
+    /// Wall time of the whole step, seconds.
+    pub elapsed_s: f64,
+    /// Wall time of the pipelined part (executor), seconds.
+    pub pipeline_s: f64,
+    /// Per stage: seconds spent computing actions.
+    pub busy_s: Vec<f64>,
+    /// Per stage: `pipeline_s - busy_s`.
+    pub idle_s: Vec<f64>,
+    /// Measured bubble: idle / (stages × pipeline_s).
+    pub bubble: f64,
+    /// Per stage: most activation stashes held at once.
+    pub peak_stashed: Vec<u32>,
+    /// Per stage: most stash bytes held at once.
+    pub peak_stash_bytes: Vec<usize>,
+    /// Per stage: when each action ran.
+    #[serde(skip)]
+    pub spans: Vec<Vec<ActionSpan>>,
+}
+
+/// A GPT split into pipeline stages on backend `B`.
+pub struct Pipeline<B: Backend> {
+    config: PipelineConfig,
+    schedule: Schedule,
+    validation: Validation,
+    ranges: Vec<std::ops::Range<usize>>,
+    backends: Vec<B>,
+    stages: Vec<Stage<B>>,
+    step: u64,
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// Builds the schedule, checks it, splits the model and initialises every stage's layers on
+    /// its backend (`backends[s]` for stage s).
+    pub fn new(config: PipelineConfig, backends: Vec<B>) -> Result<Self> {
+        config.model.validate()?;
+        config.optimizer.validate()?;
+        if config.recv_timeout_ms == 0 {
+            return Err(EngineError::config("recv_timeout_ms", 0, "must be >= 1"));
+        }
+        if backends.len() != config.stages as usize {
+            return Err(EngineError::config(
+                "stages",
+                config.stages,
+                format!(
+                    "{} backends (devices) were given for {} stages",
+                    backends.len(),
+                    config.stages
+                ),
+            ));
+        }
+        let schedule = generate(config.schedule, config.stages, config.microbatches, config.chunks)?;
+        let validation = validate(&schedule)?;
+        let parts = schedule.placement.num_parts() as usize;
+        let ranges = config.split.resolve(&config.model, parts)?;
+        let mut stages = Vec::with_capacity(config.stages as usize);
+        for (s, be) in backends.iter().enumerate() {
+            let mut chunk_parts = Vec::new();
+            for chunk in 0..schedule.chunks() {
+                let index = schedule
+                    .placement
+                    .part(s as u32, chunk)
+                    .expect("placement covers every (stage, chunk)");
+                let units = ranges[index as usize].clone();
+                let layers = units
+                    .clone()
+                    .map(|u| build_layer(&config.model, u, be, config.seed))
+                    .collect::<Result<Vec<_>>>()?;
+                chunk_parts.push(Part { index, units, layers });
+            }
+            stages.push(Stage {
+                index: s as u32,
+                parts: chunk_parts,
+            });
+        }
+        Ok(Pipeline {
+            config,
+            schedule,
+            validation,
+            ranges,
+            backends,
+            stages,
+            step: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// The validated schedule being executed.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// What the validator predicted (peak stashed activations per stage).
+    pub fn validation(&self) -> &Validation {
+        &self.validation
+    }
+
+    /// Global layer units per part, in pipeline order.
+    pub fn ranges(&self) -> &[std::ops::Range<usize>] {
+        &self.ranges
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the optimizer step counter (when resuming).
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Checks a batch against the model and splits it into per-stage micro-batches.
+    fn micro_batches(&self, batch: &Batch, with_targets: bool) -> Result<Vec<Vec<MicroBatch<B>>>> {
+        let m = self.config.microbatches as usize;
+        let (b, t) = (batch.batch, batch.seq);
+        if b == 0 || t == 0 {
+            return Err(EngineError::Batch(format!("empty batch ({b} sequences of {t} tokens)")));
+        }
+        if b % m != 0 {
+            return Err(EngineError::Batch(format!(
+                "{m} micro-batches do not divide the batch of {b} sequences; use a batch that is a multiple of {m}"
+            )));
+        }
+        if t > self.config.model.max_seq {
+            return Err(EngineError::Batch(format!(
+                "sequence length {t} exceeds the model's context {}",
+                self.config.model.max_seq
+            )));
+        }
+        if batch.inputs.len() != b * t || batch.targets.len() != b * t {
+            return Err(EngineError::Batch(format!(
+                "batch holds {} inputs / {} targets, expected {}",
+                batch.inputs.len(),
+                batch.targets.len(),
+                b * t
+            )));
+        }
+        let vocab = self.config.model.vocab_size;
+        if let Some((i, tok)) = batch
+            .inputs
+            .iter()
+            .chain(&batch.targets)
+            .enumerate()
+            .find(|(_, &tok)| tok as usize >= vocab)
+        {
+            return Err(EngineError::Batch(format!(
+                "token {tok} at position {i} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let mb_b = b / m;
+        let per = mb_b * t;
+        let last = self.schedule.placement.num_parts() - 1;
+        let loss_scale = 1.0 / (b * t) as f32;
+        self.backends
+            .iter()
+            .zip(&self.stages)
+            .map(|(be, stage)| {
+                let first_here = stage.parts.iter().any(|p| p.index == 0);
+                let last_here = stage.parts.iter().any(|p| p.index == last);
+                (0..m)
+                    .map(|i| {
+                        let range = i * per..(i + 1) * per;
+                        Ok(MicroBatch {
+                            inputs: if first_here {
+                                Some(be.upload_tokens(&batch.inputs[range.clone()])?)
+                            } else {
+                                None
+                            },
+                            targets: if last_here && with_targets {
+                                Some(be.upload_tokens(&batch.targets[range])?)
+                            } else {
+                                None
+                            },
+                            b: mb_b,
+                            t,
+                            loss_scale,
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// One training step on `batch` (split into the configured micro-batches).
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepReport> {
+        let started = Instant::now();
+        let mbs = self.micro_batches(batch, true)?;
+        let exec = ExecConfig {
+            recompute: self.config.recompute,
+            recv_timeout: Duration::from_millis(self.config.recv_timeout_ms),
+        };
+        let outcomes = run_step(&mut self.stages, &self.backends, &self.schedule, &mbs, &exec)?;
+        let pipeline_s = outcomes
+            .iter()
+            .flat_map(|o| o.spans.last())
+            .map(|s| s.end_s)
+            .fold(0.0, f64::max);
+        // Loss: per micro-batch sums in micro-batch order, over all tokens.
+        let mut losses: Vec<(u32, f64)> = outcomes.iter().flat_map(|o| o.losses.iter().copied()).collect();
+        losses.sort_by_key(|&(mb, _)| mb);
+        debug_assert_eq!(losses.len(), self.config.microbatches as usize);
+        let tokens = batch.batch * batch.seq;
+        let loss = (losses.iter().map(|&(_, l)| l).sum::<f64>() / tokens as f64) as f32;
+
+        let lr = self.config.optimizer.lr_at(self.step);
+        let grad_norm = self.optimizer_step(lr)?;
+        self.step += 1;
+
+        let busy_s: Vec<f64> = outcomes
+            .iter()
+            .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
+            .collect();
+        let idle_s: Vec<f64> = busy_s.iter().map(|b| (pipeline_s - b).max(0.0)).collect();
+        let bubble = if pipeline_s > 0.0 {
+            idle_s.iter().sum::<f64>() / (idle_s.len() as f64 * pipeline_s)
+        } else {
+            0.0
+        };
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            pipeline_s,
+            busy_s,
+            idle_s,
+            bubble,
+            peak_stashed: outcomes.iter().map(|o| o.peak_stashed).collect(),
+            peak_stash_bytes: outcomes.iter().map(|o| o.peak_stash_bytes).collect(),
+            spans: outcomes.into_iter().map(|o| o.spans).collect(),
+        })
+    }
+
+    /// Tied-gradient sum, global norm (tied weight once), clipping and AdamW; zeroes the grads.
+    fn optimizer_step(&mut self, lr: f32) -> Result<f32> {
+        self.sum_tied_grads()?;
+        // Sum of squares per tensor, summed in global (layer, parameter) order: the same for every split.
+        let mut squares: Vec<((usize, usize), f64)> = Vec::new();
+        for (stage, be) in self.stages.iter().zip(&self.backends) {
+            for part in &stage.parts {
+                for (unit, layer) in part.units.clone().zip(&part.layers) {
+                    for (pi, p) in layer.params().iter().enumerate() {
+                        if p.tied_to.is_none() {
+                            squares.push(((unit, pi), be.sum_squares(&p.grad)?));
+                        }
+                    }
+                }
+            }
+        }
+        squares.sort_by_key(|&(k, _)| k);
+        let norm = squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt();
+        let clip = self.config.optimizer.grad_clip;
+        let scale = if clip > 0.0 && norm > f64::from(clip) {
+            Some((f64::from(clip) / (norm + 1e-6)) as f32)
+        } else {
+            None
+        };
+        let o = &self.config.optimizer;
+        let step =
+            u32::try_from(self.step + 1).map_err(|_| EngineError::config("steps", self.step + 1, "too many steps"))?;
+        for (stage, be) in self.stages.iter_mut().zip(&self.backends) {
+            for part in &mut stage.parts {
+                for layer in &mut part.layers {
+                    for p in layer.params_mut() {
+                        if let Some(scale) = scale {
+                            be.scale(&mut p.grad, scale)?;
+                        }
+                        let cfg = AdamW {
+                            lr,
+                            beta1: o.beta1,
+                            beta2: o.beta2,
+                            eps: o.eps,
+                            weight_decay: if p.decay { o.weight_decay } else { 0.0 },
+                        };
+                        be.adamw(&cfg, &mut p.value, &p.grad, &mut p.m, &mut p.v, step)?;
+                        be.fill_zero(&mut p.grad)?;
+                    }
+                }
+            }
+        }
+        Ok(norm as f32)
+    }
+
+    /// Where a named parameter lives: (stage, chunk, layer, param).
+    fn locate(&self, name: &str) -> Option<(usize, usize, usize, usize)> {
+        for (s, stage) in self.stages.iter().enumerate() {
+            for (c, part) in stage.parts.iter().enumerate() {
+                for (l, layer) in part.layers.iter().enumerate() {
+                    if let Some(pi) = layer.params().iter().position(|p| p.name == name) {
+                        return Some((s, c, l, pi));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn param(&self, at: (usize, usize, usize, usize)) -> &Param<B> {
+        &self.stages[at.0].parts[at.1].layers[at.2].params()[at.3]
+    }
+
+    /// Sums the token embedding's gradient and the LM head's into both copies (`emb + head`,
+    /// bitwise the same on both sides), so the tied copies take identical AdamW steps.
+    fn sum_tied_grads(&mut self) -> Result<()> {
+        let (Some(emb), Some(head)) = (self.locate("wte"), self.locate("lm_head.weight")) else {
+            return Err(EngineError::Batch(
+                "the model has no tied embedding / LM head pair".into(),
+            ));
+        };
+        let (se, sh) = (emb.0, head.0);
+        let head_copy = self.backends[sh].duplicate(&self.param(head).grad)?;
+        let head_on_e = self.backends[sh].transfer(head_copy, &self.backends[se])?;
+        let be_e = &self.backends[se];
+        let grad = &mut self.stages[emb.0].parts[emb.1].layers[emb.2].params_mut()[emb.3].grad;
+        be_e.add_assign(grad, &head_on_e)?;
+        let sum = be_e.duplicate(grad)?;
+        let sum_on_h = self.backends[se].transfer(sum, &self.backends[sh])?;
+        let be_h = &self.backends[sh];
+        let grad = &mut self.stages[head.0].parts[head.1].layers[head.2].params_mut()[head.3].grad;
+        be_h.copy(grad, &sum_on_h)
+    }
+
+    /// Mean token loss of `batch` without training (forward only, stage by stage).
+    #[allow(clippy::needless_range_loop)] // `i` indexes every stage's micro-batch list
+    pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32> {
+        let mbs = self.micro_batches(batch, true)?;
+        let m = self.config.microbatches as usize;
+        let mut total = 0.0f64;
+        for i in 0..m {
+            let mut x: Option<B::Buf> = None;
+            let mut at = 0usize; // stage holding x
+            for part in 0..self.schedule.placement.num_parts() {
+                let (s, c) = self.schedule.placement.owner(part).expect("part in range");
+                let (s, c) = (s as usize, c as usize);
+                if let Some(buf) = x.take() {
+                    x = Some(self.backends[at].transfer(buf, &self.backends[s])?);
+                }
+                at = s;
+                for layer in &self.stages[s].parts[c].layers {
+                    let f = layer.forward(&self.backends[s], x, &mbs[s][i])?;
+                    x = f.out;
+                    if let Some(l) = f.loss_sum {
+                        total += l;
+                    }
+                }
+            }
+        }
+        Ok((total / (batch.batch * batch.seq) as f64) as f32)
+    }
+
+    /// Logits `(t, V)` for one sequence of `t` tokens (for sampling).
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let t = tokens.len();
+        if t == 0 || t > self.config.model.max_seq {
+            return Err(EngineError::Batch(format!(
+                "a prompt of {t} tokens; it must hold 1..={} tokens",
+                self.config.model.max_seq
+            )));
+        }
+        if let Some(&tok) = tokens.iter().find(|&&tok| tok as usize >= self.config.model.vocab_size) {
+            return Err(EngineError::Batch(format!(
+                "token {tok} is outside the vocabulary of {}",
+                self.config.model.vocab_size
+            )));
+        }
+        let mut x: Option<B::Buf> = None;
+        let mut at = 0usize;
+        for part in 0..self.schedule.placement.num_parts() {
+            let (s, c) = self.schedule.placement.owner(part).expect("part in range");
+            let (s, c) = (s as usize, c as usize);
+            let be = &self.backends[s];
+            if let Some(buf) = x.take() {
+                x = Some(self.backends[at].transfer(buf, be)?);
+            }
+            at = s;
+            let mb = MicroBatch {
+                inputs: if part == 0 {
+                    Some(be.upload_tokens(tokens)?)
+                } else {
+                    None
+                },
+                targets: None,
+                b: 1,
+                t,
+                loss_scale: 0.0,
+            };
+            for layer in &self.stages[s].parts[c].layers {
+                x = Some(layer.infer(be, x, &mb)?);
+            }
+        }
+        let logits = x.ok_or_else(|| EngineError::Batch("the model produced no logits".into()))?;
+        self.backends[at].download(&logits)
+    }
+
+    /// Every parameter on the host, by global name (the tied LM head appears as
+    /// `lm_head.weight` beside `wte`).
+    pub fn parameters(&self) -> Result<TensorMap> {
+        self.collect(|p| &p.value)
+    }
+
+    /// AdamW moments by global name: `(m, v)`.
+    pub fn optimizer_state(&self) -> Result<(TensorMap, TensorMap)> {
+        Ok((self.collect(|p| &p.m)?, self.collect(|p| &p.v)?))
+    }
+
+    fn collect(&self, pick: impl Fn(&Param<B>) -> &B::Buf) -> Result<TensorMap> {
+        let mut out = BTreeMap::new();
+        for (stage, be) in self.stages.iter().zip(&self.backends) {
+            for part in &stage.parts {
+                for layer in &part.layers {
+                    for p in layer.params() {
+                        out.insert(
+                            p.name.clone(),
+                            HostTensor {
+                                shape: p.shape.clone(),
+                                data: be.download(pick(p))?,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads parameters (and optionally AdamW moments) by global name, checking that every
+    /// parameter is present with its shape before changing anything. The tied LM head is
+    /// loaded from `wte` when `lm_head.weight` is absent.
+    pub fn load(&mut self, values: &TensorMap, moments: Option<(&TensorMap, &TensorMap)>) -> Result<()> {
+        let lookup = |map: &TensorMap, p: &Param<B>, what: &str| -> Result<()> {
+            let key = if map.contains_key(&p.name) {
+                p.name.as_str()
+            } else {
+                p.tied_to.unwrap_or(p.name.as_str())
+            };
+            let HostTensor { shape, data } = map.get(key).ok_or_else(|| EngineError::Checkpoint {
+                path: what.into(),
+                reason: format!("missing tensor `{}`", p.name),
+            })?;
+            if shape != &p.shape || data.len() != p.len() {
+                return Err(EngineError::Checkpoint {
+                    path: what.into(),
+                    reason: format!(
+                        "tensor `{}` has shape {shape:?}, the model expects {:?}",
+                        p.name, p.shape
+                    ),
+                });
+            }
+            Ok(())
+        };
+        // Check everything first: nothing changes unless all of it fits.
+        for stage in &self.stages {
+            for part in &stage.parts {
+                for layer in &part.layers {
+                    for p in layer.params() {
+                        lookup(values, p, "parameters")?;
+                        if let Some((m, v)) = moments {
+                            lookup(m, p, "adam m")?;
+                            lookup(v, p, "adam v")?;
+                        }
+                    }
+                }
+            }
+        }
+        for (stage, be) in self.stages.iter_mut().zip(&self.backends) {
+            for part in &mut stage.parts {
+                for layer in &mut part.layers {
+                    for p in layer.params_mut() {
+                        let get = |map: &TensorMap| {
+                            map.get(&p.name)
+                                .or_else(|| p.tied_to.and_then(|t| map.get(t)))
+                                .map(|h| h.data.clone())
+                        };
+                        let value = get(values).expect("checked above");
+                        p.value = be.upload(&value)?;
+                        if let Some((m, v)) = moments {
+                            p.m = be.upload(&get(m).expect("checked above"))?;
+                            p.v = be.upload(&get(v).expect("checked above"))?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
