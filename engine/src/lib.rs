@@ -5,9 +5,11 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod executor;
+pub mod export;
 pub mod model;
 pub mod optim;
 pub mod pipeline;

@@ -1,0 +1,458 @@
+//! Checkpoints: one safetensors file per stage plus a JSON manifest written last.
+//!
+//! A checkpoint is the directory `root/step-{step:08}`:
+//!
+//! - `stage-{s}.safetensors` for every stage `s`: the stage's parameters in F32 under their
+//!   global names (`h.3.attn.c_attn.weight`), and their AdamW moments under `{name}.adam_m` and
+//!   `{name}.adam_v`. Because the names are global, a checkpoint saved with one split, stage
+//!   count or schedule loads into any other: [`load`] merges every stage file into one map.
+//! - `manifest.json`: the format version, the pipeline config, the parts' layer ranges, the
+//!   optimizer step, the tokenizer, the data loader's position, and the size and SHA-256 of every
+//!   stage file.
+//!
+//! Crash safety: everything is written (and fsynced) into `root/.tmp-step-{step:08}`, the manifest
+//! last, and that directory is then renamed to `step-{step:08}`. A directory without a valid
+//! manifest is not a checkpoint; [`latest`] skips it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backend::Backend;
+use crate::data::{LoaderState, TokenizerKind};
+use crate::error::{EngineError, Result};
+use crate::model::GptConfig;
+use crate::pipeline::{HostTensor, Pipeline, PipelineConfig, TensorMap};
+
+/// The checkpoint format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name inside a checkpoint directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Suffix of a parameter's first AdamW moment in a stage file.
+pub const ADAM_M_SUFFIX: &str = ".adam_m";
+/// Suffix of a parameter's second AdamW moment in a stage file.
+pub const ADAM_V_SUFFIX: &str = ".adam_v";
+
+const STEP_PREFIX: &str = "step-";
+const TMP_PREFIX: &str = ".tmp-";
+
+/// What a checkpoint directory holds, written last as `manifest.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Manifest {
+    /// The checkpoint format ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// The configuration of the pipeline that saved it.
+    pub config: PipelineConfig,
+    /// Global layer units per part of the saving pipeline.
+    pub ranges: Vec<Range<usize>>,
+    /// Optimizer steps taken when it was saved.
+    pub step: u64,
+    /// The tokenizer the model was trained with.
+    pub tokenizer: TokenizerKind,
+    /// Where the training data loader stood, if there was one.
+    pub loader: Option<LoaderState>,
+    /// Every data file of the checkpoint, with its size and hash.
+    pub files: Vec<FileEntry>,
+}
+
+/// One data file of a checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FileEntry {
+    /// File name inside the checkpoint directory (`stage-0.safetensors`).
+    pub name: String,
+    /// SHA-256 of the file's bytes, lowercase hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// A loaded and verified checkpoint.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// The checkpoint directory it was read from.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Every parameter by global name (including the tied `lm_head.weight`).
+    pub params: TensorMap,
+    /// AdamW first moments by global name.
+    pub adam_m: TensorMap,
+    /// AdamW second moments by global name.
+    pub adam_v: TensorMap,
+}
+
+/// Every parameter the pipeline holds for `model`, by global name, with its shape: `wte`,
+/// `wpe`, the blocks' `h.{i}.*` (linear weights `[out, in]`), `ln_f.*` and the tied
+/// `lm_head.weight`. In the order the layers hold them.
+pub fn parameter_shapes(model: &GptConfig) -> Vec<(String, Vec<usize>)> {
+    let (v, t, c) = (model.vocab_size, model.max_seq, model.d_model);
+    let mut out = vec![("wte".to_string(), vec![v, c]), ("wpe".to_string(), vec![t, c])];
+    for i in 0..model.layers {
+        let p = |s: &str| format!("h.{i}.{s}");
+        out.extend([
+            (p("ln_1.weight"), vec![c]),
+            (p("ln_1.bias"), vec![c]),
+            (p("attn.c_attn.weight"), vec![3 * c, c]),
+            (p("attn.c_attn.bias"), vec![3 * c]),
+            (p("attn.c_proj.weight"), vec![c, c]),
+            (p("attn.c_proj.bias"), vec![c]),
+            (p("ln_2.weight"), vec![c]),
+            (p("ln_2.bias"), vec![c]),
+            (p("mlp.c_fc.weight"), vec![4 * c, c]),
+            (p("mlp.c_fc.bias"), vec![4 * c]),
+            (p("mlp.c_proj.weight"), vec![c, 4 * c]),
+            (p("mlp.c_proj.bias"), vec![c]),
+        ]);
+    }
+    out.extend([
+        ("ln_f.weight".to_string(), vec![c]),
+        ("ln_f.bias".to_string(), vec![c]),
+        ("lm_head.weight".to_string(), vec![v, c]),
+    ]);
+    out
+}
+
+/// The directory name of the checkpoint of step `step`: `step-{step:08}`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("{STEP_PREFIX}{step:08}")
+}
+
+/// Saves `pipeline` (parameters, AdamW moments, step), the tokenizer and the loader position
+/// under `root/step-{step:08}` and returns that directory. A checkpoint of the same step that
+/// already exists is replaced.
+pub fn save<B: Backend>(
+    root: &Path,
+    pipeline: &Pipeline<B>,
+    tokenizer: TokenizerKind,
+    loader: Option<LoaderState>,
+) -> Result<PathBuf> {
+    let step = pipeline.step();
+    let name = step_dir_name(step);
+    let tmp = root.join(format!("{TMP_PREFIX}{name}"));
+    let target = root.join(&name);
+    fs::create_dir_all(root).map_err(|e| io(root, e))?;
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+
+    let mut files = Vec::new();
+    for stage in 0..pipeline.config().stages as usize {
+        let (values, m, v) = pipeline.stage_tensors(stage)?;
+        let mut all = TensorMap::new();
+        for (map, suffix) in [(values, ""), (m, ADAM_M_SUFFIX), (v, ADAM_V_SUFFIX)] {
+            for (k, t) in map {
+                all.insert(format!("{k}{suffix}"), t);
+            }
+        }
+        let file_name = format!("stage-{stage}.safetensors");
+        let path = tmp.join(&file_name);
+        let bytes = serialize_f32(&all, None).map_err(|reason| EngineError::Checkpoint {
+            path: path.display().to_string(),
+            reason,
+        })?;
+        write_synced(&path, &bytes)?;
+        files.push(FileEntry {
+            name: file_name,
+            sha256: sha256_hex(&bytes),
+            bytes: bytes.len() as u64,
+        });
+    }
+
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        config: pipeline.config().clone(),
+        ranges: pipeline.ranges().to_vec(),
+        step,
+        tokenizer,
+        loader,
+        files,
+    };
+    let manifest_path = tmp.join(MANIFEST_FILE);
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| EngineError::Checkpoint {
+        path: manifest_path.display().to_string(),
+        reason: format!("cannot encode the manifest: {e}"),
+    })?;
+    write_synced(&manifest_path, json.as_bytes())?;
+    sync_dir(&tmp)?;
+
+    if target.exists() {
+        fs::remove_dir_all(&target).map_err(|e| io(&target, e))?;
+    }
+    fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
+    sync_dir(root)?;
+    Ok(target)
+}
+
+/// Loads and verifies a checkpoint: `dir` itself if it holds a `manifest.json`, otherwise the
+/// newest complete `step-*` checkpoint under `dir` (see [`latest`]).
+///
+/// Verifies the format version, every file's size and SHA-256 (before parsing it), that every
+/// tensor is F32 with the shape the manifest's model expects, and that every parameter and both
+/// of its AdamW moments are present. A tensor stored in two files must be bitwise equal in both.
+pub fn load(dir: &Path) -> Result<Checkpoint> {
+    let dir = if dir.join(MANIFEST_FILE).is_file() {
+        dir.to_path_buf()
+    } else {
+        match latest(dir)? {
+            Some(found) => found,
+            None => {
+                return Err(EngineError::Checkpoint {
+                    path: dir.display().to_string(),
+                    reason: format!("no {MANIFEST_FILE} here and no complete step-* checkpoint under it"),
+                })
+            }
+        }
+    };
+    let manifest = read_manifest(&dir)?;
+    let expected: BTreeMap<String, Vec<usize>> = parameter_shapes(&manifest.config.model).into_iter().collect();
+
+    let mut maps = [TensorMap::new(), TensorMap::new(), TensorMap::new()];
+    let mut origin: BTreeMap<String, String> = BTreeMap::new();
+    for entry in &manifest.files {
+        let path = dir.join(&entry.name);
+        let fail = |reason: String| EngineError::Checkpoint {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = fs::read(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(fail(format!(
+                "file is {} bytes, the manifest says {} (truncated or overwritten)",
+                bytes.len(),
+                entry.bytes
+            )));
+        }
+        let actual = sha256_hex(&bytes);
+        if actual != entry.sha256 {
+            return Err(fail(format!(
+                "checksum mismatch: expected sha256 {}, found {actual}",
+                entry.sha256
+            )));
+        }
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
+        for (name, view) in st.iter() {
+            let (slot, base) = if let Some(base) = name.strip_suffix(ADAM_M_SUFFIX) {
+                (1, base)
+            } else if let Some(base) = name.strip_suffix(ADAM_V_SUFFIX) {
+                (2, base)
+            } else {
+                (0, name)
+            };
+            let shape = expected.get(base).ok_or_else(|| {
+                fail(format!(
+                    "unexpected tensor `{name}`: the model in the manifest has no parameter `{base}`"
+                ))
+            })?;
+            let tensor = f32_tensor(name, &view, shape).map_err(&fail)?;
+            match maps[slot].get(base) {
+                Some(prev) if !bitwise_eq(&prev.data, &tensor.data) => {
+                    return Err(fail(format!(
+                        "tensor `{name}` differs from its copy in {}",
+                        origin.get(name).map(String::as_str).unwrap_or("another file")
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    origin.insert(name.to_string(), entry.name.clone());
+                    maps[slot].insert(base.to_string(), tensor);
+                }
+            }
+        }
+    }
+    for (name, _) in parameter_shapes(&manifest.config.model) {
+        for (slot, map) in maps.iter().enumerate() {
+            if !map.contains_key(&name) {
+                return Err(EngineError::Checkpoint {
+                    path: dir.display().to_string(),
+                    reason: format!("missing tensor `{name}{}` (no stage file holds it)", suffix(slot)),
+                });
+            }
+        }
+    }
+    let [params, adam_m, adam_v] = maps;
+    Ok(Checkpoint {
+        dir,
+        manifest,
+        params,
+        adam_m,
+        adam_v,
+    })
+}
+
+/// The newest `step-*` directory under `root` with a valid manifest, or `None` when there is
+/// none (or `root` does not exist). Directories without a manifest (interrupted saves) and
+/// `.tmp-*` directories are skipped.
+pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
+    let entries = match fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(root, e)),
+    };
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in entries {
+        let entry = entry.map_err(|e| io(root, e))?;
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(parse_step_dir) else {
+            continue;
+        };
+        let path = entry.path();
+        if !path.is_dir() || read_manifest(&path).is_err() {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(s, _)| step > *s) {
+            best = Some((step, path));
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+/// `step-00000042` → 42; anything else → `None`.
+fn parse_step_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(STEP_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Reads and checks `dir/manifest.json`: parseable, known format version, valid model, file
+/// names that stay inside the directory.
+fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let fail = |reason: String| EngineError::Checkpoint {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = fs::read_to_string(&path).map_err(|e| fail(format!("cannot read the manifest: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| fail(format!("invalid JSON: {e}")))?;
+    match value.get("format_version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(FORMAT_VERSION) => {}
+        Some(v) => {
+            return Err(fail(format!(
+                "unknown format version {v}; this build reads version {FORMAT_VERSION}"
+            )))
+        }
+        None => return Err(fail("no `format_version` number".into())),
+    }
+    let manifest: Manifest = serde_json::from_value(value).map_err(|e| fail(format!("invalid manifest: {e}")))?;
+    manifest
+        .config
+        .model
+        .validate()
+        .map_err(|e| fail(format!("invalid model: {e}")))?;
+    if manifest.files.is_empty() {
+        return Err(fail("the manifest lists no files".into()));
+    }
+    for f in &manifest.files {
+        let plain = !f.name.is_empty()
+            && f.name != "."
+            && f.name != ".."
+            && !f.name.contains(['/', '\\'])
+            && f.name != MANIFEST_FILE;
+        if !plain {
+            return Err(fail(format!("invalid file name {:?} in the manifest", f.name)));
+        }
+    }
+    Ok(manifest)
+}
+
+fn suffix(slot: usize) -> &'static str {
+    match slot {
+        1 => ADAM_M_SUFFIX,
+        2 => ADAM_V_SUFFIX,
+        _ => "",
+    }
+}
+
+fn bitwise_eq(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// An F32 tensor of `shape` from a safetensors view, or the reason it is not one.
+fn f32_tensor(name: &str, view: &TensorView<'_>, shape: &[usize]) -> std::result::Result<HostTensor, String> {
+    if view.dtype() != Dtype::F32 {
+        return Err(format!("tensor `{name}` has dtype {:?}, expected F32", view.dtype()));
+    }
+    if view.shape() != shape {
+        return Err(format!(
+            "tensor `{name}` has shape {:?}, the model expects {shape:?}",
+            view.shape()
+        ));
+    }
+    let data = le_f32(view.data());
+    if data.len() != shape.iter().product::<usize>() {
+        return Err(format!(
+            "tensor `{name}` holds {} values for shape {shape:?}",
+            data.len()
+        ));
+    }
+    Ok(HostTensor {
+        shape: shape.to_vec(),
+        data,
+    })
+}
+
+/// Little-endian F32 bytes to floats (a trailing partial element is ignored).
+pub(crate) fn le_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Serializes F32 tensors into safetensors bytes.
+pub(crate) fn serialize_f32(
+    tensors: &TensorMap,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> std::result::Result<Vec<u8>, String> {
+    let buffers: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, t)| (k, &t.shape, t.data.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views = buffers
+        .iter()
+        .map(|(k, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.to_vec(), bytes)
+                .map(|v| (k.as_str(), v))
+                .map_err(|e| format!("tensor `{k}`: {e}"))
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| format!("cannot serialize: {e}"))
+}
+
+/// SHA-256 of `bytes` as lowercase hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn io(path: &Path, source: std::io::Error) -> EngineError {
+    EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` and flushes them to the disk.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| io(path, e))?;
+    f.write_all(bytes).map_err(|e| io(path, e))?;
+    f.sync_all().map_err(|e| io(path, e))
+}
+
+/// Flushes a directory's entries (new files, renames) to the disk where the OS allows it.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
