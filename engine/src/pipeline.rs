@@ -503,6 +503,35 @@ impl<B: Backend> Pipeline<B> {
         Ok((self.collect(|p| &p.m)?, self.collect(|p| &p.v)?))
     }
 
+    /// Stage `stage`'s tensors by global name: `(values, adam m, adam v)`; the tied LM head is
+    /// included as `lm_head.weight` where the stage holds it.
+    pub fn stage_tensors(&self, stage: usize) -> Result<(TensorMap, TensorMap, TensorMap)> {
+        let be = self.backends.get(stage).ok_or_else(|| {
+            EngineError::config(
+                "stage",
+                stage,
+                format!("the pipeline has {} stages", self.backends.len()),
+            )
+        })?;
+        let mut maps = (TensorMap::new(), TensorMap::new(), TensorMap::new());
+        for part in &self.stages[stage].parts {
+            for layer in &part.layers {
+                for p in layer.params() {
+                    let t = |b: &B::Buf| -> Result<HostTensor> {
+                        Ok(HostTensor {
+                            shape: p.shape.clone(),
+                            data: be.download(b)?,
+                        })
+                    };
+                    maps.0.insert(p.name.clone(), t(&p.value)?);
+                    maps.1.insert(p.name.clone(), t(&p.m)?);
+                    maps.2.insert(p.name.clone(), t(&p.v)?);
+                }
+            }
+        }
+        Ok(maps)
+    }
+
     fn collect(&self, pick: impl Fn(&Param<B>) -> &B::Buf) -> Result<TensorMap> {
         let mut out = BTreeMap::new();
         for (stage, be) in self.stages.iter().zip(&self.backends) {

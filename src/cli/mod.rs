@@ -1,6 +1,10 @@
 //! The `baton` command line: argument parsing and the subcommands.
 
+mod export;
+mod generate;
 mod schedule;
+mod trace;
+pub mod train;
 
 use std::process::ExitCode;
 
@@ -13,7 +17,7 @@ pub const EXIT_FAILURE: u8 = 1;
 
 /// Baton: pipeline-parallel training for transformer language models.
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about, long_about = None)]
+#[command(name = "baton", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -25,6 +29,12 @@ pub struct Cli {
 pub enum Command {
     /// Generate (or import), validate and simulate a pipeline schedule, and print or draw it.
     Schedule(schedule::ScheduleArgs),
+    /// Train a GPT split into pipeline stages (defaults: 4 layers, d_model 128, 4 stages, 1F1B, 8 micro-batches).
+    Train(Box<train::TrainArgs>),
+    /// Sample text from a checkpoint.
+    Generate(generate::GenerateArgs),
+    /// Write a checkpoint in the Hugging Face GPT-2 layout.
+    Export(export::ExportArgs),
 }
 
 /// Parses `std::env::args`, runs the command, and maps errors to a one-line message and exit code.
@@ -54,6 +64,9 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Schedule(args) => schedule::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Generate(args) => generate::run(&args),
+        Command::Export(args) => export::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

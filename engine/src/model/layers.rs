@@ -79,6 +79,11 @@ pub struct Saved<B: Backend> {
 }
 
 impl<B: Backend> Saved<B> {
+    /// A stash with no slots (for layers that keep nothing).
+    pub fn empty() -> Self {
+        Saved { slots: Vec::new() }
+    }
+
     fn with_slots(n: usize) -> Self {
         Saved {
             slots: (0..n).map(|_| None).collect(),

@@ -1,0 +1,139 @@
+//! Training-step throughput of the default model on the CPU backend (p = 1 and p = 4), and the
+//! executor's own overhead per action with layers that do no work.
+
+use std::time::{Duration, Instant};
+
+use baton::engine::backend::Backend;
+use baton::engine::data::{default_corpus, Batch, Split, Tokenizer};
+use baton::engine::executor::{run_step, ExecConfig, Part, Stage};
+use baton::engine::model::{Forward, Layer, MicroBatch, Param, Saved};
+use baton::engine::{Cpu, GptConfig, Pipeline, PipelineConfig, Result};
+use baton::schedules::{generate, ScheduleKind};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+fn default_batches(n: usize) -> Vec<Batch> {
+    let tokens = Tokenizer::bytes().encode(default_corpus());
+    let split = Split::new(&tokens, 0.1, 16, 128).expect("the corpus holds a batch");
+    let mut loader = split.train_loader(7).expect("loader");
+    (0..n).map(|_| loader.next_batch()).collect()
+}
+
+fn bench_train_step(c: &mut Criterion) {
+    let mut group = c.benchmark_group("train_step_default_model");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(2));
+    let batches = default_batches(4);
+    group.throughput(Throughput::Elements((16 * 128) as u64));
+    for p in [1u32, 4] {
+        let cfg = PipelineConfig::new(GptConfig::small(256), p, ScheduleKind::OneFOneB, 8);
+        let mut pipe = Pipeline::new(cfg, vec![Cpu; p as usize]).expect("valid pipeline");
+        group.bench_with_input(BenchmarkId::new("1f1b_m8", format!("p{p}")), &p, |b, _| {
+            let mut i = 0;
+            b.iter(|| {
+                i += 1;
+                pipe.train_step(&batches[i % batches.len()]).expect("step").loss
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A layer that computes nothing: isolates the executor's cost per action.
+struct NoOp {
+    last: bool,
+}
+
+impl Layer<Cpu> for NoOp {
+    fn name(&self) -> String {
+        "no-op".into()
+    }
+    fn params(&self) -> &[Param<Cpu>] {
+        &[]
+    }
+    fn params_mut(&mut self) -> &mut [Param<Cpu>] {
+        &mut []
+    }
+    fn forward(&self, _be: &Cpu, _x: Option<Vec<f32>>, _mb: &MicroBatch<Cpu>) -> Result<Forward<Cpu>> {
+        Ok(Forward {
+            out: (!self.last).then(Vec::new),
+            loss_sum: self.last.then_some(0.0),
+            saved: Saved::empty(),
+        })
+    }
+    fn backward_input(
+        &self,
+        _be: &Cpu,
+        _s: &mut Saved<Cpu>,
+        _d: Option<Vec<f32>>,
+        _mb: &MicroBatch<Cpu>,
+    ) -> Result<Option<Vec<f32>>> {
+        Ok(Some(Vec::new()))
+    }
+    fn backward_weight(&mut self, _be: &Cpu, _s: Saved<Cpu>, _mb: &MicroBatch<Cpu>) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn bench_executor_overhead(c: &mut Criterion) {
+    let mut group = c.benchmark_group("executor_overhead_noop");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
+    for (kind, p, m) in [
+        (ScheduleKind::OneFOneB, 4u32, 64u32),
+        (ScheduleKind::ZbH1, 4, 64),
+        (ScheduleKind::OneFOneB, 2, 256),
+    ] {
+        let schedule = generate(kind, p, m, 1).expect("valid shape");
+        let actions = schedule.num_actions() as u64;
+        let mut stages: Vec<Stage<Cpu>> = (0..p)
+            .map(|s| Stage {
+                index: s,
+                parts: vec![Part {
+                    index: s,
+                    units: s as usize..s as usize + 1,
+                    layers: vec![Box::new(NoOp { last: s == p - 1 })],
+                }],
+            })
+            .collect();
+        let backends = vec![Cpu; p as usize];
+        let mbs: Vec<Vec<MicroBatch<Cpu>>> = (0..p)
+            .map(|_| {
+                (0..m)
+                    .map(|_| MicroBatch {
+                        inputs: None,
+                        targets: None,
+                        b: 1,
+                        t: 1,
+                        loss_scale: 1.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let cfg = ExecConfig {
+            recompute: false,
+            recv_timeout: Duration::from_secs(10),
+        };
+        group.throughput(Throughput::Elements(actions));
+        group.bench_function(
+            BenchmarkId::new(kind.name(), format!("p{p}_m{m}_{actions}actions")),
+            |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        run_step(&mut stages, &backends, &schedule, &mbs, &cfg).expect("runs");
+                    }
+                    let _ = Cpu.synchronize();
+                    start.elapsed()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_train_step, bench_executor_overhead);
+criterion_main!(benches);

@@ -1,0 +1,542 @@
+//! `baton train`: train a GPT split into pipeline stages on the embedded corpus (or `--data`),
+//! with a progress bar, `metrics.jsonl`, periodic validation, checkpoints and an optional
+//! Chrome/Perfetto trace. Every setting has a default; `--config FILE.toml` and flags override.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use super::CliError;
+use crate::engine::data::{default_corpus, load_tokens, Split, Tokenizer};
+use crate::engine::{Cpu, GptConfig, OptimizerConfig, Pipeline, PipelineConfig, StageSplit, StepReport};
+use crate::schedules::{simulate, Costs, Op, ScheduleKind};
+
+/// Most steps a trace records (each step adds one span per action).
+pub const TRACE_STEPS_MAX: u64 = 20;
+
+/// Every setting of a training run. The TOML file uses these field names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run name (the default output directory is `runs/<run_name>`).
+    pub run_name: String,
+    /// Output directory.
+    pub out: Option<PathBuf>,
+    /// Training data: a UTF-8 text file or an llm.c `.bin` token shard; the embedded corpus if absent.
+    pub data: Option<PathBuf>,
+    /// `bytes` or `gpt2`.
+    pub tokenizer: String,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Channels.
+    pub d_model: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Context length (tokens per sequence).
+    pub seq: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Pipeline stages.
+    pub stages: u32,
+    /// Schedule: gpipe, 1f1b, interleaved, zb-h1, zb-v.
+    pub schedule: String,
+    /// Micro-batches per step.
+    pub microbatches: u32,
+    /// Chunks per stage (default: 2 for interleaved and zb-v, else 1).
+    pub chunks: Option<u32>,
+    /// Explicit split `0..2,2..4,...` over global layers (0 = embedding, 1..=L blocks, L+1 head).
+    pub split: Option<String>,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Warmup steps.
+    pub warmup: u64,
+    /// Weight decay.
+    pub weight_decay: f32,
+    /// Gradient clipping norm (0 = off).
+    pub grad_clip: f32,
+    /// Seed for weights and data order.
+    pub seed: u64,
+    /// Recompute activations in backward (stash only each part's input).
+    pub recompute: bool,
+    /// Validate every this many steps (0 = only at the end).
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Save a checkpoint every this many steps (0 = only at the end).
+    pub save_every: u64,
+    /// Write `trace.json` (Chrome/Perfetto) for the first steps.
+    pub trace: bool,
+    /// Start from a Hugging Face GPT-2 directory (config.json + model.safetensors).
+    pub init_from: Option<PathBuf>,
+    /// Device: `cpu`, `cuda` or `auto`.
+    pub device: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            run_name: "default".into(),
+            out: None,
+            data: None,
+            tokenizer: "bytes".into(),
+            layers: 4,
+            d_model: 128,
+            heads: 4,
+            seq: 128,
+            batch: 16,
+            stages: 4,
+            schedule: "1f1b".into(),
+            microbatches: 8,
+            chunks: None,
+            split: None,
+            steps: 300,
+            lr: 3e-3,
+            warmup: 10,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            seed: 1337,
+            recompute: false,
+            eval_every: 50,
+            eval_batches: 8,
+            save_every: 0,
+            trace: false,
+            init_from: None,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// Arguments of `baton train`; each overrides the TOML file, which overrides the defaults.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML file with any of the settings below (field names as in `TrainConfig`, snake_case).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Run name.
+    #[arg(long)]
+    pub run_name: Option<String>,
+    /// Output directory (default `runs/<run-name>`).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Text file or llm.c `.bin` shard (default: the embedded Shakespeare corpus).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Tokenizer: bytes or gpt2.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Channels.
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Context length.
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Sequences per step.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Pipeline stages.
+    #[arg(long)]
+    pub stages: Option<u32>,
+    /// Schedule: gpipe, 1f1b, interleaved, zb-h1, zb-v.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Micro-batches per step.
+    #[arg(long)]
+    pub microbatches: Option<u32>,
+    /// Chunks per stage.
+    #[arg(long)]
+    pub chunks: Option<u32>,
+    /// Split over global layers, e.g. `0..2,2..3,3..5,5..6`.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Warmup steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Recompute activations in backward.
+    #[arg(long)]
+    pub recompute: bool,
+    /// Validate every N steps.
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Save a checkpoint every N steps.
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+    /// Write a Chrome/Perfetto trace (trace.json).
+    #[arg(long)]
+    pub trace: bool,
+    /// Start from a Hugging Face GPT-2 directory.
+    #[arg(long, value_name = "DIR")]
+    pub init_from: Option<PathBuf>,
+    /// Device: cpu, cuda or auto.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl TrainArgs {
+    /// The effective configuration: defaults, then the TOML file, then flags.
+    pub fn resolve(&self) -> Result<TrainConfig, CliError> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| CliError::usage(format!("--config {}: {e}", path.display())))?;
+                toml::from_str::<TrainConfig>(&text).map_err(|e| {
+                    CliError::usage(format!(
+                        "--config {}: {}",
+                        path.display(),
+                        e.to_string().replace('\n', " ")
+                    ))
+                })?
+            }
+            None => TrainConfig::default(),
+        };
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        over!(
+            run_name,
+            tokenizer,
+            layers,
+            d_model,
+            heads,
+            seq,
+            batch,
+            stages,
+            schedule,
+            microbatches,
+            steps,
+            lr,
+            warmup,
+            seed,
+            eval_every,
+            save_every,
+            device
+        );
+        if self.out.is_some() {
+            c.out = self.out.clone();
+        }
+        if self.data.is_some() {
+            c.data = self.data.clone();
+        }
+        if self.chunks.is_some() {
+            c.chunks = self.chunks;
+        }
+        if self.split.is_some() {
+            c.split = self.split.clone();
+        }
+        if self.init_from.is_some() {
+            c.init_from = self.init_from.clone();
+        }
+        c.recompute |= self.recompute;
+        c.trace |= self.trace;
+        Ok(c)
+    }
+}
+
+fn engine_err(e: impl std::fmt::Display) -> CliError {
+    CliError::failure(e.to_string())
+}
+
+/// Builds the pipeline configuration a `TrainConfig` describes.
+pub fn pipeline_config(c: &TrainConfig, vocab_size: usize) -> Result<PipelineConfig, CliError> {
+    let kind = ScheduleKind::from_name(&c.schedule).map_err(|e| CliError::usage(e.to_string()))?;
+    if kind == ScheduleKind::Custom {
+        return Err(CliError::usage(
+            "--schedule custom cannot be trained; use gpipe, 1f1b, interleaved, zb-h1 or zb-v",
+        ));
+    }
+    let model = GptConfig {
+        vocab_size,
+        max_seq: c.seq,
+        layers: c.layers,
+        d_model: c.d_model,
+        heads: c.heads,
+    };
+    let mut p = PipelineConfig::new(model, c.stages, kind, c.microbatches);
+    if let Some(chunks) = c.chunks {
+        p.chunks = chunks;
+    }
+    if let Some(split) = &c.split {
+        p.split = StageSplit::parse(split).map_err(|e| CliError::usage(e.to_string()))?;
+    }
+    p.optimizer = OptimizerConfig {
+        lr: c.lr,
+        min_lr: c.lr / 10.0,
+        warmup_steps: c.warmup.min(c.steps),
+        total_steps: c.steps,
+        weight_decay: c.weight_decay,
+        grad_clip: c.grad_clip,
+        ..OptimizerConfig::default()
+    };
+    p.recompute = c.recompute;
+    p.seed = c.seed;
+    Ok(p)
+}
+
+/// Checks the settings the engine does not see.
+fn check(c: &TrainConfig) -> Result<(), CliError> {
+    if c.steps == 0 {
+        return Err(CliError::usage("--steps must be >= 1"));
+    }
+    if c.batch == 0 {
+        return Err(CliError::usage("--batch must be >= 1"));
+    }
+    if c.microbatches == 0 || c.batch % c.microbatches as usize != 0 {
+        return Err(CliError::usage(format!(
+            "--microbatches {} must divide --batch {} (each micro-batch holds batch / microbatches sequences)",
+            c.microbatches, c.batch
+        )));
+    }
+    if c.eval_batches == 0 {
+        return Err(CliError::usage("eval_batches must be >= 1"));
+    }
+    match c.device.as_str() {
+        "cpu" | "auto" => Ok(()),
+        "cuda" => Err(CliError::failure("--device cuda: this build has no CUDA backend yet (the CUDA kernels are a later milestone); use --device cpu")),
+        other => Err(CliError::usage(format!("--device `{other}`: expected cpu, cuda or auto"))),
+    }
+}
+
+/// Runs `baton train`.
+pub fn run(args: &TrainArgs) -> Result<(), CliError> {
+    let c = args.resolve()?;
+    check(&c)?;
+    let tokenizer = Tokenizer::from_name(&c.tokenizer).map_err(|e| CliError::usage(e.to_string()))?;
+    let tokens = match &c.data {
+        Some(path) => load_tokens(path, &tokenizer).map_err(engine_err)?,
+        None => tokenizer.encode(default_corpus()),
+    };
+    let mut pcfg = pipeline_config(&c, tokenizer.vocab_size())?;
+    let init = match &c.init_from {
+        Some(dir) => {
+            let (model, params) = crate::engine::export::import_hf(dir).map_err(engine_err)?;
+            if model.vocab_size != tokenizer.vocab_size() {
+                return Err(CliError::usage(format!(
+                    "--init-from {}: the model's vocabulary is {} but tokenizer `{}` has {}; use --tokenizer gpt2",
+                    dir.display(),
+                    model.vocab_size,
+                    tokenizer.name(),
+                    tokenizer.vocab_size()
+                )));
+            }
+            pcfg.model = GptConfig {
+                max_seq: model.max_seq,
+                ..model
+            };
+            Some(params)
+        }
+        None => None,
+    };
+    if c.seq > pcfg.model.max_seq {
+        return Err(CliError::usage(format!(
+            "--seq {} exceeds the model's context {}",
+            c.seq, pcfg.model.max_seq
+        )));
+    }
+    let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
+    let mut loader = split.train_loader(c.seed).map_err(engine_err)?;
+    let mut pipeline = Pipeline::new(pcfg, vec![Cpu; c.stages as usize]).map_err(engine_err)?;
+    if let Some(params) = &init {
+        pipeline.load(params, None).map_err(engine_err)?;
+    }
+
+    let out = c.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&c.run_name));
+    std::fs::create_dir_all(&out).map_err(|e| CliError::failure(format!("creating {}: {e}", out.display())))?;
+    let mut metrics = BufWriter::new(
+        File::create(out.join("metrics.jsonl"))
+            .map_err(|e| CliError::failure(format!("{}: {e}", out.join("metrics.jsonl").display())))?,
+    );
+    let mut trace = c.trace.then(super::trace::Trace::default);
+
+    let m = &pipeline.config().model;
+    eprintln!(
+        "baton train: {} params ({} layers, d_model {}, {} heads, context {}), {} stages, {} with {} micro-batches × {} sequences, {} tokens ({} train / {} val), tokenizer {}",
+        m.num_params(),
+        m.layers,
+        m.d_model,
+        m.heads,
+        c.seq,
+        c.stages,
+        c.schedule,
+        c.microbatches,
+        c.batch / c.microbatches as usize,
+        tokens.len(),
+        split.train().len(),
+        split.val().len(),
+        tokenizer.name()
+    );
+    let bar = ProgressBar::new(c.steps);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut first_val = None;
+    let mut last_val = None;
+    let mut last: Option<StepReport> = None;
+    let mut checkpoint = None;
+    let mut total_tokens = 0usize;
+    for step in 1..=c.steps {
+        let batch = loader.next_batch();
+        let report = pipeline.train_step(&batch).map_err(engine_err)?;
+        total_tokens += report.tokens;
+        let tokens_per_s = report.tokens as f64 / report.elapsed_s.max(1e-9);
+        let mut line = serde_json::json!({
+            "step": step,
+            "loss": report.loss,
+            "lr": report.lr,
+            "grad_norm": report.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "bubble": report.bubble,
+            "step_s": report.elapsed_s,
+        });
+        if (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps || step == 1 {
+            let val = eval(&mut pipeline, &split, c.eval_batches)?;
+            line["val_loss"] = serde_json::json!(val);
+            first_val.get_or_insert(val);
+            last_val = Some(val);
+            bar.println(format!(
+                "step {step:>5}: train loss {:.4}, val loss {val:.4}",
+                report.loss
+            ));
+        }
+        writeln!(metrics, "{line}").map_err(|e| CliError::failure(format!("writing metrics.jsonl: {e}")))?;
+        if let Some(trace) = trace.as_mut().filter(|_| step <= TRACE_STEPS_MAX) {
+            trace.add_step(step, started.elapsed().as_secs_f64() - report.elapsed_s, &report);
+        }
+        bar.set_message(format!(
+            "loss {:.4} | {:.0} tok/s | bubble {:.1}%",
+            report.loss,
+            tokens_per_s,
+            report.bubble * 100.0
+        ));
+        bar.inc(1);
+        if c.save_every > 0 && step % c.save_every == 0 && step != c.steps {
+            checkpoint = Some(save(&pipeline, &out, &tokenizer, Some(loader.state()))?);
+        }
+        last = Some(report);
+    }
+    bar.finish();
+    metrics
+        .flush()
+        .map_err(|e| CliError::failure(format!("writing metrics.jsonl: {e}")))?;
+    checkpoint = Some(save(&pipeline, &out, &tokenizer, Some(loader.state())).or_else(|e| checkpoint.ok_or(e))?);
+    if let Some(trace) = &trace {
+        let path = out.join("trace.json");
+        super::write_output(Some(&path), &trace.to_json()).map_err(|e| CliError::failure(e.message))?;
+        eprintln!("trace: {}", path.display());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(report) = &last {
+        summary(&pipeline, report, elapsed, total_tokens, first_val, last_val);
+    }
+    if let Some(dir) = checkpoint {
+        eprintln!("checkpoint: {}", dir.display());
+    }
+    eprintln!("metrics: {}", out.join("metrics.jsonl").display());
+    Ok(())
+}
+
+fn eval(pipeline: &mut Pipeline<Cpu>, split: &Split, batches: usize) -> Result<f32, CliError> {
+    let mut sum = 0.0f64;
+    let mut n = 0usize;
+    for batch in split.eval_batches(batches) {
+        sum += f64::from(pipeline.eval_loss(&batch).map_err(engine_err)?);
+        n += 1;
+    }
+    Ok((sum / n.max(1) as f64) as f32)
+}
+
+fn save(
+    pipeline: &Pipeline<Cpu>,
+    out: &Path,
+    tokenizer: &Tokenizer,
+    loader: Option<crate::engine::data::LoaderState>,
+) -> Result<PathBuf, CliError> {
+    crate::engine::checkpoint::save(&out.join("checkpoints"), pipeline, tokenizer.kind(), loader).map_err(engine_err)
+}
+
+/// The simulator's bubble for this schedule with the per-action costs measured in `report`.
+pub fn predicted_bubble(pipeline: &Pipeline<Cpu>, report: &StepReport) -> Option<f64> {
+    let schedule = pipeline.schedule();
+    let parts = schedule.placement.num_parts() as usize;
+    let mut sums = vec![[0.0f64; 4]; parts];
+    let mut counts = vec![[0usize; 4]; parts];
+    for (s, spans) in report.spans.iter().enumerate() {
+        for span in spans {
+            let part = schedule.part_of(s as u32, &span.action)? as usize;
+            let k = Op::ALL.iter().position(|&o| o == span.action.op)?;
+            sums[part][k] += span.end_s - span.start_s;
+            counts[part][k] += 1;
+        }
+    }
+    let mean = |part: usize, k: usize| {
+        if counts[part][k] > 0 {
+            sums[part][k] / counts[part][k] as f64
+        } else {
+            0.0
+        }
+    };
+    let costs = Costs {
+        forward: (0..parts).map(|p| mean(p, 0)).collect(),
+        backward: (0..parts).map(|p| mean(p, 1)).collect(),
+        backward_input: (0..parts).map(|p| mean(p, 2)).collect(),
+        backward_weight: (0..parts).map(|p| mean(p, 3)).collect(),
+        latency: 0.0,
+    };
+    simulate(schedule, &costs).ok().map(|r| r.bubble)
+}
+
+fn summary(
+    pipeline: &Pipeline<Cpu>,
+    report: &StepReport,
+    elapsed: f64,
+    tokens: usize,
+    first_val: Option<f32>,
+    last_val: Option<f32>,
+) {
+    eprintln!(
+        "trained {} steps in {elapsed:.1} s ({:.0} tokens/s); val loss {} -> {}",
+        pipeline.step(),
+        tokens as f64 / elapsed.max(1e-9),
+        first_val.map_or("-".into(), |v| format!("{v:.4}")),
+        last_val.map_or("-".into(), |v| format!("{v:.4}"))
+    );
+    let predicted = predicted_bubble(pipeline, report);
+    eprintln!(
+        "last step: measured bubble {:.1}%, simulated from measured action costs {}",
+        report.bubble * 100.0,
+        predicted.map_or("-".into(), |b| format!("{:.1}%", b * 100.0))
+    );
+    for (s, (busy, idle)) in report.busy_s.iter().zip(&report.idle_s).enumerate() {
+        let total = busy + idle;
+        eprintln!(
+            "  stage {s}: busy {:.1} ms ({:.0}%), idle {:.1} ms, peak stashed activations {} ({:.1} MiB)",
+            busy * 1e3,
+            if total > 0.0 { busy / total * 100.0 } else { 0.0 },
+            idle * 1e3,
+            report.peak_stashed[s],
+            report.peak_stash_bytes[s] as f64 / (1 << 20) as f64
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! `baton train`, `generate` and `export` end to end on a tiny model, and the bad-input table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn baton(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .output()
+        .expect("the baton binary runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-cli-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const TINY: &[&str] = &[
+    "train",
+    "--layers",
+    "2",
+    "--d-model",
+    "16",
+    "--heads",
+    "2",
+    "--seq",
+    "16",
+    "--batch",
+    "4",
+    "--microbatches",
+    "2",
+    "--stages",
+    "2",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+];
+
+fn train(out: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<&str> = TINY.to_vec();
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(extra);
+    baton(&args)
+}
+
+#[test]
+fn train_writes_metrics_trace_and_a_checkpoint_that_generate_and_export_read() {
+    let dir = tmp("full");
+    let out = train(&dir, &["--trace", "--schedule", "zb-h1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["step"], i + 1);
+        for key in ["loss", "lr", "grad_norm", "tokens_per_s", "bubble"] {
+            assert!(line[key].is_number(), "step {}: {key} missing in {line}", i + 1);
+        }
+    }
+    assert!(lines[1]["val_loss"].is_number() && lines[3]["val_loss"].is_number());
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let tracks: std::collections::BTreeSet<u64> = events
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .map(|e| e["tid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        tracks.into_iter().collect::<Vec<_>>(),
+        vec![0, 1],
+        "one track per stage"
+    );
+    // ZB-H1 with 2 micro-batches on 2 stages: 3 actions per micro-batch per stage, 4 steps.
+    assert_eq!(events.iter().filter(|e| e["ph"] == "X").count(), 4 * 2 * 2 * 3);
+
+    let ckpt = dir.join("checkpoints");
+    let gen = baton(&[
+        "generate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--tokens",
+        "20",
+    ]);
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let text = String::from_utf8_lossy(&gen.stdout);
+    assert!(text.starts_with("ROMEO:"), "{text}");
+    assert!(text.len() > "ROMEO:".len(), "{text}");
+
+    let hf = dir.join("hf");
+    let exp = baton(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--format",
+        "hf",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(exp.status.success(), "{}", String::from_utf8_lossy(&exp.stderr));
+    assert!(hf.join("model.safetensors").is_file() && hf.join("config.json").is_file());
+
+    // --init-from the exported directory starts from the trained weights: the first loss is
+    // lower than a fresh start's.
+    let again = tmp("init");
+    let out = train(
+        &again,
+        &["--init-from", hf.to_str().unwrap(), "--steps", "1", "--seq", "8"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fresh = tmp("fresh");
+    let out = train(&fresh, &["--steps", "1", "--seq", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first_loss = |d: &Path| -> f64 {
+        let line = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        serde_json::from_str::<serde_json::Value>(line.lines().next().unwrap()).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        first_loss(&again) < first_loss(&fresh),
+        "{} vs {}",
+        first_loss(&again),
+        first_loss(&fresh)
+    );
+    for d in [dir, again, fresh] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_one_line_and_writes_nothing() {
+    let dir = tmp("bad");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let binary = dir.join("binary.txt");
+    std::fs::write(&binary, [0x66, 0x6f, 0xff, 0xfe, 0x6f]).unwrap();
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let shard = dir.join("bad.bin");
+    let mut header = vec![0u8; 1024];
+    header[..4].copy_from_slice(&1234i32.to_le_bytes());
+    std::fs::write(&shard, &header).unwrap();
+    let toml = dir.join("bad.toml");
+    std::fs::write(&toml, "layerz = 3\n").unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--split".into(), "0..1,2..4".into()], "dropped"),
+        (vec!["--split".into(), "0..2,1..4".into()], "repeats or reorders"),
+        (vec!["--split".into(), "0..x".into()], "not a range"),
+        (
+            vec!["--stages".into(), "5".into(), "--microbatches".into(), "1".into()],
+            "only 4 layers",
+        ),
+        (vec!["--microbatches".into(), "3".into()], "must divide --batch"),
+        (vec!["--schedule".into(), "pipedream".into()], "unknown schedule"),
+        (vec!["--heads".into(), "3".into()], "must divide d_model"),
+        (vec!["--layers".into(), "0".into()], "layers = 0"),
+        (vec!["--lr=-1".into()], "lr = -1"),
+        (vec!["--steps".into(), "0".into()], "--steps"),
+        (vec!["--data".into(), p(&empty)], "empty"),
+        (vec!["--data".into(), p(&binary)], "UTF-8"),
+        (vec!["--data".into(), p(&short)], "tokens"),
+        (vec!["--data".into(), p(&shard)], "magic"),
+        (vec!["--data".into(), p(&dir.join("missing.txt"))], "missing.txt"),
+        (vec!["--config".into(), p(&toml)], "layerz"),
+        (vec!["--device".into(), "tpu".into()], "expected cpu, cuda or auto"),
+        (vec!["--tokenizer".into(), "sentencepiece".into()], "sentencepiece"),
+    ];
+    for (extra, needle) in cases {
+        let out_dir = dir.join("run");
+        let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let out = train(&out_dir, &extra_refs);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: expected `{needle}` in: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        assert!(!out_dir.join("metrics.jsonl").exists(), "{extra:?} wrote a run");
+    }
+    let missing = baton(&["generate", "--checkpoint", dir.join("nope").to_str().unwrap()]);
+    assert!(!missing.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
