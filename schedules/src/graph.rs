@@ -38,6 +38,8 @@ pub(crate) struct DepGraph {
     pub nodes: Vec<Node>,
     /// `stage_start[s]..stage_start[s+1]` are stage s's nodes.
     pub stage_start: Vec<u32>,
+    /// Per node: the action on the neighbouring part that consumes its output (`NONE` if none).
+    consumer: Vec<u32>,
 }
 
 impl DepGraph {
@@ -180,68 +182,90 @@ impl DepGraph {
                 nodes[id as usize].npreds = n as u8;
             }
         }
-        Ok(DepGraph { nodes, stage_start })
+        // F(k) feeds F(k+1); B/I(k) feeds B/I(k-1). Same-part consumers sit on the same stage.
+        let mut consumer = vec![NONE; nodes.len()];
+        for (id, node) in nodes.iter().enumerate() {
+            let slot = node.part as usize * m as usize + node.action.mb as usize;
+            consumer[id] = match node.action.op {
+                Op::F if node.part + 1 < parts => fwd[slot + m as usize],
+                Op::B | Op::I if node.part > 0 => back(slot - m as usize),
+                _ => NONE,
+            };
+        }
+        Ok(DepGraph {
+            nodes,
+            stage_start,
+            consumer,
+        })
     }
 
-    /// A topological order of the nodes, or the cycle that makes the schedule deadlock.
-    pub fn topo_order(&self) -> Result<Vec<u32>, ScheduleError> {
-        let n = self.nodes.len();
-        // Successor lists in compressed form.
-        let mut indegree = vec![0u8; n];
-        let mut offsets = vec![0u32; n + 1];
-        for node in &self.nodes {
-            for &(p, _) in node.preds() {
-                offsets[p as usize + 1] += 1;
-            }
-        }
-        for i in 0..n {
-            offsets[i + 1] += offsets[i];
-        }
-        let mut fill = offsets.clone();
-        let mut succ = vec![0u32; offsets[n] as usize];
-        for (id, node) in self.nodes.iter().enumerate() {
-            indegree[id] = node.npreds;
-            for &(p, _) in node.preds() {
-                succ[fill[p as usize] as usize] = id as u32;
-                fill[p as usize] += 1;
-            }
-        }
-        let mut order: Vec<u32> = (0..n as u32).filter(|&i| indegree[i as usize] == 0).collect();
-        let mut head = 0;
-        while head < order.len() {
-            let id = order[head] as usize;
-            head += 1;
-            for &next in &succ[offsets[id] as usize..offsets[id + 1] as usize] {
-                indegree[next as usize] -= 1;
-                if indegree[next as usize] == 0 {
-                    order.push(next);
+    /// Runs the stages' lists as far as their inputs allow and returns the order in which the
+    /// actions ran (a topological order), or the cycle of waiting stages that makes the
+    /// schedule deadlock.
+    ///
+    /// Each stage advances its pointer while its next action's inputs are done. Finishing an
+    /// action wakes at most one other stage (the consumer of the activation or gradient it
+    /// produced), so the pass is linear in the number of actions and walks each stage's list
+    /// sequentially (cache-friendly).
+    pub fn run_order(&self) -> Result<Vec<u32>, ScheduleError> {
+        let stages = self.stage_start.len() - 1;
+        let mut done = vec![false; self.nodes.len()];
+        let mut next: Vec<u32> = self.stage_start[..stages].to_vec();
+        let mut order = Vec::with_capacity(self.nodes.len());
+        let mut queued = vec![true; stages];
+        let mut work: Vec<usize> = (0..stages).rev().collect();
+        while let Some(s) = work.pop() {
+            queued[s] = false;
+            let end = self.stage_start[s + 1];
+            while next[s] < end {
+                let id = next[s];
+                let node = &self.nodes[id as usize];
+                if !node.preds().iter().all(|&(p, _)| done[p as usize]) {
+                    break;
+                }
+                done[id as usize] = true;
+                order.push(id);
+                next[s] += 1;
+                // Wake the stage that consumes what this action produced, if it is waiting.
+                let consumer = self.consumer[id as usize];
+                if consumer != NONE {
+                    let cs = self.nodes[consumer as usize].stage as usize;
+                    if cs != s && next[cs] == consumer && !queued[cs] {
+                        queued[cs] = true;
+                        work.push(cs);
+                    }
                 }
             }
         }
-        if order.len() == n {
+        if order.len() == self.nodes.len() {
             return Ok(order);
         }
-        // Every node left over has a predecessor left over; walking back must revisit a node.
-        let start = (0..n).find(|&i| indegree[i] > 0).expect("a node is left over");
-        let mut seen = vec![u32::MAX; n];
-        let mut path = Vec::new();
-        let mut cur = start as u32;
-        while seen[cur as usize] == u32::MAX {
-            seen[cur as usize] = path.len() as u32;
-            path.push(cur);
-            let node = &self.nodes[cur as usize];
-            cur = node
+        // Every unfinished stage waits on one action of one stage: follow the waits to a cycle.
+        let waiting = |s: usize| -> (u32, u32) {
+            let id = next[s];
+            let node = &self.nodes[id as usize];
+            let (pred, _) = *node
                 .preds()
                 .iter()
-                .map(|&(p, _)| p)
-                .find(|&p| indegree[p as usize] > 0)
-                .expect("a left-over node has a left-over predecessor");
+                .find(|&&(p, _)| !done[p as usize])
+                .expect("a blocked action has an unmet input");
+            (id, pred)
+        };
+        let mut seen = vec![usize::MAX; stages];
+        let mut path: Vec<(u32, u32)> = Vec::new();
+        let mut s = (0..stages)
+            .find(|&s| next[s] < self.stage_start[s + 1])
+            .expect("an unfinished stage");
+        while seen[s] == usize::MAX {
+            seen[s] = path.len();
+            let (id, pred) = waiting(s);
+            path.push((id, pred));
+            s = self.nodes[pred as usize].stage as usize;
         }
-        let mut cycle: Vec<String> = path[seen[cur as usize] as usize..]
+        let cycle = path[seen[s]..]
             .iter()
-            .map(|&id| self.describe(id))
+            .map(|&(id, pred)| format!("{} waits for {}", self.describe(id), self.describe(pred)))
             .collect();
-        cycle.reverse();
         Err(ScheduleError::Deadlock { cycle })
     }
 

@@ -122,7 +122,7 @@ pub struct SimReport {
 pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<SimReport, ScheduleError> {
     costs.check(schedule.placement.num_parts())?;
     let graph = DepGraph::build(schedule)?;
-    let order = graph.topo_order()?;
+    let order = graph.run_order()?;
     let mut end = vec![0.0f64; graph.nodes.len()];
     let mut start = vec![0.0f64; graph.nodes.len()];
     for &id in &order {

@@ -22,7 +22,7 @@ pub struct Validation {
 /// Validates a schedule; see the module doc. A deadlock is reported with the cycle of actions.
 pub fn validate(schedule: &Schedule) -> Result<Validation, ScheduleError> {
     let graph = DepGraph::build(schedule)?;
-    graph.topo_order()?;
+    graph.run_order()?;
     Ok(Validation {
         peak_inflight: peak_inflight(schedule),
         peak_weight_stash: peak_weight_stash(schedule),
