@@ -99,35 +99,54 @@ fn bench_executor_overhead(c: &mut Criterion) {
                 }],
             })
             .collect();
-        let backends = vec![Cpu; p as usize];
-        let mbs: Vec<Vec<MicroBatch<Cpu>>> = (0..p)
-            .map(|_| {
-                (0..m)
-                    .map(|_| MicroBatch {
-                        inputs: None,
-                        targets: None,
-                        b: 1,
-                        t: 1,
-                        loss_scale: 1.0,
-                    })
-                    .collect()
-            })
-            .collect();
+        let backends = std::sync::Arc::new(vec![Cpu; p as usize]);
+        let schedule = std::sync::Arc::new(schedule);
+        let micro_batches = || -> Vec<Vec<MicroBatch<Cpu>>> {
+            (0..p)
+                .map(|_| {
+                    (0..m)
+                        .map(|_| MicroBatch {
+                            inputs: None,
+                            targets: None,
+                            b: 1,
+                            t: 1,
+                            loss_scale: 1.0,
+                        })
+                        .collect()
+                })
+                .collect()
+        };
         let cfg = ExecConfig {
             recompute: false,
             recv_timeout: Duration::from_secs(10),
+            fail: None,
         };
         group.throughput(Throughput::Elements(actions));
         group.bench_function(
             BenchmarkId::new(kind.name(), format!("p{p}_m{m}_{actions}actions")),
             |b| {
                 b.iter_custom(|iters| {
-                    let start = Instant::now();
+                    let mut elapsed = Duration::ZERO;
                     for _ in 0..iters {
-                        run_step(&mut stages, &backends, &schedule, &mbs, &cfg).expect("runs");
+                        let mbs = micro_batches();
+                        let start = Instant::now();
+                        let run = run_step(
+                            std::mem::take(&mut stages),
+                            backends.clone(),
+                            schedule.clone(),
+                            mbs,
+                            &cfg,
+                        );
+                        let _ = Cpu.synchronize();
+                        elapsed += start.elapsed();
+                        run.result.expect("runs");
+                        stages = run
+                            .stages
+                            .into_iter()
+                            .map(|s| s.expect("every stage comes back"))
+                            .collect();
                     }
-                    let _ = Cpu.synchronize();
-                    start.elapsed()
+                    elapsed
                 })
             },
         );

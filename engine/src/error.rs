@@ -52,6 +52,23 @@ pub enum EngineError {
         /// What went wrong.
         reason: String,
     },
+    /// The step produced a non-finite loss or gradient norm (first seen at `stage`/`action`).
+    #[error("non-finite {what} at step {step}{}; {policy}", match (stage, action.as_str()) { (Some(s), "") => format!(" (first seen on stage {s})"), (Some(s), a) => format!(" (first seen on stage {s} at `{a}`)"), _ => String::new() })]
+    NonFinite {
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// Training step (1-based).
+        step: u64,
+        /// Stage where a non-finite value first appeared, if known.
+        stage: Option<u32>,
+        /// The action that produced it, if known.
+        action: String,
+        /// What the policy did (`aborting`, `3 consecutive skips, the limit`).
+        policy: String,
+    },
+    /// An earlier failure left the pipeline without some stage's state; rebuild it from a checkpoint.
+    #[error("the pipeline lost its state: {0}; rebuild it from a checkpoint")]
+    Lost(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

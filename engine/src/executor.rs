@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
@@ -44,8 +45,101 @@ pub struct Stage<B: Backend> {
 pub struct ExecConfig {
     /// Keep only each part's input between F and B/I, recomputing the forward at backward time.
     pub recompute: bool,
-    /// Longest a stage may wait for one input before the step fails.
+    /// Longest a stage may wait for one input, and longest one action may compute, before the
+    /// step fails (the watchdog deadline).
     pub recv_timeout: Duration,
+    /// A failure to inject this step.
+    pub fail: Option<FailurePoint>,
+}
+
+/// What an injected failure does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureKind {
+    /// The stage thread panics.
+    Panic,
+    /// The action returns an error.
+    Error,
+    /// The stage stops making progress until the step is aborted (the watchdog must notice).
+    Stall,
+    /// The stage sleeps forever and ignores the abort flag (the executor must detach it).
+    Hang,
+    /// The action's output (activation, gradient or loss) becomes NaN.
+    Nan,
+}
+
+/// Where to inject a failure: `stage:2,action:7,kind:panic[,step:5]` (the `BATON_FAIL_AT` format).
+/// `action` is the index in the stage's action list; `step` (1-based) limits it to one step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FailurePoint {
+    /// Stage that fails.
+    pub stage: u32,
+    /// Index of the action in the stage's list.
+    pub action: usize,
+    /// What happens.
+    pub kind: FailureKind,
+    /// Only at this training step (1-based); every step when absent.
+    pub step: Option<u64>,
+}
+
+impl std::str::FromStr for FailurePoint {
+    type Err = EngineError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = |why: String| EngineError::config("fail_at", text, why);
+        let (mut stage, mut action, mut kind, mut step) = (None, None, None, None);
+        for field in text.split(',') {
+            let (key, value) = field
+                .split_once(':')
+                .ok_or_else(|| bad(format!("`{field}` is not key:value")))?;
+            let number = |v: &str| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| bad(format!("{key} = `{v}` is not a number")))
+            };
+            match key.trim() {
+                "stage" => stage = Some(number(value)? as u32),
+                "action" => action = Some(number(value)? as usize),
+                "step" => step = Some(number(value)?),
+                "kind" => {
+                    kind = Some(match value.trim() {
+                        "panic" => FailureKind::Panic,
+                        "error" => FailureKind::Error,
+                        "stall" => FailureKind::Stall,
+                        "hang" => FailureKind::Hang,
+                        "nan" => FailureKind::Nan,
+                        other => {
+                            return Err(bad(format!(
+                                "kind `{other}`: expected panic, error, stall, hang or nan"
+                            )))
+                        }
+                    })
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown key `{other}`: expected stage, action, kind, step"
+                    )))
+                }
+            }
+        }
+        Ok(FailurePoint {
+            stage: stage.ok_or_else(|| bad("missing stage:N".into()))?,
+            action: action.ok_or_else(|| bad("missing action:N".into()))?,
+            kind: kind.ok_or_else(|| bad("missing kind:panic|error|stall|hang|nan".into()))?,
+            step,
+        })
+    }
+}
+
+/// The first non-finite output of a stage in a step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonFinite {
+    /// When it was produced, seconds since the step began.
+    pub at_s: f64,
+    /// Index of the action in the stage's list.
+    pub index: usize,
+    /// The action.
+    pub action: Action,
 }
 
 /// When one action ran, in seconds since the step started.
@@ -70,6 +164,8 @@ pub struct StageOutcome {
     pub peak_stashed: u32,
     /// Most stash bytes held at once (activation and weight-gradient stashes together).
     pub peak_stash_bytes: usize,
+    /// The first action whose output (activation, gradient or loss) was not finite.
+    pub nonfinite: Option<NonFinite>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,17 +200,57 @@ enum WorkerError {
     },
 }
 
-/// Runs one step's actions on every stage; returns each stage's outcome or the first failure.
+/// What a stage is doing, for the watchdog.
+#[derive(Default)]
+struct Progress {
+    /// `COMPUTING`, `WAITING` or `DONE`.
+    state: AtomicU8,
+    /// When the state last changed, microseconds since the step began.
+    since_us: AtomicU64,
+    /// Index of the action being run.
+    action: AtomicUsize,
+}
+
+const COMPUTING: u8 = 0;
+const WAITING: u8 = 1;
+const DONE: u8 = 2;
+
+impl Progress {
+    fn set(&self, state: u8, t0: Instant) {
+        self.since_us.store(t0.elapsed().as_micros() as u64, Ordering::SeqCst);
+        self.state.store(state, Ordering::SeqCst);
+    }
+}
+
+/// How long the executor waits for the remaining stages after a failure before it gives up on
+/// them (a stage that never notices the abort flag is detached and its state is lost).
+pub const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// The result of one step: each stage's state handed back (`None` for a stage whose thread
+/// did not come back and was detached), and the outcomes or the failure.
+pub struct StepRun<B: Backend> {
+    /// Per stage: its model state, if its thread returned.
+    pub stages: Vec<Option<Stage<B>>>,
+    /// Per-stage outcomes, or the first failure.
+    pub result: Result<Vec<StageOutcome>>,
+}
+
+/// Runs one step's actions on every stage, one thread per stage. The stages move into their
+/// threads and come back in [`StepRun::stages`]. A stage that errors or panics sets the abort
+/// flag; a stage computing for longer than `cfg.recv_timeout` is declared stalled by the
+/// watchdog; the failure reported is the stall, else the first real failure (not a stage that
+/// merely stopped because of it).
 pub fn run_step<B: Backend>(
-    stages: &mut [Stage<B>],
-    backends: &[B],
-    schedule: &Schedule,
-    mbs: &[Vec<MicroBatch<B>>],
+    stages: Vec<Stage<B>>,
+    backends: Arc<Vec<B>>,
+    schedule: Arc<Schedule>,
+    mbs: Vec<Vec<MicroBatch<B>>>,
     cfg: &ExecConfig,
-) -> Result<Vec<StageOutcome>> {
+) -> StepRun<B> {
     let p = stages.len();
-    debug_assert_eq!(p, schedule.actions.len());
-    debug_assert_eq!(p, backends.len());
+    assert_eq!(p, schedule.actions.len(), "one stage per action list");
+    assert_eq!(p, backends.len(), "one backend per stage");
+    assert_eq!(p, mbs.len(), "one micro-batch list per stage");
     let placement = &schedule.placement;
     let last_part = placement.num_parts() - 1;
     // Inbox capacity: every message a stage can receive this step.
@@ -139,127 +275,234 @@ pub fn run_step<B: Backend>(
         senders.push(tx);
         receivers.push(rx);
     }
-    let abort = AtomicBool::new(false);
+    let abort = Arc::new(AtomicBool::new(false));
+    let progress: Vec<Arc<Progress>> = (0..p).map(|_| Arc::new(Progress::default())).collect();
     let t0 = Instant::now();
-    let results: Vec<std::result::Result<StageOutcome, WorkerError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = stages
-            .iter_mut()
-            .zip(receivers)
-            .enumerate()
-            .map(|(s, (stage, rx))| {
-                let senders = senders.clone();
-                let abort = &abort;
-                let list = &schedule.actions[s];
-                let mbs = &mbs[s];
-                std::thread::Builder::new()
-                    .name(format!("baton-stage-{s}"))
-                    .spawn_scoped(scope, move || {
-                        let mut worker = Worker {
-                            s,
-                            stage,
-                            backends,
-                            schedule,
-                            mbs,
-                            rx,
-                            senders,
-                            abort,
-                            cfg,
-                            t0,
-                            mailbox: HashMap::new(),
-                            current: 0,
-                        };
-                        let out = catch_unwind(AssertUnwindSafe(|| worker.run(list)));
-                        let out = match out {
-                            Ok(r) => r,
-                            Err(panic) => {
-                                let msg = panic
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "unknown panic".into());
-                                let index = worker.current;
-                                let action = list.get(index).map(ToString::to_string).unwrap_or_default();
-                                Err(WorkerError::Failed {
-                                    index,
-                                    action,
-                                    cause: format!("panic: {msg}"),
-                                })
-                            }
-                        };
-                        if out.is_err() {
-                            abort.store(true, Ordering::SeqCst);
-                        }
-                        out
-                    })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(s, h)| match h {
-                Ok(h) => h.join().unwrap_or_else(|_| {
-                    Err(WorkerError::Failed {
-                        index: 0,
-                        action: String::new(),
-                        cause: format!("stage {s} thread died"),
-                    })
-                }),
-                Err(e) => Err(WorkerError::Failed {
+    type Done<B> = (usize, Stage<B>, std::result::Result<StageOutcome, WorkerError>);
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done<B>>();
+    let mut handles = Vec::with_capacity(p);
+    let mut spawn_error = None;
+    for (s, ((stage, rx), mbs)) in stages.into_iter().zip(receivers).zip(mbs).enumerate() {
+        let mut worker = Worker {
+            s,
+            stage,
+            backends: Arc::clone(&backends),
+            schedule: Arc::clone(&schedule),
+            mbs: Arc::new(mbs),
+            rx,
+            senders: senders.clone(),
+            abort: Arc::clone(&abort),
+            progress: Arc::clone(&progress[s]),
+            cfg: cfg.clone(),
+            t0,
+            mailbox: HashMap::new(),
+            current: 0,
+            poison: false,
+            nonfinite: None,
+        };
+        let done_tx = done_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("baton-stage-{s}"))
+            .spawn(move || {
+                let out = catch_unwind(AssertUnwindSafe(|| worker.run()));
+                let out = match out {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        let msg = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        let index = worker.current;
+                        let action = worker.schedule.actions[s]
+                            .get(index)
+                            .map(ToString::to_string)
+                            .unwrap_or_default();
+                        Err(WorkerError::Failed {
+                            index,
+                            action,
+                            cause: format!("panic: {msg}"),
+                        })
+                    }
+                };
+                if out.is_err() {
+                    worker.abort.store(true, Ordering::SeqCst);
+                }
+                worker.progress.set(DONE, worker.t0);
+                // The receiver outlives every worker unless the executor gave up on this one.
+                let _ = done_tx.send((s, worker.stage, out));
+            });
+        match spawned {
+            Ok(h) => handles.push(Some(h)),
+            Err(e) => {
+                abort.store(true, Ordering::SeqCst);
+                spawn_error = Some(EngineError::StageFailed {
+                    stage: s as u32,
                     index: 0,
                     action: String::new(),
-                    cause: format!("spawning stage {s}: {e}"),
-                }),
-            })
-            .collect()
-    });
-    // Report the first real failure (not a stage that merely stopped because of it).
-    let mut outcomes = Vec::with_capacity(p);
-    let mut aborted = None;
-    for (s, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(o) => outcomes.push(o),
-            Err(WorkerError::Failed { index, action, cause }) => {
-                return Err(EngineError::StageFailed {
-                    stage: s as u32,
-                    index,
-                    action,
-                    cause,
-                })
+                    cause: format!("spawning the stage thread: {e}"),
+                });
+                handles.push(None);
+                break;
             }
-            Err(WorkerError::Aborted) => aborted = aborted.or(Some(s)),
         }
     }
-    if let Some(s) = aborted {
-        return Err(EngineError::StageFailed {
-            stage: s as u32,
-            index: 0,
-            action: String::new(),
-            cause: "aborted".into(),
-        });
+    drop(done_tx);
+    let spawned = handles.len() - usize::from(spawn_error.is_some());
+    let mut back: Vec<Option<Stage<B>>> = (0..p).map(|_| None).collect();
+    let mut results: Vec<Option<std::result::Result<StageOutcome, WorkerError>>> = (0..p).map(|_| None).collect();
+    let mut first_failure: Option<(usize, Instant)> = None;
+    let mut stalled: Option<(usize, usize)> = None;
+    let mut arrived = 0usize;
+    while arrived < spawned {
+        match done_rx.recv_timeout(WATCHDOG_POLL) {
+            Ok((s, stage, r)) => {
+                if r.is_err() && first_failure.is_none() {
+                    first_failure = Some((s, Instant::now()));
+                }
+                back[s] = Some(stage);
+                results[s] = Some(r);
+                arrived += 1;
+            }
+            Err(_) => {
+                let now_us = t0.elapsed().as_micros() as u64;
+                if stalled.is_none() && first_failure.is_none() {
+                    // Watchdog: a stage computing one action for longer than the deadline is stalled.
+                    // Stages waiting for inputs are only blamed when no stage computes at all.
+                    let limit = cfg.recv_timeout.as_micros() as u64;
+                    let over = |pr: &Progress| now_us.saturating_sub(pr.since_us.load(Ordering::SeqCst)) > limit;
+                    let state = |pr: &Progress| pr.state.load(Ordering::SeqCst);
+                    let computing = progress.iter().position(|pr| state(pr) == COMPUTING && over(pr));
+                    let all_waiting = progress.iter().all(|pr| state(pr) != COMPUTING)
+                        && progress.iter().any(|pr| state(pr) == WAITING && over(pr));
+                    let culprit = computing.or_else(|| {
+                        all_waiting
+                            .then(|| progress.iter().position(|pr| state(pr) == WAITING))
+                            .flatten()
+                    });
+                    if let Some(s) = culprit {
+                        stalled = Some((s, progress[s].action.load(Ordering::SeqCst)));
+                        abort.store(true, Ordering::SeqCst);
+                        first_failure = Some((s, Instant::now()));
+                    }
+                }
+                if first_failure.is_some_and(|(_, at)| at.elapsed() > ABORT_GRACE) {
+                    break; // give up on the stages that did not come back
+                }
+            }
+        }
     }
-    Ok(outcomes)
+    // Join every thread that came back; detach the rest (their state is lost).
+    for (s, h) in handles.into_iter().enumerate() {
+        if let Some(h) = h {
+            if results[s].is_some() {
+                let _ = h.join();
+            }
+        }
+    }
+    let result = (|| {
+        if let Some(e) = spawn_error {
+            return Err(e);
+        }
+        if let Some((s, index)) = stalled {
+            let action = schedule.actions[s]
+                .get(index)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let what = if progress[s].state.load(Ordering::SeqCst) == WAITING {
+                "waiting for an input that never came"
+            } else {
+                "stalled: no progress on one action"
+            };
+            let cause = format!(
+                "{what} for more than {:?} (watchdog){}",
+                cfg.recv_timeout,
+                if back[s].is_none() {
+                    "; the thread did not stop and was detached"
+                } else {
+                    ""
+                }
+            );
+            return Err(EngineError::StageFailed {
+                stage: s as u32,
+                index,
+                action,
+                cause,
+            });
+        }
+        if let Some(s) = (0..p).find(|&s| results[s].is_none()) {
+            let index = progress[s].action.load(Ordering::SeqCst);
+            let action = schedule.actions[s]
+                .get(index)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            return Err(EngineError::StageFailed {
+                stage: s as u32,
+                index,
+                action,
+                cause: "did not stop after the step was aborted; the thread was detached".into(),
+            });
+        }
+        // The first real failure to arrive, else any.
+        let order: Vec<usize> = first_failure.map(|(s, _)| s).into_iter().chain(0..p).collect();
+        for s in order {
+            if let Some(Err(WorkerError::Failed { index, action, cause })) = &results[s] {
+                return Err(EngineError::StageFailed {
+                    stage: s as u32,
+                    index: *index,
+                    action: action.clone(),
+                    cause: cause.clone(),
+                });
+            }
+        }
+        if let Some(s) = (0..p).find(|&s| matches!(results[s], Some(Err(WorkerError::Aborted)))) {
+            return Err(EngineError::StageFailed {
+                stage: s as u32,
+                index: 0,
+                action: String::new(),
+                cause: "aborted".into(),
+            });
+        }
+        Ok(results
+            .iter_mut()
+            .map(|r| match r.take() {
+                Some(Ok(o)) => o,
+                _ => unreachable!("every result is Ok here"),
+            })
+            .collect())
+    })();
+    StepRun { stages: back, result }
 }
+
+/// How often the executor's watchdog looks at the stages.
+const WATCHDOG_POLL: Duration = Duration::from_millis(10);
 
 /// A part's forward: each layer's stash, the output activation, and the loss (head only).
 type PartForward<B> = (Vec<Saved<B>>, Option<<B as Backend>::Buf>, Option<f64>);
 
-struct Worker<'a, B: Backend> {
+struct Worker<B: Backend> {
     s: usize,
-    stage: &'a mut Stage<B>,
-    backends: &'a [B],
-    schedule: &'a Schedule,
-    mbs: &'a [MicroBatch<B>],
+    stage: Stage<B>,
+    backends: Arc<Vec<B>>,
+    schedule: Arc<Schedule>,
+    mbs: Arc<Vec<MicroBatch<B>>>,
     rx: Receiver<Msg<B>>,
     senders: Vec<Sender<Msg<B>>>,
-    abort: &'a AtomicBool,
-    cfg: &'a ExecConfig,
+    abort: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+    cfg: ExecConfig,
     t0: Instant,
     mailbox: HashMap<(Kind, u32, u32), B::Buf>,
     current: usize,
+    /// A NaN was injected into the current action's output.
+    poison: bool,
+    nonfinite: Option<NonFinite>,
 }
 
-impl<B: Backend> Worker<'_, B> {
-    fn run(&mut self, list: &[Action]) -> std::result::Result<StageOutcome, WorkerError> {
+impl<B: Backend> Worker<B> {
+    fn run(&mut self) -> std::result::Result<StageOutcome, WorkerError> {
+        let schedule = Arc::clone(&self.schedule);
+        let list = &schedule.actions[self.s];
         let m = self.schedule.microbatches as usize;
         let chunks = self.stage.parts.len();
         let mut act_stash: Vec<Option<PartStash<B>>> = (0..chunks * m).map(|_| None).collect();
@@ -271,6 +514,17 @@ impl<B: Backend> Worker<'_, B> {
         let (mut stashed, mut bytes) = (0u32, 0usize);
         for (index, &action) in list.iter().enumerate() {
             self.current = index;
+            self.progress.action.store(index, Ordering::SeqCst);
+            self.progress.set(COMPUTING, self.t0);
+            self.poison = false;
+            if let Some(point) = self
+                .cfg
+                .fail
+                .clone()
+                .filter(|f| f.stage as usize == self.s && f.action == index)
+            {
+                self.inject(point.kind, index, action)?;
+            }
             let fail = |e: EngineError| match e {
                 EngineError::StageFailed { cause, .. } if cause == "aborted" => WorkerError::Aborted,
                 other => WorkerError::Failed {
@@ -285,7 +539,13 @@ impl<B: Backend> Worker<'_, B> {
                 Op::F => {
                     debug_assert!(act_stash[slot].is_none(), "stash slot filled twice");
                     let (stash, loss) = self.forward(action).map_err(fail)?;
-                    if let Some(loss) = loss {
+                    if let Some(mut loss) = loss {
+                        if self.poison {
+                            loss = f64::NAN;
+                        }
+                        if !loss.is_finite() {
+                            self.note_nonfinite(index, action);
+                        }
                         out.losses.push((action.mb, loss));
                     }
                     stashed += 1;
@@ -324,7 +584,59 @@ impl<B: Backend> Worker<'_, B> {
             });
         }
         debug_assert_eq!(stashed, 0, "every activation stash was consumed");
+        out.nonfinite = self.nonfinite.take();
         Ok(out)
+    }
+
+    /// Fires an injected failure at action `index`.
+    fn inject(&mut self, kind: FailureKind, index: usize, action: Action) -> std::result::Result<(), WorkerError> {
+        let here = format!("stage {} action #{index} `{action}`", self.s);
+        match kind {
+            FailureKind::Panic => panic!("injected panic at {here}"),
+            FailureKind::Error => Err(WorkerError::Failed {
+                index,
+                action: action.to_string(),
+                cause: format!("injected error at {here}"),
+            }),
+            FailureKind::Stall => {
+                // Stuck until the step is aborted (as a device wait with a timeout would be).
+                while !self.abort.load(Ordering::SeqCst) {
+                    std::thread::sleep(RECV_POLL);
+                }
+                Err(WorkerError::Aborted)
+            }
+            FailureKind::Hang => loop {
+                // Never returns and never looks at the abort flag: the executor must detach it.
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            FailureKind::Nan => {
+                self.poison = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Remembers the first action whose output was not finite.
+    fn note_nonfinite(&mut self, index: usize, action: Action) {
+        if self.nonfinite.is_none() {
+            self.nonfinite = Some(NonFinite {
+                at_s: self.t0.elapsed().as_secs_f64(),
+                index,
+                action,
+            });
+        }
+    }
+
+    /// Poisons `buf` if a NaN was injected, and records a non-finite output.
+    fn check_output(&mut self, buf: &mut B::Buf, index: usize, action: Action) -> Result<()> {
+        let be = &self.backends[self.s];
+        if self.poison {
+            be.scale(buf, f32::NAN)?;
+        }
+        if !be.sum_squares(buf)?.is_finite() {
+            self.note_nonfinite(index, action);
+        }
+        Ok(())
     }
 
     fn part_index(&self, action: Action) -> u32 {
@@ -352,7 +664,8 @@ impl<B: Backend> Worker<'_, B> {
 
     fn forward(&mut self, a: Action) -> Result<(PartStash<B>, Option<f64>)> {
         let part = self.part_index(a);
-        let mb = &self.mbs[a.mb as usize];
+        let mbs = Arc::clone(&self.mbs);
+        let mb = &mbs[a.mb as usize];
         let x = if part == 0 {
             None
         } else {
@@ -380,7 +693,8 @@ impl<B: Backend> Worker<'_, B> {
             }
         };
         if part < self.schedule.placement.num_parts() - 1 {
-            let out = out.ok_or_else(|| EngineError::Batch(format!("part {part} produced no activation")))?;
+            let mut out = out.ok_or_else(|| EngineError::Batch(format!("part {part} produced no activation")))?;
+            self.check_output(&mut out, self.current, a)?;
             self.send(Kind::Activation, part + 1, a.mb, out)?;
         }
         Ok((stash, loss))
@@ -390,7 +704,8 @@ impl<B: Backend> Worker<'_, B> {
     fn backward_input(&mut self, a: Action, mut stash: PartStash<B>) -> Result<PartStash<B>> {
         let part = self.part_index(a);
         let last = self.schedule.placement.num_parts() - 1;
-        let mb = &self.mbs[a.mb as usize];
+        let mbs = Arc::clone(&self.mbs);
+        let mb = &mbs[a.mb as usize];
         let mut dout = if part == last {
             None
         } else {
@@ -407,7 +722,8 @@ impl<B: Backend> Worker<'_, B> {
             dout = layer.backward_input(be, saved, dout, mb)?;
         }
         if part > 0 {
-            let dx = dout.ok_or_else(|| EngineError::Batch(format!("part {part} produced no input gradient")))?;
+            let mut dx = dout.ok_or_else(|| EngineError::Batch(format!("part {part} produced no input gradient")))?;
+            self.check_output(&mut dx, self.current, a)?;
             self.send(Kind::Gradient, part - 1, a.mb, dx)?;
         }
         let bytes = stash.saved.iter().map(|s| s.bytes(self.be())).sum();
@@ -420,7 +736,8 @@ impl<B: Backend> Worker<'_, B> {
 
     fn backward_weight(&mut self, a: Action, stash: PartStash<B>) -> Result<()> {
         let be = &self.backends[self.s];
-        let mb = &self.mbs[a.mb as usize];
+        let mbs = Arc::clone(&self.mbs);
+        let mb = &mbs[a.mb as usize];
         let layers = &mut self.stage.parts[a.chunk as usize].layers;
         for (layer, saved) in layers.iter_mut().zip(stash.saved).rev() {
             layer.backward_weight(be, saved, mb)?;
@@ -450,10 +767,15 @@ impl<B: Backend> Worker<'_, B> {
         if let Some(buf) = self.mailbox.remove(&(kind, part, mb)) {
             return Ok(buf);
         }
-        let deadline = Instant::now() + self.cfg.recv_timeout;
+        // The executor's watchdog enforces `recv_timeout`; this backstop only matters if it is gone.
+        let deadline = Instant::now() + self.cfg.recv_timeout * 4 + ABORT_GRACE;
+        self.progress.set(WAITING, self.t0);
         loop {
             match self.rx.recv_timeout(RECV_POLL) {
-                Ok(msg) if (msg.kind, msg.part, msg.mb) == (kind, part, mb) => return Ok(msg.buf),
+                Ok(msg) if (msg.kind, msg.part, msg.mb) == (kind, part, mb) => {
+                    self.progress.set(COMPUTING, self.t0);
+                    return Ok(msg.buf);
+                }
                 Ok(msg) => {
                     let prev = self.mailbox.insert((msg.kind, msg.part, msg.mb), msg.buf);
                     debug_assert!(prev.is_none(), "a message was delivered twice");

@@ -2,6 +2,7 @@
 //! (executor → tied-gradient sum → global norm → clip → AdamW).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use baton_schedules::{generate, validate, Schedule, ScheduleKind, Validation};
 use crate::backend::Backend;
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
-use crate::executor::{run_step, ActionSpan, ExecConfig, Part, Stage};
+use crate::executor::{run_step, ActionSpan, ExecConfig, FailurePoint, Part, Stage};
 use crate::model::{build_layer, GptConfig, MicroBatch, Param};
 use crate::optim::OptimizerConfig;
 use crate::split::StageSplit;
@@ -53,8 +54,33 @@ pub struct PipelineConfig {
     pub recompute: bool,
     /// Seed of the initial weights.
     pub seed: u64,
-    /// Longest wait for one input inside a step, in milliseconds.
+    /// Longest wait for one input inside a step, and longest one action may compute before
+    /// the watchdog declares its stage stalled, in milliseconds.
     pub recv_timeout_ms: u64,
+    /// What a non-finite loss or gradient norm does.
+    #[serde(default)]
+    pub nonfinite: NonFinitePolicy,
+    /// With `NonFinitePolicy::Skip`: this many consecutive skipped steps abort the run.
+    #[serde(default = "default_max_skips")]
+    pub max_consecutive_skips: u32,
+}
+
+fn default_max_skips() -> u32 {
+    MAX_CONSECUTIVE_SKIPS_DEFAULT
+}
+
+/// Default limit of consecutive skipped steps.
+pub const MAX_CONSECUTIVE_SKIPS_DEFAULT: u32 = 3;
+
+/// What a step with a non-finite loss or gradient norm does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    /// Skip the optimizer step (gradients dropped), log it, and carry on.
+    #[default]
+    Skip,
+    /// Fail the step with [`EngineError::NonFinite`].
+    Abort,
 }
 
 impl PipelineConfig {
@@ -75,6 +101,8 @@ impl PipelineConfig {
             recompute: false,
             seed: 1337,
             recv_timeout_ms: RECV_TIMEOUT_MS_DEFAULT,
+            nonfinite: NonFinitePolicy::Skip,
+            max_consecutive_skips: MAX_CONSECUTIVE_SKIPS_DEFAULT,
         }
     }
 }
@@ -109,17 +137,26 @@ pub struct StepReport {
     /// Per stage: when each action ran.
     #[serde(skip)]
     pub spans: Vec<Vec<ActionSpan>>,
+    /// The optimizer step was skipped because the loss or gradient norm was not finite.
+    pub skipped: bool,
+    /// Stage where a non-finite value first appeared (when `skipped`).
+    pub nonfinite_stage: Option<u32>,
 }
 
 /// A GPT split into pipeline stages on backend `B`.
 pub struct Pipeline<B: Backend> {
     config: PipelineConfig,
-    schedule: Schedule,
+    schedule: Arc<Schedule>,
     validation: Validation,
     ranges: Vec<std::ops::Range<usize>>,
-    backends: Vec<B>,
+    backends: Arc<Vec<B>>,
     stages: Vec<Stage<B>>,
     step: u64,
+    /// Set when a failure took some stage's state with it; every later step fails.
+    lost: Option<String>,
+    /// A failure to inject (see [`FailurePoint`]); cleared once it fires.
+    fail: Option<FailurePoint>,
+    consecutive_skips: u32,
 }
 
 impl<B: Backend> Pipeline<B> {
@@ -168,12 +205,15 @@ impl<B: Backend> Pipeline<B> {
         }
         Ok(Pipeline {
             config,
-            schedule,
+            schedule: Arc::new(schedule),
             validation,
             ranges,
-            backends,
+            backends: Arc::new(backends),
             stages,
             step: 0,
+            lost: None,
+            fail: None,
+            consecutive_skips: 0,
         })
     }
 
@@ -200,6 +240,14 @@ impl<B: Backend> Pipeline<B> {
     /// Optimizer steps taken.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Fails with [`EngineError::Lost`] when a stage's state was lost to a failure.
+    fn check_whole(&self) -> Result<()> {
+        match &self.lost {
+            Some(why) => Err(EngineError::Lost(why.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Sets the optimizer step counter (when resuming).
@@ -279,15 +327,53 @@ impl<B: Backend> Pipeline<B> {
             .collect()
     }
 
+    /// Injects a failure (tests and `BATON_FAIL_AT`); it fires once, at its step or the next.
+    pub fn set_failure(&mut self, point: Option<FailurePoint>) {
+        self.fail = point;
+    }
+
     /// One training step on `batch` (split into the configured micro-batches).
+    ///
+    /// On failure the step's partial gradients are dropped and the parameters and optimizer
+    /// state are as before the step; if a stage's thread did not come back, the pipeline is
+    /// lost and every later call fails with [`EngineError::Lost`].
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepReport> {
+        if let Some(why) = &self.lost {
+            return Err(EngineError::Lost(why.clone()));
+        }
         let started = Instant::now();
         let mbs = self.micro_batches(batch, true)?;
+        let step_no = self.step + 1;
+        let fail = match &self.fail {
+            Some(f) if f.step.is_none_or(|s| s == step_no) => self.fail.take(),
+            _ => None,
+        };
         let exec = ExecConfig {
             recompute: self.config.recompute,
             recv_timeout: Duration::from_millis(self.config.recv_timeout_ms),
+            fail,
         };
-        let outcomes = run_step(&mut self.stages, &self.backends, &self.schedule, &mbs, &exec)?;
+        let stages = std::mem::take(&mut self.stages);
+        let run = run_step(
+            stages,
+            Arc::clone(&self.backends),
+            Arc::clone(&self.schedule),
+            mbs,
+            &exec,
+        );
+        let complete = run.stages.iter().all(Option::is_some);
+        self.stages = run.stages.into_iter().flatten().collect();
+        let outcomes = match run.result {
+            Ok(o) => o,
+            Err(e) => {
+                if complete {
+                    self.zero_grads()?;
+                } else {
+                    self.lost = Some(e.to_string());
+                }
+                return Err(e);
+            }
+        };
         let pipeline_s = outcomes
             .iter()
             .flat_map(|o| o.spans.last())
@@ -301,8 +387,42 @@ impl<B: Backend> Pipeline<B> {
         let loss = (losses.iter().map(|&(_, l)| l).sum::<f64>() / tokens as f64) as f32;
 
         let lr = self.config.optimizer.lr_at(self.step);
-        let grad_norm = self.optimizer_step(lr)?;
-        self.step += 1;
+        self.sum_tied_grads()?;
+        let grad_norm = self.grad_norm()?;
+        let mut skipped = false;
+        let mut nonfinite_stage = None;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            self.zero_grads()?;
+            self.consecutive_skips += 1;
+            let first = outcomes
+                .iter()
+                .enumerate()
+                .filter_map(|(s, o)| o.nonfinite.map(|n| (s, n)))
+                .min_by(|a, b| a.1.at_s.total_cmp(&b.1.at_s));
+            nonfinite_stage = first.map(|(s, _)| s as u32);
+            let what = if loss.is_finite() { "gradient norm" } else { "loss" };
+            let error = |policy: String| EngineError::NonFinite {
+                what,
+                step: step_no,
+                stage: first.map(|(s, _)| s as u32),
+                action: first.map(|(_, n)| n.action.to_string()).unwrap_or_default(),
+                policy,
+            };
+            match self.config.nonfinite {
+                NonFinitePolicy::Abort => return Err(error("aborting (policy: abort)".into())),
+                NonFinitePolicy::Skip if self.consecutive_skips >= self.config.max_consecutive_skips => {
+                    return Err(error(format!(
+                        "{} consecutive skipped steps reach the limit of {}",
+                        self.consecutive_skips, self.config.max_consecutive_skips
+                    )))
+                }
+                NonFinitePolicy::Skip => skipped = true,
+            }
+        } else {
+            self.consecutive_skips = 0;
+            self.apply_optimizer(lr, grad_norm)?;
+            self.step += 1;
+        }
 
         let busy_s: Vec<f64> = outcomes
             .iter()
@@ -328,15 +448,16 @@ impl<B: Backend> Pipeline<B> {
             peak_stashed: outcomes.iter().map(|o| o.peak_stashed).collect(),
             peak_stash_bytes: outcomes.iter().map(|o| o.peak_stash_bytes).collect(),
             spans: outcomes.into_iter().map(|o| o.spans).collect(),
+            skipped,
+            nonfinite_stage,
         })
     }
 
-    /// Tied-gradient sum, global norm (tied weight once), clipping and AdamW; zeroes the grads.
-    fn optimizer_step(&mut self, lr: f32) -> Result<f32> {
-        self.sum_tied_grads()?;
-        // Sum of squares per tensor, summed in global (layer, parameter) order: the same for every split.
+    /// Global gradient norm: per-tensor sums of squares added in global (layer, parameter)
+    /// order, the tied LM head counted once (through `wte`) — the same for every split.
+    fn grad_norm(&self) -> Result<f32> {
         let mut squares: Vec<((usize, usize), f64)> = Vec::new();
-        for (stage, be) in self.stages.iter().zip(&self.backends) {
+        for (stage, be) in self.stages.iter().zip(self.backends.iter()) {
             for part in &stage.parts {
                 for (unit, layer) in part.units.clone().zip(&part.layers) {
                     for (pi, p) in layer.params().iter().enumerate() {
@@ -348,17 +469,21 @@ impl<B: Backend> Pipeline<B> {
             }
         }
         squares.sort_by_key(|&(k, _)| k);
-        let norm = squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt();
+        Ok(squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt() as f32)
+    }
+
+    /// Clipping and AdamW for every parameter, then zeroed gradients.
+    fn apply_optimizer(&mut self, lr: f32, norm: f32) -> Result<()> {
         let clip = self.config.optimizer.grad_clip;
-        let scale = if clip > 0.0 && norm > f64::from(clip) {
-            Some((f64::from(clip) / (norm + 1e-6)) as f32)
+        let scale = if clip > 0.0 && norm > clip {
+            Some((f64::from(clip) / (f64::from(norm) + 1e-6)) as f32)
         } else {
             None
         };
         let o = &self.config.optimizer;
         let step =
             u32::try_from(self.step + 1).map_err(|_| EngineError::config("steps", self.step + 1, "too many steps"))?;
-        for (stage, be) in self.stages.iter_mut().zip(&self.backends) {
+        for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
             for part in &mut stage.parts {
                 for layer in &mut part.layers {
                     for p in layer.params_mut() {
@@ -378,7 +503,20 @@ impl<B: Backend> Pipeline<B> {
                 }
             }
         }
-        Ok(norm as f32)
+        Ok(())
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
+            for part in &mut stage.parts {
+                for layer in &mut part.layers {
+                    for p in layer.params_mut() {
+                        be.fill_zero(&mut p.grad)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where a named parameter lives: (stage, chunk, layer, param).
@@ -423,6 +561,7 @@ impl<B: Backend> Pipeline<B> {
     /// Mean token loss of `batch` without training (forward only, stage by stage).
     #[allow(clippy::needless_range_loop)] // `i` indexes every stage's micro-batch list
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32> {
+        self.check_whole()?;
         let mbs = self.micro_batches(batch, true)?;
         let m = self.config.microbatches as usize;
         let mut total = 0.0f64;
@@ -450,6 +589,7 @@ impl<B: Backend> Pipeline<B> {
 
     /// Logits `(t, V)` for one sequence of `t` tokens (for sampling).
     pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_whole()?;
         let t = tokens.len();
         if t == 0 || t > self.config.model.max_seq {
             return Err(EngineError::Batch(format!(
@@ -495,17 +635,20 @@ impl<B: Backend> Pipeline<B> {
     /// Every parameter on the host, by global name (the tied LM head appears as
     /// `lm_head.weight` beside `wte`).
     pub fn parameters(&self) -> Result<TensorMap> {
+        self.check_whole()?;
         self.collect(|p| &p.value)
     }
 
     /// AdamW moments by global name: `(m, v)`.
     pub fn optimizer_state(&self) -> Result<(TensorMap, TensorMap)> {
+        self.check_whole()?;
         Ok((self.collect(|p| &p.m)?, self.collect(|p| &p.v)?))
     }
 
     /// Stage `stage`'s tensors by global name: `(values, adam m, adam v)`; the tied LM head is
     /// included as `lm_head.weight` where the stage holds it.
     pub fn stage_tensors(&self, stage: usize) -> Result<(TensorMap, TensorMap, TensorMap)> {
+        self.check_whole()?;
         let be = self.backends.get(stage).ok_or_else(|| {
             EngineError::config(
                 "stage",
@@ -534,7 +677,7 @@ impl<B: Backend> Pipeline<B> {
 
     fn collect(&self, pick: impl Fn(&Param<B>) -> &B::Buf) -> Result<TensorMap> {
         let mut out = BTreeMap::new();
-        for (stage, be) in self.stages.iter().zip(&self.backends) {
+        for (stage, be) in self.stages.iter().zip(self.backends.iter()) {
             for part in &stage.parts {
                 for layer in &part.layers {
                     for p in layer.params() {
@@ -556,6 +699,7 @@ impl<B: Backend> Pipeline<B> {
     /// parameter is present with its shape before changing anything. The tied LM head is
     /// loaded from `wte` when `lm_head.weight` is absent.
     pub fn load(&mut self, values: &TensorMap, moments: Option<(&TensorMap, &TensorMap)>) -> Result<()> {
+        self.check_whole()?;
         let lookup = |map: &TensorMap, p: &Param<B>, what: &str| -> Result<()> {
             let key = if map.contains_key(&p.name) {
                 p.name.as_str()
@@ -591,7 +735,7 @@ impl<B: Backend> Pipeline<B> {
                 }
             }
         }
-        for (stage, be) in self.stages.iter_mut().zip(&self.backends) {
+        for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
             for part in &mut stage.parts {
                 for layer in &mut part.layers {
                     for p in layer.params_mut() {
