@@ -123,26 +123,41 @@ pub fn step_dir_name(step: u64) -> String {
     format!("{STEP_PREFIX}{step:08}")
 }
 
-/// Saves `pipeline` (parameters, AdamW moments, step), the tokenizer and the loader position
-/// under `root/step-{step:08}` and returns that directory. A checkpoint of the same step that
-/// already exists is replaced.
+/// Saves under `root/step-{step:08}` and returns that directory: [`snapshot`] then [`write`].
 pub fn save<B: Backend>(
     root: &Path,
     pipeline: &Pipeline<B>,
     tokenizer: TokenizerKind,
     loader: Option<LoaderState>,
 ) -> Result<PathBuf> {
-    let step = pipeline.step();
-    let name = step_dir_name(step);
-    let tmp = root.join(format!("{TMP_PREFIX}{name}"));
-    let target = root.join(&name);
-    fs::create_dir_all(root).map_err(|e| io(root, e))?;
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    write(root, &snapshot(pipeline, tokenizer, loader)?)
+}
 
-    let mut files = Vec::new();
+/// Everything a checkpoint holds, copied to host memory at a step boundary. Taking it is the
+/// only part of a save that stalls training; [`write`] can run on another thread.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The pipeline's configuration.
+    pub config: PipelineConfig,
+    /// Unit ranges per part.
+    pub ranges: Vec<Range<usize>>,
+    /// Tokenizer of the run.
+    pub tokenizer: TokenizerKind,
+    /// Data-loader position.
+    pub loader: Option<LoaderState>,
+    /// Per stage: values, and AdamW moments under `{name}.adam_m` / `{name}.adam_v`.
+    pub stages: Vec<TensorMap>,
+}
+
+/// Copies the pipeline's state to host memory (see [`Snapshot`]).
+pub fn snapshot<B: Backend>(
+    pipeline: &Pipeline<B>,
+    tokenizer: TokenizerKind,
+    loader: Option<LoaderState>,
+) -> Result<Snapshot> {
+    let mut stages = Vec::with_capacity(pipeline.config().stages as usize);
     for stage in 0..pipeline.config().stages as usize {
         let (values, m, v) = pipeline.stage_tensors(stage)?;
         let mut all = TensorMap::new();
@@ -151,9 +166,48 @@ pub fn save<B: Backend>(
                 all.insert(format!("{k}{suffix}"), t);
             }
         }
+        stages.push(all);
+    }
+    Ok(Snapshot {
+        step: pipeline.step(),
+        config: pipeline.config().clone(),
+        ranges: pipeline.ranges().to_vec(),
+        tokenizer,
+        loader,
+        stages,
+    })
+}
+
+/// The pointer file naming the newest complete checkpoint under a root.
+pub const LATEST_FILE: &str = "latest";
+
+/// Failure injection for the writer (tests): `BATON_FAIL_SAVE=abort_after_files:N` aborts the
+/// process after N stage files of a checkpoint are written, before its manifest.
+pub const FAIL_SAVE_ENV: &str = "BATON_FAIL_SAVE";
+
+/// Writes a snapshot crash-safely: every file into `root/.tmp-step-…` (each fsynced), the
+/// manifest last, the directory renamed to `root/step-…`, then the `latest` pointer replaced
+/// atomically (temp file + rename). A crash at any point leaves the previous checkpoint and
+/// pointer intact; a directory without a manifest is never loaded.
+pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
+    let name = step_dir_name(snap.step);
+    let tmp = root.join(format!("{TMP_PREFIX}{name}"));
+    let target = root.join(&name);
+    fs::create_dir_all(root).map_err(|e| io(root, e))?;
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    let abort_after = std::env::var(FAIL_SAVE_ENV).ok().and_then(|v| {
+        v.strip_prefix("abort_after_files:")
+            .and_then(|n| n.trim().parse::<usize>().ok())
+    });
+
+    let mut files = Vec::new();
+    for (stage, all) in snap.stages.iter().enumerate() {
         let file_name = format!("stage-{stage}.safetensors");
         let path = tmp.join(&file_name);
-        let bytes = serialize_f32(&all, None).map_err(|reason| EngineError::Checkpoint {
+        let bytes = serialize_f32(all, None).map_err(|reason| EngineError::Checkpoint {
             path: path.display().to_string(),
             reason,
         })?;
@@ -163,15 +217,23 @@ pub fn save<B: Backend>(
             sha256: sha256_hex(&bytes),
             bytes: bytes.len() as u64,
         });
+        if abort_after == Some(files.len()) {
+            eprintln!(
+                "{FAIL_SAVE_ENV}: aborting after {} file(s) of {}",
+                files.len(),
+                tmp.display()
+            );
+            std::process::abort();
+        }
     }
 
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
-        config: pipeline.config().clone(),
-        ranges: pipeline.ranges().to_vec(),
-        step,
-        tokenizer,
-        loader,
+        config: snap.config.clone(),
+        ranges: snap.ranges.clone(),
+        step: snap.step,
+        tokenizer: snap.tokenizer,
+        loader: snap.loader,
         files,
     };
     let manifest_path = tmp.join(MANIFEST_FILE);
@@ -187,7 +249,77 @@ pub fn save<B: Backend>(
     }
     fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
     sync_dir(root)?;
+    let pointer_tmp = root.join(format!("{TMP_PREFIX}{LATEST_FILE}"));
+    write_synced(&pointer_tmp, format!("{name}\n").as_bytes())?;
+    fs::rename(&pointer_tmp, root.join(LATEST_FILE)).map_err(|e| io(root, e))?;
+    sync_dir(root)?;
     Ok(target)
+}
+
+/// Deletes complete checkpoints under `root` beyond the newest `keep`, oldest first; returns
+/// what it removed. Only complete checkpoints count, so an interrupted newer save never causes
+/// an older good one to be pruned; `keep` = 0 keeps everything.
+pub fn prune(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let mut complete = complete_steps(root)?;
+    complete.sort_by_key(|(step, _)| *step);
+    let excess = complete.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for (_, path) in complete.into_iter().take(excess) {
+        fs::remove_dir_all(&path).map_err(|e| io(&path, e))?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
+/// Writes snapshots on a background thread, one at a time, so training continues while a
+/// checkpoint goes to disk. Dropping it waits for the write in flight.
+#[derive(Default)]
+pub struct AsyncSaver {
+    in_flight: Option<std::thread::JoinHandle<Result<PathBuf>>>,
+}
+
+impl AsyncSaver {
+    /// Starts writing `snap` under `root` (then pruning to `keep_last`), after waiting for the
+    /// previous write; returns the previous write's directory, or its error.
+    pub fn submit(&mut self, root: PathBuf, snap: Snapshot, keep_last: usize) -> Result<Option<PathBuf>> {
+        let previous = self.wait()?;
+        let handle = std::thread::Builder::new()
+            .name("baton-checkpoint-writer".into())
+            .spawn(move || {
+                let dir = write(&root, &snap)?;
+                prune(&root, keep_last)?;
+                Ok(dir)
+            })
+            .map_err(|e| io(Path::new("checkpoint writer thread"), e))?;
+        self.in_flight = Some(handle);
+        Ok(previous)
+    }
+
+    /// Waits for the write in flight; returns its directory (or `None` if there was none).
+    pub fn wait(&mut self) -> Result<Option<PathBuf>> {
+        match self.in_flight.take() {
+            None => Ok(None),
+            Some(h) => match h.join() {
+                Ok(r) => r.map(Some),
+                Err(_) => Err(EngineError::Checkpoint {
+                    path: "checkpoint writer".into(),
+                    reason: "the writer thread panicked; the previous checkpoint is intact".into(),
+                }),
+            },
+        }
+    }
+}
+
+impl Drop for AsyncSaver {
+    fn drop(&mut self) {
+        // Errors here were already reportable through `wait`; record, never panic in drop.
+        if let Err(e) = self.wait() {
+            eprintln!("baton: checkpoint write failed: {e}");
+        }
+    }
 }
 
 /// Loads and verifies a checkpoint: `dir` itself if it holds a `manifest.json`, otherwise the
@@ -290,12 +422,30 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
 /// none (or `root` does not exist). Directories without a manifest (interrupted saves) and
 /// `.tmp-*` directories are skipped.
 pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
+    // The pointer, when it names a complete checkpoint; otherwise the scan decides.
+    if let Ok(name) = fs::read_to_string(root.join(LATEST_FILE)) {
+        let path = root.join(name.trim());
+        if parse_step_dir(name.trim()).is_some() && read_manifest(&path).is_ok() {
+            let newest = complete_steps(root)?.into_iter().max_by_key(|(s, _)| *s);
+            if newest.as_ref().is_none_or(|(_, p)| *p == path) {
+                return Ok(Some(path));
+            }
+        }
+    }
+    Ok(complete_steps(root)?
+        .into_iter()
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, p)| p))
+}
+
+/// Every complete `step-*` checkpoint under `root` (with a valid manifest), unordered.
+fn complete_steps(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match fs::read_dir(root) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io(root, e)),
     };
-    let mut best: Option<(u64, PathBuf)> = None;
+    let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| io(root, e))?;
         let name = entry.file_name();
@@ -306,11 +456,9 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
         if !path.is_dir() || read_manifest(&path).is_err() {
             continue;
         }
-        if best.as_ref().is_none_or(|(s, _)| step > *s) {
-            best = Some((step, path));
-        }
+        found.push((step, path));
     }
-    Ok(best.map(|(_, p)| p))
+    Ok(found)
 }
 
 /// `step-00000042` → 42; anything else → `None`.

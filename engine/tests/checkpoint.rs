@@ -260,12 +260,19 @@ fn save_writes_stage_files_and_a_manifest() {
     ] {
         assert_eq!(st.tensor(name).unwrap().shape(), [48, 16], "{name}");
     }
-    // Nothing left behind in the root but the checkpoint.
-    let entries: Vec<_> = fs::read_dir(r.dir.parent().unwrap())
+    // Nothing left behind in the root but the checkpoint and the pointer to it.
+    let mut entries: Vec<_> = fs::read_dir(r.dir.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(entries, ["step-00000002"]);
+    entries.sort();
+    assert_eq!(entries, ["latest", "step-00000002"]);
+    assert_eq!(
+        fs::read_to_string(r.dir.parent().unwrap().join("latest"))
+            .unwrap()
+            .trim(),
+        "step-00000002"
+    );
 
     let ckpt = checkpoint::load(&r.dir).unwrap();
     assert_eq!(ckpt.manifest, m);
@@ -516,4 +523,93 @@ fn latest_picks_the_highest_complete_step() {
     let big = root.path().join("step-100000000");
     copy_dir(&dirs[0], &big);
     assert_eq!(checkpoint::latest(root.path()).unwrap(), Some(big));
+}
+
+#[test]
+fn prune_keeps_the_newest_complete_checkpoints_and_the_pointer_follows_the_newest() {
+    let root = tempfile::tempdir().unwrap();
+    let data = batches();
+    let mut pipe = pipeline(2, ScheduleKind::OneFOneB);
+    for batch in &data[..3] {
+        pipe.train_step(batch).unwrap();
+        checkpoint::save(root.path(), &pipe, TokenizerKind::Bytes, loader()).unwrap();
+    }
+    // An interrupted newer save (no manifest) must not count towards the kept ones.
+    fs::create_dir(root.path().join("step-00000009")).unwrap();
+    let removed = checkpoint::prune(root.path(), 2).unwrap();
+    assert_eq!(removed, [root.path().join("step-00000001")]);
+    assert!(root.path().join("step-00000002").join("manifest.json").is_file());
+    assert_eq!(
+        checkpoint::latest(root.path()).unwrap(),
+        Some(root.path().join("step-00000003"))
+    );
+    // A stale pointer (naming a removed checkpoint) falls back to the scan.
+    fs::write(root.path().join("latest"), "step-00000001\n").unwrap();
+    assert_eq!(
+        checkpoint::latest(root.path()).unwrap(),
+        Some(root.path().join("step-00000003"))
+    );
+}
+
+#[test]
+fn async_save_writes_the_snapshot_taken_at_the_step_boundary() {
+    let root = tempfile::tempdir().unwrap();
+    let data = batches();
+    let mut pipe = pipeline(4, ScheduleKind::ZbH1);
+    pipe.train_step(&data[0]).unwrap();
+    let at_step_1 = pipe.parameters().unwrap();
+    let snap = checkpoint::snapshot(&pipe, TokenizerKind::Bytes, loader()).unwrap();
+    let mut saver = checkpoint::AsyncSaver::default();
+    assert_eq!(saver.submit(root.path().to_path_buf(), snap, 0).unwrap(), None);
+    // Training goes on while the writer works; the checkpoint holds step 1's state.
+    pipe.train_step(&data[1]).unwrap();
+    let dir = saver.wait().unwrap().unwrap();
+    let ckpt = checkpoint::load(&dir).unwrap();
+    assert_eq!(ckpt.manifest.step, 1);
+    assert_maps_bitwise(&ckpt.params, &at_step_1, "async snapshot");
+}
+
+/// The writer process is killed after its first stage file: the previous checkpoint and the
+/// pointer are intact, and the half-written one is invisible.
+#[test]
+fn a_writer_killed_mid_way_leaves_the_previous_checkpoint_intact() {
+    if std::env::var("BATON_CHILD_WRITER").is_ok() {
+        // The child: save step 2 with the injected abort after one file.
+        let root = std::path::PathBuf::from(std::env::var("BATON_CHILD_ROOT").unwrap());
+        let data = batches();
+        let mut pipe = pipeline(4, ScheduleKind::OneFOneB);
+        pipe.train_step(&data[0]).unwrap();
+        pipe.train_step(&data[1]).unwrap();
+        checkpoint::save(&root, &pipe, TokenizerKind::Bytes, loader()).unwrap();
+        unreachable!("the save aborts the process");
+    }
+    let root = tempfile::tempdir().unwrap();
+    let data = batches();
+    let mut pipe = pipeline(4, ScheduleKind::OneFOneB);
+    pipe.train_step(&data[0]).unwrap();
+    let good = checkpoint::save(root.path(), &pipe, TokenizerKind::Bytes, loader()).unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_writer_killed_mid_way_leaves_the_previous_checkpoint_intact",
+            "--nocapture",
+        ])
+        .env("BATON_CHILD_WRITER", "1")
+        .env("BATON_CHILD_ROOT", root.path())
+        .env(checkpoint::FAIL_SAVE_ENV, "abort_after_files:1")
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child should have been aborted");
+    assert!(
+        root.path()
+            .join(".tmp-step-00000002")
+            .join("stage-0.safetensors")
+            .is_file(),
+        "the writer got going"
+    );
+    assert!(!root.path().join("step-00000002").exists());
+    assert_eq!(checkpoint::latest(root.path()).unwrap(), Some(good.clone()));
+    let ckpt = checkpoint::load(root.path()).unwrap();
+    assert_eq!(ckpt.manifest.step, 1);
+    assert_maps_bitwise(&ckpt.params, &pipe.parameters().unwrap(), "previous checkpoint");
 }

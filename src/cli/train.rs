@@ -12,9 +12,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::CliError;
-use crate::engine::data::{default_corpus, load_tokens, Split, Tokenizer};
+use crate::engine::checkpoint::{self, Checkpoint};
+use crate::engine::data::{default_corpus, load_tokens, DataLoader, Split, Tokenizer};
+use crate::engine::executor::FailurePoint;
+use crate::engine::pipeline::{NonFinitePolicy, TensorMap};
 use crate::engine::{Cpu, GptConfig, OptimizerConfig, Pipeline, PipelineConfig, StageSplit, StepReport};
 use crate::schedules::{simulate, Costs, Op, ScheduleKind};
+
+/// Environment variable that injects a failure: `stage:2,action:7,kind:panic|error|stall|hang|nan[,step:5]`.
+pub const FAIL_AT_ENV: &str = "BATON_FAIL_AT";
 
 /// Most steps a trace records (each step adds one span per action).
 pub const TRACE_STEPS_MAX: u64 = 20;
@@ -77,6 +83,20 @@ pub struct TrainConfig {
     pub init_from: Option<PathBuf>,
     /// Device: `cpu`, `cuda` or `auto`.
     pub device: String,
+    /// Resume from `latest` (the newest complete checkpoint under `<out>/checkpoints`) or a
+    /// checkpoint directory; `steps` stays the run's total.
+    pub resume: Option<String>,
+    /// Keep only the newest K checkpoints (0 keeps all).
+    pub keep_last: usize,
+    /// Restarts from the latest good checkpoint after a failed step, at most this many.
+    pub max_restarts: u32,
+    /// What a non-finite loss or gradient norm does: `skip` or `abort`.
+    pub on_nonfinite: String,
+    /// Consecutive skipped steps that abort the run.
+    pub max_skips: u32,
+    /// Stop (saving a checkpoint) once this step is reached, although `steps` is the run's
+    /// total: for interrupting a run on purpose and resuming it later.
+    pub stop_at: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -109,6 +129,12 @@ impl Default for TrainConfig {
             trace: false,
             init_from: None,
             device: "auto".into(),
+            resume: None,
+            keep_last: 3,
+            max_restarts: 0,
+            on_nonfinite: "skip".into(),
+            max_skips: 3,
+            stop_at: None,
         }
     }
 }
@@ -191,6 +217,24 @@ pub struct TrainArgs {
     /// Device: cpu, cuda or auto.
     #[arg(long)]
     pub device: Option<String>,
+    /// Resume: `latest` (newest complete checkpoint under <out>/checkpoints) or a checkpoint directory.
+    #[arg(long, value_name = "latest|DIR")]
+    pub resume: Option<String>,
+    /// Keep only the newest K checkpoints (0 keeps all).
+    #[arg(long, value_name = "K")]
+    pub keep_last: Option<usize>,
+    /// Restart from the latest good checkpoint after a failed step, at most N times.
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// Non-finite loss or gradient norm: skip the step or abort.
+    #[arg(long, value_name = "skip|abort")]
+    pub on_nonfinite: Option<String>,
+    /// Consecutive skipped steps that abort the run.
+    #[arg(long, value_name = "K")]
+    pub max_skips: Option<u32>,
+    /// Stop (with a checkpoint) at this step although --steps is the run's total.
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<u64>,
 }
 
 impl TrainArgs {
@@ -230,8 +274,18 @@ impl TrainArgs {
             seed,
             eval_every,
             save_every,
-            device
+            device,
+            keep_last,
+            max_restarts,
+            on_nonfinite,
+            max_skips
         );
+        if self.resume.is_some() {
+            c.resume = self.resume.clone();
+        }
+        if self.stop_at.is_some() {
+            c.stop_at = self.stop_at;
+        }
         if self.out.is_some() {
             c.out = self.out.clone();
         }
@@ -317,60 +371,195 @@ fn check(c: &TrainConfig) -> Result<(), CliError> {
     }
 }
 
-/// Runs `baton train`.
-pub fn run(args: &TrainArgs) -> Result<(), CliError> {
-    let c = args.resolve()?;
-    check(&c)?;
-    let tokenizer = Tokenizer::from_name(&c.tokenizer).map_err(|e| CliError::usage(e.to_string()))?;
-    let tokens = match &c.data {
-        Some(path) => load_tokens(path, &tokenizer).map_err(engine_err)?,
-        None => tokenizer.encode(default_corpus()),
+/// The model a run trains, its tokenizer, and (when resuming) the checkpoint it continues.
+struct Setup {
+    tokenizer: Tokenizer,
+    pcfg: PipelineConfig,
+    init: Option<TensorMap>,
+    resume: Option<Checkpoint>,
+}
+
+/// Resolves the tokenizer, model and starting point. A resumed run takes its model and
+/// tokenizer from the checkpoint; a flag that contradicts them is an error.
+fn setup(args: &TrainArgs, c: &TrainConfig, ckpt_root: &Path) -> Result<Setup, CliError> {
+    let resume = match c.resume.as_deref() {
+        None => None,
+        Some("latest") => Some(checkpoint::load(ckpt_root).map_err(engine_err)?),
+        Some(dir) => Some(checkpoint::load(Path::new(dir)).map_err(engine_err)?),
     };
-    let mut pcfg = pipeline_config(&c, tokenizer.vocab_size())?;
-    let init = match &c.init_from {
-        Some(dir) => {
-            let (model, params) = crate::engine::export::import_hf(dir).map_err(engine_err)?;
-            if model.vocab_size != tokenizer.vocab_size() {
+    if resume.is_none() {
+        if let Some(existing) = checkpoint::latest(ckpt_root).map_err(engine_err)? {
+            return Err(CliError::usage(format!(
+                "{} already holds checkpoints ({}); pass --resume latest to continue it, or choose another --out",
+                ckpt_root.display(),
+                existing.display()
+            )));
+        }
+    }
+    let tokenizer = match &resume {
+        Some(ck) => {
+            if let Some(t) = args.tokenizer.as_deref().filter(|t| *t != ck.manifest.tokenizer.name()) {
                 return Err(CliError::usage(format!(
-                    "--init-from {}: the model's vocabulary is {} but tokenizer `{}` has {}; use --tokenizer gpt2",
-                    dir.display(),
-                    model.vocab_size,
-                    tokenizer.name(),
-                    tokenizer.vocab_size()
+                    "--tokenizer {t}: the checkpoint was trained with {}",
+                    ck.manifest.tokenizer.name()
                 )));
             }
-            pcfg.model = GptConfig {
-                max_seq: model.max_seq,
-                ..model
-            };
-            Some(params)
+            Tokenizer::new(ck.manifest.tokenizer).map_err(engine_err)?
         }
-        None => None,
+        None => Tokenizer::from_name(&c.tokenizer).map_err(|e| CliError::usage(e.to_string()))?,
     };
+    let mut pcfg = pipeline_config(c, tokenizer.vocab_size())?;
+    let mut init = None;
+    if let Some(ck) = &resume {
+        let m = &ck.manifest.config.model;
+        for (flag, given, saved) in [
+            ("--layers", args.layers, m.layers),
+            ("--d-model", args.d_model, m.d_model),
+            ("--heads", args.heads, m.heads),
+            ("--seq", args.seq, m.max_seq),
+        ] {
+            if let Some(v) = given.filter(|&v| v != saved) {
+                return Err(CliError::usage(format!(
+                    "{flag} {v}: the checkpoint's model has {saved}"
+                )));
+            }
+        }
+        pcfg.model = m.clone();
+    } else if let Some(dir) = &c.init_from {
+        let (model, params) = crate::engine::export::import_hf(dir).map_err(engine_err)?;
+        if model.vocab_size != tokenizer.vocab_size() {
+            return Err(CliError::usage(format!(
+                "--init-from {}: the model's vocabulary is {} but tokenizer `{}` has {}; use --tokenizer gpt2",
+                dir.display(),
+                model.vocab_size,
+                tokenizer.name(),
+                tokenizer.vocab_size()
+            )));
+        }
+        pcfg.model = model;
+        init = Some(params);
+    }
     if c.seq > pcfg.model.max_seq {
         return Err(CliError::usage(format!(
             "--seq {} exceeds the model's context {}",
             c.seq, pcfg.model.max_seq
         )));
     }
-    let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
-    let mut loader = split.train_loader(c.seed).map_err(engine_err)?;
-    let mut pipeline = Pipeline::new(pcfg, vec![Cpu; c.stages as usize]).map_err(engine_err)?;
-    if let Some(params) = &init {
-        pipeline.load(params, None).map_err(engine_err)?;
+    pcfg.nonfinite = match c.on_nonfinite.as_str() {
+        "skip" => NonFinitePolicy::Skip,
+        "abort" => NonFinitePolicy::Abort,
+        other => {
+            return Err(CliError::usage(format!(
+                "--on-nonfinite `{other}`: expected skip or abort"
+            )))
+        }
+    };
+    if c.max_skips == 0 {
+        return Err(CliError::usage("--max-skips must be >= 1"));
     }
+    pcfg.max_consecutive_skips = c.max_skips;
+    Ok(Setup {
+        tokenizer,
+        pcfg,
+        init,
+        resume,
+    })
+}
 
+/// A pipeline and loader positioned at a checkpoint (or at the start).
+fn start(
+    c: &TrainConfig,
+    setup: &Setup,
+    split: &Split,
+    from: Option<&Checkpoint>,
+) -> Result<(Pipeline<Cpu>, DataLoader), CliError> {
+    let mut pipeline = Pipeline::new(setup.pcfg.clone(), vec![Cpu; c.stages as usize]).map_err(engine_err)?;
+    let loader = match from {
+        Some(ck) => {
+            pipeline
+                .load(&ck.params, Some((&ck.adam_m, &ck.adam_v)))
+                .map_err(engine_err)?;
+            pipeline.set_step(ck.manifest.step);
+            match ck.manifest.loader {
+                Some(state) => split.resume_train_loader(state).map_err(engine_err)?,
+                None => split.train_loader(c.seed).map_err(engine_err)?,
+            }
+        }
+        None => {
+            if let Some(params) = &setup.init {
+                pipeline.load(params, None).map_err(engine_err)?;
+            }
+            split.train_loader(c.seed).map_err(engine_err)?
+        }
+    };
+    Ok((pipeline, loader))
+}
+
+/// Stages whose busy share is 20% below the mean of the others (they wait on a straggler).
+pub fn lagging_stages(busy_fraction: &[f64]) -> Vec<usize> {
+    let p = busy_fraction.len();
+    if p < 2 {
+        return Vec::new();
+    }
+    let total: f64 = busy_fraction.iter().sum();
+    (0..p)
+        .filter(|&s| {
+            let others = (total - busy_fraction[s]) / (p - 1) as f64;
+            busy_fraction[s] < 0.8 * others
+        })
+        .collect()
+}
+
+/// Prints a line above the progress bar, or to stderr when the bar is hidden (not a terminal).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+fn write_line(metrics: &mut BufWriter<File>, line: &serde_json::Value) -> Result<(), CliError> {
+    writeln!(metrics, "{line}").map_err(|e| CliError::failure(format!("writing metrics.jsonl: {e}")))
+}
+
+/// Runs `baton train`.
+pub fn run(args: &TrainArgs) -> Result<(), CliError> {
+    let c = args.resolve()?;
+    check(&c)?;
     let out = c.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&c.run_name));
+    let ckpt_root = out.join("checkpoints");
+    let fail_at: Option<FailurePoint> = match std::env::var(FAIL_AT_ENV) {
+        Ok(text) => Some(
+            text.parse()
+                .map_err(|e: crate::engine::EngineError| CliError::usage(format!("{FAIL_AT_ENV}: {e}")))?,
+        ),
+        Err(_) => None,
+    };
+    let setup = setup(args, &c, &ckpt_root)?;
+    let tokens = match &c.data {
+        Some(path) => load_tokens(path, &setup.tokenizer).map_err(engine_err)?,
+        None => setup.tokenizer.encode(default_corpus()),
+    };
+    let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
+    let (mut pipeline, mut loader) = start(&c, &setup, &split, setup.resume.as_ref())?;
+    pipeline.set_failure(fail_at);
+
     std::fs::create_dir_all(&out).map_err(|e| CliError::failure(format!("creating {}: {e}", out.display())))?;
-    let mut metrics = BufWriter::new(
-        File::create(out.join("metrics.jsonl"))
-            .map_err(|e| CliError::failure(format!("{}: {e}", out.join("metrics.jsonl").display())))?,
-    );
+    let metrics_path = out.join("metrics.jsonl");
+    let metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(setup.resume.is_some())
+        .write(true)
+        .truncate(setup.resume.is_none())
+        .open(&metrics_path)
+        .map_err(|e| CliError::failure(format!("{}: {e}", metrics_path.display())))?;
+    let mut metrics = BufWriter::new(metrics_file);
     let mut trace = c.trace.then(super::trace::Trace::default);
 
     let m = &pipeline.config().model;
     eprintln!(
-        "baton train: {} params ({} layers, d_model {}, {} heads, context {}), {} stages, {} with {} micro-batches × {} sequences, {} tokens ({} train / {} val), tokenizer {}",
+        "baton train: {} params ({} layers, d_model {}, {} heads, context {}), {} stages, {} with {} micro-batches × {} sequences, {} tokens ({} train / {} val), tokenizer {}{}",
         m.num_params(),
         m.layers,
         m.d_model,
@@ -383,9 +572,12 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         tokens.len(),
         split.train().len(),
         split.val().len(),
-        tokenizer.name()
+        setup.tokenizer.name(),
+        setup.resume.as_ref().map_or(String::new(), |ck| format!(", resuming {} at step {}", ck.dir.display(), ck.manifest.step))
     );
+    let first_step = pipeline.step();
     let bar = ProgressBar::new(c.steps);
+    bar.set_position(first_step);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -394,13 +586,83 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let mut first_val = None;
     let mut last_val = None;
     let mut last: Option<StepReport> = None;
-    let mut checkpoint = None;
+    let mut saver = checkpoint::AsyncSaver::default();
+    let mut saved_dir = None;
     let mut total_tokens = 0usize;
-    for step in 1..=c.steps {
+    let (mut restarts, mut skipped_total) = (0u32, 0u64);
+    let mut stalls: Vec<f64> = Vec::new();
+    let mut straggler_warned_at: Vec<Option<u64>> = vec![None; c.stages as usize];
+    let stop = c.stop_at.map_or(c.steps, |s| s.min(c.steps));
+    while pipeline.step() < stop {
         let batch = loader.next_batch();
-        let report = pipeline.train_step(&batch).map_err(engine_err)?;
+        let report = match pipeline.train_step(&batch) {
+            Ok(r) => r,
+            Err(e) if restarts < c.max_restarts => {
+                restarts += 1;
+                let failed_at = pipeline.step() + 1;
+                // The write in flight must finish before we look for the latest good checkpoint.
+                if let Some(dir) = saver.wait().map_err(engine_err)? {
+                    saved_dir = Some(dir);
+                }
+                let from = checkpoint::latest(&ckpt_root).map_err(engine_err)?;
+                let ck = match &from {
+                    Some(dir) => Some(checkpoint::load(dir).map_err(engine_err)?),
+                    None => None,
+                };
+                (pipeline, loader) = start(&c, &setup, &split, ck.as_ref())?;
+                let resumed = pipeline.step();
+                say(
+                    &bar,
+                    format!(
+                        "restart {restarts}/{}: step {failed_at} failed: {e}; resuming from {}",
+                        c.max_restarts,
+                        from.as_ref()
+                            .map_or("the start".into(), |d| format!("{} (step {resumed})", d.display()))
+                    ),
+                );
+                let event = serde_json::json!({
+                    "event": "restart",
+                    "restarts": restarts,
+                    "failed_step": failed_at,
+                    "cause": e.to_string(),
+                    "resumed_step": resumed,
+                });
+                write_line(&mut metrics, &event)?;
+                bar.set_position(resumed);
+                continue;
+            }
+            Err(e) => return Err(engine_err(e)),
+        };
+        let step = report.step;
         total_tokens += report.tokens;
         let tokens_per_s = report.tokens as f64 / report.elapsed_s.max(1e-9);
+        let busy: Vec<f64> = report
+            .busy_s
+            .iter()
+            .map(|b| {
+                if report.pipeline_s > 0.0 {
+                    b / report.pipeline_s
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        if report.skipped {
+            skipped_total += 1;
+            say(
+                &bar,
+                format!(
+                    "step {}: non-finite {} (first seen on stage {}); optimizer step skipped",
+                    step + 1,
+                    if report.loss.is_finite() {
+                        "gradient norm"
+                    } else {
+                        "loss"
+                    },
+                    report.nonfinite_stage.map_or("?".into(), |s| s.to_string())
+                ),
+            );
+        }
         let mut line = serde_json::json!({
             "step": step,
             "loss": report.loss,
@@ -409,18 +671,48 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
             "tokens_per_s": tokens_per_s,
             "bubble": report.bubble,
             "step_s": report.elapsed_s,
+            "busy": busy,
+            "peak_mem_bytes": report.peak_stash_bytes,
+            "skipped": report.skipped,
+            "skipped_total": skipped_total,
+            "restarts": restarts,
         });
-        if (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps || step == 1 {
+        for s in lagging_stages(&busy) {
+            if straggler_warned_at[s].is_none_or(|at| step >= at + 50) {
+                straggler_warned_at[s] = Some(step);
+                say(
+                    &bar,
+                    format!(
+                        "warning: stage {s} busy {:.0}% vs {:.0}% on the others: a neighbour is straggling",
+                        busy[s] * 100.0,
+                        (busy.iter().sum::<f64>() - busy[s]) / (busy.len() - 1) as f64 * 100.0
+                    ),
+                );
+            }
+        }
+        let eval_now = (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps || step == first_step + 1;
+        if !report.skipped && eval_now {
             let val = eval(&mut pipeline, &split, c.eval_batches)?;
             line["val_loss"] = serde_json::json!(val);
             first_val.get_or_insert(val);
             last_val = Some(val);
-            bar.println(format!(
-                "step {step:>5}: train loss {:.4}, val loss {val:.4}",
-                report.loss
-            ));
+            say(
+                &bar,
+                format!("step {step:>5}: train loss {:.4}, val loss {val:.4}", report.loss),
+            );
         }
-        writeln!(metrics, "{line}").map_err(|e| CliError::failure(format!("writing metrics.jsonl: {e}")))?;
+        if !report.skipped && c.save_every > 0 && step % c.save_every == 0 && step != c.steps {
+            let t = Instant::now();
+            let snap =
+                checkpoint::snapshot(&pipeline, setup.tokenizer.kind(), Some(loader.state())).map_err(engine_err)?;
+            let stall = t.elapsed().as_secs_f64();
+            stalls.push(stall);
+            line["save_stall_s"] = serde_json::json!(stall);
+            if let Some(dir) = saver.submit(ckpt_root.clone(), snap, c.keep_last).map_err(engine_err)? {
+                saved_dir = Some(dir);
+            }
+        }
+        write_line(&mut metrics, &line)?;
         if let Some(trace) = trace.as_mut().filter(|_| step <= TRACE_STEPS_MAX) {
             trace.add_step(step, started.elapsed().as_secs_f64() - report.elapsed_s, &report);
         }
@@ -430,17 +722,24 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
             tokens_per_s,
             report.bubble * 100.0
         ));
-        bar.inc(1);
-        if c.save_every > 0 && step % c.save_every == 0 && step != c.steps {
-            checkpoint = Some(save(&pipeline, &out, &tokenizer, Some(loader.state()))?);
-        }
+        bar.set_position(step);
         last = Some(report);
     }
     bar.finish();
     metrics
         .flush()
         .map_err(|e| CliError::failure(format!("writing metrics.jsonl: {e}")))?;
-    checkpoint = Some(save(&pipeline, &out, &tokenizer, Some(loader.state())).or_else(|e| checkpoint.ok_or(e))?);
+    if let Some(dir) = saver.wait().map_err(engine_err)? {
+        saved_dir = Some(dir);
+    }
+    if saved_dir
+        .as_ref()
+        .is_none_or(|d| !d.ends_with(checkpoint::step_dir_name(pipeline.step())))
+    {
+        let snap = checkpoint::snapshot(&pipeline, setup.tokenizer.kind(), Some(loader.state())).map_err(engine_err)?;
+        saver.submit(ckpt_root.clone(), snap, c.keep_last).map_err(engine_err)?;
+        saved_dir = saver.wait().map_err(engine_err)?.or(saved_dir);
+    }
     if let Some(trace) = &trace {
         let path = out.join("trace.json");
         super::write_output(Some(&path), &trace.to_json()).map_err(|e| CliError::failure(e.message))?;
@@ -450,10 +749,21 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     if let Some(report) = &last {
         summary(&pipeline, report, elapsed, total_tokens, first_val, last_val);
     }
-    if let Some(dir) = checkpoint {
+    if !stalls.is_empty() {
+        let mean = stalls.iter().sum::<f64>() / stalls.len() as f64;
+        eprintln!(
+            "checkpoint stall (host snapshot; the write runs in the background): mean {:.2} ms over {} saves",
+            mean * 1e3,
+            stalls.len()
+        );
+    }
+    if restarts > 0 || skipped_total > 0 {
+        eprintln!("restarts: {restarts}, skipped steps: {skipped_total}");
+    }
+    if let Some(dir) = saved_dir {
         eprintln!("checkpoint: {}", dir.display());
     }
-    eprintln!("metrics: {}", out.join("metrics.jsonl").display());
+    eprintln!("metrics: {}", metrics_path.display());
     Ok(())
 }
 
@@ -465,15 +775,6 @@ fn eval(pipeline: &mut Pipeline<Cpu>, split: &Split, batches: usize) -> Result<f
         n += 1;
     }
     Ok((sum / n.max(1) as f64) as f32)
-}
-
-fn save(
-    pipeline: &Pipeline<Cpu>,
-    out: &Path,
-    tokenizer: &Tokenizer,
-    loader: Option<crate::engine::data::LoaderState>,
-) -> Result<PathBuf, CliError> {
-    crate::engine::checkpoint::save(&out.join("checkpoints"), pipeline, tokenizer.kind(), loader).map_err(engine_err)
 }
 
 /// The simulator's bubble for this schedule with the per-action costs measured in `report`.
