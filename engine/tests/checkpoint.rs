@@ -613,3 +613,38 @@ fn a_writer_killed_mid_way_leaves_the_previous_checkpoint_intact() {
     assert_eq!(ckpt.manifest.step, 1);
     assert_maps_bitwise(&ckpt.params, &pipe.parameters().unwrap(), "previous checkpoint");
 }
+
+mod roundtrip {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// save → load gives back every tensor bitwise, for random models, seeds and layouts.
+        #[test]
+        fn save_then_load_is_the_identity(
+            layers in 1usize..4, heads in 1usize..3, head_size in 1usize..5, vocab in 2usize..40,
+            seed in any::<u64>(), stages in 1u32..4, step in 0u64..1000,
+        ) {
+            let model = GptConfig { vocab_size: vocab, max_seq: 4, layers, d_model: heads * head_size, heads };
+            let stages = stages.min(layers as u32 + 2);
+            let mut cfg = PipelineConfig::new(model, stages, ScheduleKind::OneFOneB, 1);
+            cfg.seed = seed;
+            let mut pipe = Pipeline::new(cfg, vec![Cpu; stages as usize]).unwrap();
+            pipe.set_step(step);
+            let root = tempfile::tempdir().unwrap();
+            let dir = checkpoint::save(root.path(), &pipe, TokenizerKind::Bytes, None).unwrap();
+            let ck = checkpoint::load(&dir).unwrap();
+            prop_assert_eq!(ck.manifest.step, step);
+            let (m, v) = pipe.optimizer_state().unwrap();
+            for (what, got, want) in [("params", &ck.params, pipe.parameters().unwrap()), ("m", &ck.adam_m, m), ("v", &ck.adam_v, v)] {
+                prop_assert_eq!(got.len(), want.len(), "{}", what);
+                for (name, t) in &want {
+                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    prop_assert_eq!(bits(&got[name].data), bits(&t.data), "{} {}", what, name);
+                }
+            }
+        }
+    }
+}
