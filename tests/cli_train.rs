@@ -171,6 +171,26 @@ fn bad_input_exits_non_zero_with_one_line_and_writes_nothing() {
         (vec!["--config".into(), p(&toml)], "layerz"),
         (vec!["--device".into(), "tpu".into()], "expected cpu, cuda or auto"),
         (vec!["--tokenizer".into(), "sentencepiece".into()], "sentencepiece"),
+        (vec!["--d-model".into(), "0".into()], "d_model = 0"),
+        (vec!["--seq".into(), "0".into()], "max_seq = 0"),
+        (vec!["--batch".into(), "0".into()], "--batch must be >= 1"),
+        (vec!["--seq".into(), "70000".into()], "max_seq = 70000"),
+        (vec!["--chunks".into(), "3".into()], "--chunks 1"),
+        (
+            vec![
+                "--schedule".into(),
+                "interleaved".into(),
+                "--microbatches".into(),
+                "1".into(),
+            ],
+            "multiple of 2",
+        ),
+        (vec!["--max-skips".into(), "0".into()], "--max-skips"),
+        (vec!["--on-nonfinite".into(), "ignore".into()], "skip or abort"),
+        (
+            vec!["--split".into(), "0..1,1..2,2..4".into()],
+            "3 ranges given but the pipeline has 2 parts",
+        ),
     ];
     for (extra, needle) in cases {
         let out_dir = dir.join("run");

@@ -458,6 +458,9 @@ fn setup(args: &TrainArgs, c: &TrainConfig, ckpt_root: &Path) -> Result<Setup, C
         return Err(CliError::usage("--max-skips must be >= 1"));
     }
     pcfg.max_consecutive_skips = c.max_skips;
+    // Check the configuration before any data is read.
+    pcfg.model.validate().map_err(|e| CliError::usage(e.to_string()))?;
+    pcfg.optimizer.validate().map_err(|e| CliError::usage(e.to_string()))?;
     Ok(Setup {
         tokenizer,
         pcfg,
@@ -839,5 +842,37 @@ fn summary(
             report.peak_stashed[s],
             report.peak_stash_bytes[s] as f64 / (1 << 20) as f64
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_a_fifth_less_busy_than_the_others_is_flagged() {
+        assert_eq!(lagging_stages(&[0.9, 0.9, 0.6, 0.9]), vec![2]);
+        assert!(lagging_stages(&[0.9, 0.85, 0.8, 0.9]).is_empty());
+        assert!(lagging_stages(&[0.5]).is_empty());
+    }
+
+    #[test]
+    fn flags_override_the_toml_file_which_overrides_the_defaults() {
+        let dir = std::env::temp_dir().join(format!("baton-train-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, "layers = 6\nlr = 0.01\nschedule = \"zb-h1\"\n").unwrap();
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let cmd = <Cmd as clap::Parser>::try_parse_from(["train", "--config", path.to_str().unwrap(), "--lr", "0.02"]);
+        let c = cmd.unwrap().args.resolve().unwrap();
+        assert_eq!(
+            (c.layers, c.lr, c.schedule.as_str(), c.d_model),
+            (6, 0.02, "zb-h1", 128)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
