@@ -160,12 +160,19 @@ fn bench_checkpoint(c: &mut Criterion) {
     use baton::engine::checkpoint;
     use baton::engine::data::TokenizerKind;
     let mut group = c.benchmark_group("checkpoint_default_model");
-    group.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
     let cfg = PipelineConfig::new(GptConfig::small(256), 4, ScheduleKind::OneFOneB, 8);
     let pipe = Pipeline::new(cfg, vec![Cpu; 4]).expect("valid pipeline");
     let root = std::env::temp_dir().join(format!("baton-bench-ckpt-{}", std::process::id()));
     group.bench_function("snapshot_stall", |b| {
-        b.iter(|| checkpoint::snapshot(&pipe, TokenizerKind::Bytes, None).expect("snapshot").step)
+        b.iter(|| {
+            checkpoint::snapshot(&pipe, TokenizerKind::Bytes, None)
+                .expect("snapshot")
+                .step
+        })
     });
     group.bench_function("synchronous_save", |b| {
         b.iter(|| checkpoint::save(&root, &pipe, TokenizerKind::Bytes, None).expect("save"))

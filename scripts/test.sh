@@ -10,6 +10,20 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# NVRTC 13.0 and the CUDA headers (cuda_bf16.h, ...) for the kernel compile check (kernels/tests/nvrtc_compile.rs),
+# from PyPI into target/nvrtc (no GPU and no CUDA toolkit needed). pip lays them out as nvidia/cu13/{lib,include};
+# cudarc's loader finds libnvrtc.so.13 on LD_LIBRARY_PATH by that name. Under CI=true a missing NVRTC fails the test.
+NVRTC_DIR="$PWD/target/nvrtc"
+NVRTC_LIB="$NVRTC_DIR/nvidia/cu13/lib"
+NVRTC_INCLUDE="$NVRTC_DIR/nvidia/cu13/include"
+if [[ ! -f "$NVRTC_LIB/libnvrtc.so.13" || ! -f "$NVRTC_INCLUDE/cuda_bf16.h" ]]; then
+  echo "== installing NVRTC 13.0.88 and the CUDA 13.0 headers into $NVRTC_DIR"
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target "$NVRTC_DIR" \
+    nvidia-cuda-nvrtc==13.0.88 'nvidia-cuda-runtime==13.0.*'
+fi
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export BATON_CUDA_INCLUDE="$NVRTC_INCLUDE"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -69,6 +69,9 @@ pub enum EngineError {
     /// An earlier failure left the pipeline without some stage's state; rebuild it from a checkpoint.
     #[error("the pipeline lost its state: {0}; rebuild it from a checkpoint")]
     Lost(String),
+    /// No usable CUDA device: the driver (or cuBLAS) is not installed, or there is no device with that ordinal.
+    #[error("no CUDA device: {0}")]
+    NoCudaDevice(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -2,8 +2,10 @@
 //! once against [`Backend`]; the CPU backend implements it today and CUDA slots in behind it.
 
 mod cpu;
+mod cuda;
 
 pub use cpu::Cpu;
+pub use cuda::Cuda;
 
 use baton_kernels::cpu::AdamW;
 

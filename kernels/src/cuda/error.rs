@@ -1,0 +1,106 @@
+//! The error type of the CUDA layer: every variant names what failed (the kernel, the source, the buffer).
+
+use cudarc::driver::{DriverError, LaunchConfig};
+use thiserror::Error;
+
+/// Everything the CUDA layer can report. Nothing in `baton_kernels::cuda` panics on a missing library, a missing
+/// device or a bad shape; it returns one of these.
+#[derive(Debug, Error)]
+pub enum CudaError {
+    /// The CUDA driver library (`libcuda.so`) could not be loaded, or it reports no device with this ordinal.
+    #[error("no CUDA device: {0}")]
+    NoCudaDevice(String),
+    /// The NVRTC library (`libnvrtc.so.13`) could not be loaded.
+    #[error(
+        "NVRTC not found ({0}); install it with `python3 -m pip install nvidia-cuda-nvrtc==13.0.88` and put \
+         its nvidia/cu13/lib on LD_LIBRARY_PATH (scripts/test.sh does both)"
+    )]
+    NvrtcMissing(String),
+    /// The cuBLAS (or cuBLASLt) library could not be loaded.
+    #[error("cuBLAS not found: {0}")]
+    CublasMissing(String),
+    /// NVRTC rejected a source; `log` is its full program log.
+    #[error("NVRTC: compiling {source_name} for {arch} failed: {reason}\n{log}")]
+    Compile {
+        /// The registry name of the source.
+        source_name: String,
+        /// The target (`sm_90`).
+        arch: String,
+        /// NVRTC's result code.
+        reason: String,
+        /// NVRTC's program log (compiler errors, ptxas report).
+        log: String,
+    },
+    /// A CUDA driver call (allocation, copy, module load, synchronisation) failed.
+    #[error("CUDA driver: {op}: {source}")]
+    Driver {
+        /// What was being done.
+        op: String,
+        /// The driver's error.
+        source: DriverError,
+    },
+    /// A kernel launch failed.
+    #[error("launching {kernel} with grid {:?}, block {:?}, {} bytes of shared memory: {source}", cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes)]
+    Launch {
+        /// The kernel's entry point.
+        kernel: &'static str,
+        /// The launch configuration.
+        cfg: LaunchConfig,
+        /// The driver's error.
+        source: DriverError,
+    },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS: {op}: {reason}")]
+    Cublas {
+        /// The call.
+        op: &'static str,
+        /// The cuBLAS status.
+        reason: String,
+    },
+    /// Buffers do not match the shapes given to an op (checked before any launch).
+    #[error("{op}: {reason}")]
+    Shape {
+        /// The op (launcher) name.
+        op: &'static str,
+        /// What does not match.
+        reason: String,
+    },
+    /// The kernel cache directory could not be read or written (a corrupt entry is not an error: it is rebuilt).
+    #[error("kernel cache {path}: {source}")]
+    Cache {
+        /// The file or directory.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand result type of the CUDA layer.
+pub type Result<T, E = CudaError> = std::result::Result<T, E>;
+
+impl CudaError {
+    /// A driver error with what was being done.
+    pub fn driver(op: impl Into<String>, source: DriverError) -> Self {
+        CudaError::Driver { op: op.into(), source }
+    }
+
+    /// A shape error of `op`.
+    pub fn shape(op: &'static str, reason: impl Into<String>) -> Self {
+        CudaError::Shape {
+            op,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Returns a [`CudaError::Shape`] unless `got == want`; `what` names the buffer or dimension.
+pub(crate) fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CudaError::shape(
+            op,
+            format!("{what} holds {got} elements, expected {want}"),
+        ))
+    }
+}

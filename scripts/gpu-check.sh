@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One command for a lent GPU (an H200): library discovery, the GPU parity suite, the engine's CUDA test, then the
+# kernel benches, printing LAST a table (kernel, shape, time, GB/s or TFLOP/s, % of the measured ceiling).
+# Full logs go under $OUT (default ./gpu-check-out). Budget: under 8 minutes.
+#
+#   scripts/gpu-check.sh build   # on a machine with cargo (e.g. the dev machine): release-build the three test /
+#                                # bench executables into target/gpu-bin (carry that folder to the GPU machine)
+#   scripts/gpu-check.sh         # on the GPU machine: uses target/gpu-bin if present, else builds with cargo
+#
+# The GPU image has no Rust toolchain and no network, hence the prebuilt executables; they load libcuda, libnvrtc,
+# libcublas(Lt) at run time, found through LD_LIBRARY_PATH as set up below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+BIN="$ROOT/target/gpu-bin"
+
+# Copies the executable cargo built for a target (release: `cargo bench` builds with the bench profile) (read from cargo's JSON messages) to $BIN/<name>.
+build_one() {
+  local name="$1"
+  shift
+  local exe
+  exe=$(cargo "$@" --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+exe=[m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable")]
+print(exe[-1] if exe else "")')
+  [[ -n "$exe" ]] || { echo "gpu-check: building $name failed (cargo $*)" >&2; exit 1; }
+  cp "$exe" "$BIN/$name"
+  strip --strip-debug "$BIN/$name" 2>/dev/null || true
+  echo "gpu-check: $name <- $exe ($(du -h "$BIN/$name" | cut -f1))"
+}
+
+if [[ "${1:-}" == "build" ]]; then
+  mkdir -p "$BIN"
+  build_one gpu_parity test --release -p baton-kernels --test gpu_parity
+  build_one cuda_backend test --release -p baton-engine --test cuda_backend
+  build_one kernels_bench bench -p baton --bench kernels
+  echo "gpu-check: built into $BIN; carry target/gpu-bin to the GPU machine and run scripts/gpu-check.sh there"
+  exit 0
+fi
+
+OUT="${OUT:-$ROOT/gpu-check-out}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu-check.log") 2>&1
+START=$(date +%s)
+
+# --- Where are the CUDA libraries? (the image may hold them in its toolkit or inside Python packages) ---------
+echo "== libraries"
+declare -a LIBDIRS=()
+for lib in libcuda.so libnvrtc.so libcublasLt.so libcublas.so libnccl.so; do
+  sys=$(ldconfig -p 2>/dev/null | grep -m1 "$lib" | awk '{print $NF}' || true)
+  found=$(timeout 60 find / \( -path /proc -o -path /sys -o -path "$ROOT" \) -prune -o -name "$lib*" -print \
+    2>/dev/null | grep -v -e '\.alt\.' -e 'stubs' | sort | head -5 || true)
+  echo "$lib: ldconfig: ${sys:-none}"
+  if [[ -n "$found" ]]; then
+    echo "$found" | sed 's/^/    found: /'
+  fi
+  if [[ -z "$sys" && -n "$found" ]]; then
+    # Prefer a CUDA 13 location when several exist.
+    pick=$(echo "$found" | grep -m1 -e cu13 -e 'cuda-13' || echo "$found" | head -1)
+    LIBDIRS+=("$(dirname "$pick")")
+  fi
+done
+for d in "${LIBDIRS[@]}"; do
+  case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+done
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+if [[ -z "${BATON_CUDA_INCLUDE:-}" ]]; then
+  hdr=$(timeout 60 find / \( -path /proc -o -path /sys \) -prune -o -name cuda_bf16.h -print 2>/dev/null |
+    grep -m1 -e cu13 -e 'cuda-13' -e '/usr/local/cuda/' || true)
+  [[ -n "$hdr" ]] && export BATON_CUDA_INCLUDE="$(dirname "$hdr")"
+fi
+echo "BATON_CUDA_INCLUDE=${BATON_CUDA_INCLUDE:-unset}"
+export BATON_KERNEL_CACHE="${BATON_KERNEL_CACHE:-/tmp/baton-kernel-cache}"
+
+echo "== nvidia-smi"
+nvidia-smi || true
+
+if [[ ! -x "$BIN/gpu_parity" ]]; then
+  echo "== release build (no target/gpu-bin)"
+  "$0" build
+fi
+
+STATUS=0
+run_step() {
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name"
+  if ! timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
+    echo "FAILED: $name (log: $OUT/$name.log)"
+    STATUS=1
+  fi
+  grep -E "rel err|^test |test result|seed|step [0-9]|determinism|bitwise|panicked|FAILED|failed" "$OUT/$name.log" | tail -120 || true
+}
+run_step parity 180 "$BIN/gpu_parity" --ignored --test-threads 1 --nocapture
+run_step engine 90 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
+run_step bench 240 "$BIN/kernels_bench" --bench
+
+echo "== done in $(( $(date +%s) - START )) s; logs in $OUT"
+echo
+echo "== summary (bench: median of 20 CUDA-event-timed runs; % of the measured ceiling)"
+printf '%-28s %-28s %10s %9s %9s %8s\n' kernel shape time_us TFLOP/s GB/s '%ceil'
+grep '^SUMMARY' "$OUT/bench.log" | sed 's/^SUMMARY //' | awk '{
+  for (i = 1; i <= NF; i++) { j = index($i, "="); v[substr($i, 1, j - 1)] = substr($i, j + 1) }
+  printf "%-28s %-28s %10s %9s %9s %8s\n", v["kernel"], v["shape"], v["time_us"], v["tflops"], v["gbs"], v["pct_ceiling"]
+}' | tee "$OUT/summary.txt" || true
+exit $STATUS
