@@ -3,6 +3,8 @@
 //! corrupt, truncated, incomplete or mismatched checkpoints are refused with errors naming the
 //! file and the tensor; `latest` picks the newest complete step.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 
@@ -16,8 +18,7 @@ use sha2::{Digest, Sha256};
 
 const STEPS: usize = 4;
 const SAVE_AT: usize = 2;
-const BATCH: usize = 8;
-const SEQ: usize = 8;
+const SEQ: usize = common::SEQ;
 const MICRO: u32 = 4;
 
 fn model() -> GptConfig {
@@ -30,32 +31,9 @@ fn model() -> GptConfig {
     }
 }
 
-/// Deterministic pseudo-random batches (xorshift), different per step.
+/// Deterministic pseudo-random batches, different per step.
 fn batches() -> Vec<Batch> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % 29) as u32
-    };
-    (0..STEPS)
-        .map(|_| {
-            let stream: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| next()).collect();
-            let mut inputs = Vec::new();
-            let mut targets = Vec::new();
-            for row in stream.chunks(SEQ + 1) {
-                inputs.extend_from_slice(&row[..SEQ]);
-                targets.extend_from_slice(&row[1..]);
-            }
-            Batch {
-                inputs,
-                targets,
-                batch: BATCH,
-                seq: SEQ,
-            }
-        })
-        .collect()
+    common::batches(STEPS)
 }
 
 fn config(model: GptConfig, stages: u32, kind: ScheduleKind) -> PipelineConfig {

@@ -4,50 +4,20 @@
 //! micro-batches; the tied copies stay bitwise identical; the measured peak of stashed
 //! activations equals the validator's prediction; recomputation changes nothing.
 
+mod common;
+
 use baton_engine::data::Batch;
 use baton_engine::{Cpu, GptConfig, Pipeline, PipelineConfig};
 use baton_schedules::{generate, ScheduleKind};
 
 const STEPS: usize = 3;
-const BATCH: usize = 8;
-const SEQ: usize = 8;
 
 fn model() -> GptConfig {
-    GptConfig {
-        vocab_size: 29,
-        max_seq: SEQ,
-        layers: 6,
-        d_model: 16,
-        heads: 2,
-    }
+    common::tiny_model()
 }
 
-/// Deterministic pseudo-random batches (xorshift), different per step.
 fn batches() -> Vec<Batch> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % 29) as u32
-    };
-    (0..STEPS)
-        .map(|_| {
-            let stream: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| next()).collect();
-            let mut inputs = Vec::new();
-            let mut targets = Vec::new();
-            for row in stream.chunks(SEQ + 1) {
-                inputs.extend_from_slice(&row[..SEQ]);
-                targets.extend_from_slice(&row[1..]);
-            }
-            Batch {
-                inputs,
-                targets,
-                batch: BATCH,
-                seq: SEQ,
-            }
-        })
-        .collect()
+    common::batches(STEPS)
 }
 
 type Params = baton_engine::pipeline::TensorMap;
