@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub use baton_engine as engine;
+pub use baton_kernels as kernels;
 pub use baton_schedules as schedules;
 
 pub mod cli;

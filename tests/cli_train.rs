@@ -207,3 +207,25 @@ fn bad_input_exits_non_zero_with_one_line_and_writes_nothing() {
     assert!(!missing.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--device cuda` trains on a GPU when there is one, and otherwise fails with one line saying
+/// why, writing nothing; `--device auto` falls back to the CPU.
+#[test]
+fn device_cuda_needs_a_gpu_and_auto_falls_back() {
+    let dir = tmp("device");
+    let out = train(&dir.join("cuda"), &["--device", "cuda", "--steps", "1"]);
+    if baton::kernels::cuda::driver_available().is_ok() && baton::kernels::cuda::device_count().unwrap_or(0) > 0 {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("--device cuda:") && err.trim_end().lines().count() == 1,
+            "{err}"
+        );
+        assert!(!dir.join("cuda").exists());
+        let auto = train(&dir.join("auto"), &["--device", "auto", "--steps", "1"]);
+        assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

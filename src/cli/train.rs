@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::CliError;
+use crate::engine::backend::{Backend, Cuda};
 use crate::engine::checkpoint::{self, Checkpoint};
 use crate::engine::data::{default_corpus, load_tokens, DataLoader, Split, Tokenizer};
 use crate::engine::executor::FailurePoint;
@@ -365,9 +366,10 @@ fn check(c: &TrainConfig) -> Result<(), CliError> {
         return Err(CliError::usage("eval_batches must be >= 1"));
     }
     match c.device.as_str() {
-        "cpu" | "auto" => Ok(()),
-        "cuda" => Err(CliError::failure("--device cuda: this build has no CUDA backend yet (the CUDA kernels are a later milestone); use --device cpu")),
-        other => Err(CliError::usage(format!("--device `{other}`: expected cpu, cuda or auto"))),
+        "cpu" | "auto" | "cuda" => Ok(()),
+        other => Err(CliError::usage(format!(
+            "--device `{other}`: expected cpu, cuda or auto"
+        ))),
     }
 }
 
@@ -470,13 +472,14 @@ fn setup(args: &TrainArgs, c: &TrainConfig, ckpt_root: &Path) -> Result<Setup, C
 }
 
 /// A pipeline and loader positioned at a checkpoint (or at the start).
-fn start(
+fn start<B: Backend>(
     c: &TrainConfig,
     setup: &Setup,
     split: &Split,
     from: Option<&Checkpoint>,
-) -> Result<(Pipeline<Cpu>, DataLoader), CliError> {
-    let mut pipeline = Pipeline::new(setup.pcfg.clone(), vec![Cpu; c.stages as usize]).map_err(engine_err)?;
+    make: &dyn Fn() -> Result<Vec<B>, CliError>,
+) -> Result<(Pipeline<B>, DataLoader), CliError> {
+    let mut pipeline = Pipeline::new(setup.pcfg.clone(), make()?).map_err(engine_err)?;
     let loader = match from {
         Some(ck) => {
             pipeline
@@ -545,10 +548,72 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         None => setup.tokenizer.encode(default_corpus()),
     };
     let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
-    let (mut pipeline, mut loader) = start(&c, &setup, &split, setup.resume.as_ref())?;
+    match device(&c.device)? {
+        Device::Cpu => train_on(&c, &setup, &split, tokens.len(), &out, fail_at, &|| {
+            Ok(vec![Cpu; c.stages as usize])
+        }),
+        Device::Cuda(count) => {
+            let make = || -> Result<Vec<Cuda>, CliError> {
+                // Stages round-robin over the GPUs; stages sharing a GPU get a stream each.
+                (0..c.stages as usize)
+                    .map(|s| Cuda::new(s % count).map_err(engine_err))
+                    .collect()
+            };
+            train_on(&c, &setup, &split, tokens.len(), &out, fail_at, &make)
+        }
+    }
+}
+
+/// Where a run trains.
+enum Device {
+    Cpu,
+    /// CUDA with this many GPUs.
+    Cuda(usize),
+}
+
+/// `cpu`, `cuda` (an error without a GPU) or `auto` (CUDA when a GPU is present).
+fn device(name: &str) -> Result<Device, CliError> {
+    let cuda = || baton_kernels_device_count();
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => match cuda() {
+            Ok(n) if n > 0 => Ok(Device::Cuda(n)),
+            Ok(_) => Err(CliError::failure("--device cuda: no CUDA device found")),
+            Err(why) => Err(CliError::failure(format!("--device cuda: {why}"))),
+        },
+        "auto" => Ok(match cuda() {
+            Ok(n) if n > 0 => Device::Cuda(n),
+            _ => Device::Cpu,
+        }),
+        other => Err(CliError::usage(format!(
+            "--device `{other}`: expected cpu, cuda or auto"
+        ))),
+    }
+}
+
+/// Number of CUDA devices, or why there are none usable (no driver, no cuBLAS).
+fn baton_kernels_device_count() -> Result<usize, String> {
+    use crate::kernels::cuda as kc;
+    kc::driver_available().map_err(|e| e.to_string())?;
+    kc::device_count().map_err(|e| e.to_string())
+}
+
+/// The training loop on backend `B` (`make` builds one backend per stage, again after a restart).
+#[allow(clippy::too_many_arguments)]
+fn train_on<B: Backend>(
+    c: &TrainConfig,
+    setup: &Setup,
+    split: &Split,
+    token_count: usize,
+    out: &Path,
+    fail_at: Option<FailurePoint>,
+    make: &dyn Fn() -> Result<Vec<B>, CliError>,
+) -> Result<(), CliError> {
+    let ckpt_root = out.join("checkpoints");
+    let (mut pipeline, mut loader) = start(c, setup, split, setup.resume.as_ref(), make)?;
     pipeline.set_failure(fail_at);
 
-    std::fs::create_dir_all(&out).map_err(|e| CliError::failure(format!("creating {}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(|e| CliError::failure(format!("creating {}: {e}", out.display())))?;
     let metrics_path = out.join("metrics.jsonl");
     let metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -572,7 +637,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         c.schedule,
         c.microbatches,
         c.batch / c.microbatches as usize,
-        tokens.len(),
+        token_count,
         split.train().len(),
         split.val().len(),
         setup.tokenizer.name(),
@@ -612,7 +677,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
                     Some(dir) => Some(checkpoint::load(dir).map_err(engine_err)?),
                     None => None,
                 };
-                (pipeline, loader) = start(&c, &setup, &split, ck.as_ref())?;
+                (pipeline, loader) = start(c, setup, split, ck.as_ref(), make)?;
                 let resumed = pipeline.step();
                 say(
                     &bar,
@@ -770,7 +835,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn eval(pipeline: &mut Pipeline<Cpu>, split: &Split, batches: usize) -> Result<f32, CliError> {
+fn eval<B: Backend>(pipeline: &mut Pipeline<B>, split: &Split, batches: usize) -> Result<f32, CliError> {
     let mut sum = 0.0f64;
     let mut n = 0usize;
     for batch in split.eval_batches(batches) {
@@ -781,7 +846,7 @@ fn eval(pipeline: &mut Pipeline<Cpu>, split: &Split, batches: usize) -> Result<f
 }
 
 /// The simulator's bubble for this schedule with the per-action costs measured in `report`.
-pub fn predicted_bubble(pipeline: &Pipeline<Cpu>, report: &StepReport) -> Option<f64> {
+pub fn predicted_bubble<B: Backend>(pipeline: &Pipeline<B>, report: &StepReport) -> Option<f64> {
     let schedule = pipeline.schedule();
     let parts = schedule.placement.num_parts() as usize;
     let mut sums = vec![[0.0f64; 4]; parts];
@@ -811,8 +876,8 @@ pub fn predicted_bubble(pipeline: &Pipeline<Cpu>, report: &StepReport) -> Option
     simulate(schedule, &costs).ok().map(|r| r.bubble)
 }
 
-fn summary(
-    pipeline: &Pipeline<Cpu>,
+fn summary<B: Backend>(
+    pipeline: &Pipeline<B>,
     report: &StepReport,
     elapsed: f64,
     tokens: usize,
