@@ -760,7 +760,7 @@ fn train_on<B: Backend>(
         }
         let eval_now = (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps || step == first_step + 1;
         if !report.skipped && eval_now {
-            let val = eval(&mut pipeline, &split, c.eval_batches)?;
+            let val = eval(&mut pipeline, split, c.eval_batches)?;
             line["val_loss"] = serde_json::json!(val);
             first_val.get_or_insert(val);
             last_val = Some(val);
