@@ -32,6 +32,8 @@ print(exe[-1] if exe else "")')
 if [[ "${1:-}" == "build" ]]; then
   mkdir -p "$BIN"
   build_one gpu_parity test --release -p baton-kernels --test gpu_parity
+  build_one gpu_parity_attention test --release -p baton-kernels --test gpu_parity_attention
+  build_one gpu_parity_gemm test --release -p baton-kernels --test gpu_parity_gemm
   build_one cuda_backend test --release -p baton-engine --test cuda_backend
   build_one kernels_bench bench -p baton --bench kernels
   echo "gpu-check: built into $BIN; carry target/gpu-bin to the GPU machine and run scripts/gpu-check.sh there"
@@ -75,7 +77,7 @@ export BATON_KERNEL_CACHE="${BATON_KERNEL_CACHE:-/tmp/baton-kernel-cache}"
 echo "== nvidia-smi"
 nvidia-smi || true
 
-if [[ ! -x "$BIN/gpu_parity" ]]; then
+if [[ ! -x "$BIN/gpu_parity" || ! -x "$BIN/gpu_parity_attention" || ! -x "$BIN/gpu_parity_gemm" ]]; then
   echo "== release build (no target/gpu-bin)"
   "$0" build
 fi
@@ -91,7 +93,9 @@ run_step() {
   fi
   grep -E "rel err|^test |test result|seed|step [0-9]|determinism|bitwise|panicked|FAILED|failed" "$OUT/$name.log" | tail -120 || true
 }
-run_step parity 180 "$BIN/gpu_parity" --ignored --test-threads 1 --nocapture
+run_step parity 150 "$BIN/gpu_parity" --ignored --test-threads 1 --nocapture
+run_step parity_attention 60 "$BIN/gpu_parity_attention" --ignored --test-threads 1 --nocapture
+run_step parity_gemm 60 "$BIN/gpu_parity_gemm" --ignored --test-threads 1 --nocapture
 run_step engine 90 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
 run_step bench 240 "$BIN/kernels_bench" --bench
 
