@@ -49,14 +49,22 @@ fn train(out: &Path, extra: &[&str]) -> Output {
 #[test]
 fn train_writes_metrics_trace_and_a_checkpoint_that_generate_and_export_read() {
     let dir = tmp("full");
-    let out = train(&dir, &["--trace", "--schedule", "zb-h1"]);
+    let out = train(&dir, &["--trace", "--schedule", "zb-h1", "--peak-tflops", "0.5"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["step"], i + 1);
-        for key in ["loss", "lr", "grad_norm", "tokens_per_s", "bubble"] {
+        for key in [
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "bubble",
+            "flops_per_token",
+            "mfu",
+        ] {
             assert!(line[key].is_number(), "step {}: {key} missing in {line}", i + 1);
         }
     }

@@ -98,6 +98,9 @@ pub struct TrainConfig {
     /// Stop (saving a checkpoint) once this step is reached, although `steps` is the run's
     /// total: for interrupting a run on purpose and resuming it later.
     pub stop_at: Option<u64>,
+    /// Peak FLOP rate of the device in TFLOP/s (e.g. its measured bf16 GEMM rate); when set,
+    /// metrics and the progress bar report MFU against it.
+    pub peak_tflops: f64,
 }
 
 impl Default for TrainConfig {
@@ -136,6 +139,7 @@ impl Default for TrainConfig {
             on_nonfinite: "skip".into(),
             max_skips: 3,
             stop_at: None,
+            peak_tflops: 0.0,
         }
     }
 }
@@ -236,6 +240,9 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) at this step although --steps is the run's total.
     #[arg(long, value_name = "STEP")]
     pub stop_at: Option<u64>,
+    /// Device peak in TFLOP/s for MFU (FLOPs per token = 6N + 6·L·C·T).
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
 }
 
 impl TrainArgs {
@@ -286,6 +293,9 @@ impl TrainArgs {
         }
         if self.stop_at.is_some() {
             c.stop_at = self.stop_at;
+        }
+        if let Some(peak) = self.peak_tflops {
+            c.peak_tflops = peak;
         }
         if self.out.is_some() {
             c.out = self.out.clone();
@@ -360,6 +370,12 @@ fn check(c: &TrainConfig) -> Result<(), CliError> {
         return Err(CliError::usage(format!(
             "--microbatches {} must divide --batch {} (each micro-batch holds batch / microbatches sequences)",
             c.microbatches, c.batch
+        )));
+    }
+    if !c.peak_tflops.is_finite() || c.peak_tflops < 0.0 {
+        return Err(CliError::usage(format!(
+            "--peak-tflops {} must be finite and >= 0",
+            c.peak_tflops
         )));
     }
     if c.eval_batches == 0 {
@@ -660,6 +676,7 @@ fn train_on<B: Backend>(
     let (mut restarts, mut skipped_total) = (0u32, 0u64);
     let mut stalls: Vec<f64> = Vec::new();
     let mut straggler_warned_at: Vec<Option<u64>> = vec![None; c.stages as usize];
+    let flops_per_token = pipeline.config().model.flops_per_token(c.seq);
     let stop = c.stop_at.map_or(c.steps, |s| s.min(c.steps));
     while pipeline.step() < stop {
         let batch = loader.next_batch();
@@ -744,7 +761,12 @@ fn train_on<B: Backend>(
             "skipped": report.skipped,
             "skipped_total": skipped_total,
             "restarts": restarts,
+            "flops_per_token": flops_per_token,
         });
+        let mfu = (c.peak_tflops > 0.0).then(|| tokens_per_s * flops_per_token / (c.peak_tflops * 1e12));
+        if let Some(mfu) = mfu {
+            line["mfu"] = serde_json::json!(mfu);
+        }
         for s in lagging_stages(&busy) {
             if straggler_warned_at[s].is_none_or(|at| step >= at + 50) {
                 straggler_warned_at[s] = Some(step);
@@ -784,8 +806,9 @@ fn train_on<B: Backend>(
         if let Some(trace) = trace.as_mut().filter(|_| step <= TRACE_STEPS_MAX) {
             trace.add_step(step, started.elapsed().as_secs_f64() - report.elapsed_s, &report);
         }
+        let mfu_text = mfu.map_or(String::new(), |m| format!(" | MFU {:.1}%", m * 100.0));
         bar.set_message(format!(
-            "loss {:.4} | {:.0} tok/s | bubble {:.1}%",
+            "loss {:.4} | {:.0} tok/s{mfu_text} | bubble {:.1}%",
             report.loss,
             tokens_per_s,
             report.bubble * 100.0

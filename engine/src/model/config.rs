@@ -81,11 +81,33 @@ impl GptConfig {
         self.layers + 2
     }
 
+    /// Training FLOPs per token at context `seq`: `6·N + 6·L·C·T` (weights: 2 forward + 4
+    /// backward per parameter; attention scores and mixing: 6·L·C·T), as in the PaLM/llm.c MFU.
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        6.0 * self.num_params() as f64 + 6.0 * (self.layers * self.d_model * seq) as f64
+    }
+
     /// Parameter count with the LM head tied (counted once).
     pub fn num_params(&self) -> usize {
         let c = self.d_model;
         let block = 2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c);
         self.vocab_size * c + self.max_seq * c + self.layers * block + 2 * c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_124m_has_124m_parameters_and_the_known_flops_per_token() {
+        let g = GptConfig::gpt2_124m();
+        assert_eq!(g.num_params(), 124_439_808);
+        // 6 · 124.44 M + 6 · 12 · 768 · 1024 = 0.803 GFLOP per token.
+        assert_eq!(
+            g.flops_per_token(1024),
+            6.0 * 124_439_808.0 + 6.0 * 12.0 * 768.0 * 1024.0
+        );
     }
 }
 
