@@ -14,7 +14,7 @@ use crate::backend::Backend;
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
 use crate::executor::{run_step, ActionSpan, ExecConfig, FailurePoint, Part, Stage};
-use crate::model::{build_layer, GptConfig, MicroBatch, Param};
+use crate::model::{build_layer, GptConfig, Layer, MicroBatch, Param};
 use crate::optim::OptimizerConfig;
 use crate::split::StageSplit;
 
@@ -558,32 +558,48 @@ impl<B: Backend> Pipeline<B> {
         be_h.copy(grad, &sum_on_h)
     }
 
+    /// Runs every part in pipeline order, one stage after another on the calling thread,
+    /// moving the activation between stages. `step` runs one layer on its stage's backend with
+    /// the stage's micro-batch (`mb(stage)`) and returns the next activation. Returns the last
+    /// activation and the stage holding it.
+    fn sequential<'a>(
+        &'a self,
+        mb: impl Fn(usize) -> &'a MicroBatch<B>,
+        mut step: impl FnMut(&dyn Layer<B>, &B, Option<B::Buf>, &MicroBatch<B>) -> Result<Option<B::Buf>>,
+    ) -> Result<(Option<B::Buf>, usize)> {
+        let mut x: Option<B::Buf> = None;
+        let mut at = 0usize; // stage holding x
+        for part in 0..self.schedule.placement.num_parts() {
+            let (s, c) = self.schedule.placement.owner(part).expect("part in range");
+            let (s, c) = (s as usize, c as usize);
+            if let Some(buf) = x.take() {
+                x = Some(self.backends[at].transfer(buf, &self.backends[s])?);
+            }
+            at = s;
+            let mb = mb(s);
+            for layer in &self.stages[s].parts[c].layers {
+                x = step(layer.as_ref(), &self.backends[s], x, mb)?;
+            }
+        }
+        Ok((x, at))
+    }
+
     /// Mean token loss of `batch` without training (forward only, stage by stage).
-    #[allow(clippy::needless_range_loop)] // `i` indexes every stage's micro-batch list
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32> {
         self.check_whole()?;
         let mbs = self.micro_batches(batch, true)?;
-        let m = self.config.microbatches as usize;
         let mut total = 0.0f64;
-        for i in 0..m {
-            let mut x: Option<B::Buf> = None;
-            let mut at = 0usize; // stage holding x
-            for part in 0..self.schedule.placement.num_parts() {
-                let (s, c) = self.schedule.placement.owner(part).expect("part in range");
-                let (s, c) = (s as usize, c as usize);
-                if let Some(buf) = x.take() {
-                    x = Some(self.backends[at].transfer(buf, &self.backends[s])?);
-                }
-                at = s;
-                for layer in &self.stages[s].parts[c].layers {
-                    let f = layer.forward(&self.backends[s], x, &mbs[s][i])?;
-                    x = f.out;
-                    if let Some(l) = f.loss_sum {
-                        total += l;
-                    }
-                }
-            }
-        }
+        (0..self.config.microbatches as usize).try_for_each(|i| {
+            self.sequential(
+                |s| &mbs[s][i],
+                |layer, be, x, mb| {
+                    let f = layer.forward(be, x, mb)?;
+                    total += f.loss_sum.unwrap_or(0.0);
+                    Ok(f.out)
+                },
+            )
+            .map(drop)
+        })?;
         Ok((total / (batch.batch * batch.seq) as f64) as f32)
     }
 
@@ -603,31 +619,27 @@ impl<B: Backend> Pipeline<B> {
                 self.config.model.vocab_size
             )));
         }
-        let mut x: Option<B::Buf> = None;
-        let mut at = 0usize;
-        for part in 0..self.schedule.placement.num_parts() {
-            let (s, c) = self.schedule.placement.owner(part).expect("part in range");
-            let (s, c) = (s as usize, c as usize);
-            let be = &self.backends[s];
-            if let Some(buf) = x.take() {
-                x = Some(self.backends[at].transfer(buf, be)?);
-            }
-            at = s;
-            let mb = MicroBatch {
-                inputs: if part == 0 {
-                    Some(be.upload_tokens(tokens)?)
-                } else {
-                    None
-                },
-                targets: None,
-                b: 1,
-                t,
-                loss_scale: 0.0,
-            };
-            for layer in &self.stages[s].parts[c].layers {
-                x = Some(layer.infer(be, x, &mb)?);
-            }
-        }
+        // The tokens go only to the stage holding the embedding.
+        let first = self.schedule.placement.owner(0).expect("part 0 exists").0 as usize;
+        let mbs: Vec<MicroBatch<B>> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(s, be)| {
+                Ok(MicroBatch {
+                    inputs: if s == first {
+                        Some(be.upload_tokens(tokens)?)
+                    } else {
+                        None
+                    },
+                    targets: None,
+                    b: 1,
+                    t,
+                    loss_scale: 0.0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let (x, at) = self.sequential(|s| &mbs[s], |layer, be, x, mb| layer.infer(be, x, mb).map(Some))?;
         let logits = x.ok_or_else(|| EngineError::Batch("the model produced no logits".into()))?;
         self.backends[at].download(&logits)
     }
