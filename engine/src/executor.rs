@@ -632,8 +632,8 @@ impl<B: Backend> Worker<B> {
         let be = &self.backends[self.s];
         if self.poison {
             be.scale(buf, f32::NAN)?;
-        }
-        if !be.sum_squares(buf)?.is_finite() {
+            self.note_nonfinite(index, action);
+        } else if be.host_reads_are_free() && !be.sum_squares(buf)?.is_finite() {
             self.note_nonfinite(index, action);
         }
         Ok(())

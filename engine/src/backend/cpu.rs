@@ -53,6 +53,9 @@ impl Backend for Cpu {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    fn host_reads_are_free(&self) -> bool {
+        true
+    }
     fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
         buf.fill(0.0);
         Ok(())

@@ -39,6 +39,12 @@ pub trait Backend: Send + Sync + 'static {
     fn transfer(&self, buf: Self::Buf, dst: &Self) -> Result<Self::Buf>;
     /// Waits until every queued op has finished.
     fn synchronize(&self) -> Result<()>;
+    /// True when reading a value back to the host costs no synchronisation (the CPU). The
+    /// executor checks every activation and gradient it sends for non-finite values only on such
+    /// backends; on a device it would stall the queue once per action.
+    fn host_reads_are_free(&self) -> bool {
+        false
+    }
 
     /// `buf = 0`.
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
