@@ -13,6 +13,7 @@ pub mod export;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
+pub mod predict;
 pub mod split;
 
 pub use backend::{Backend, Cpu};

@@ -838,7 +838,7 @@ fn train_on<B: Backend>(
     }
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(report) = &last {
-        summary(&pipeline, report, elapsed, total_tokens, first_val, last_val);
+        summary(c.seq, &pipeline, report, elapsed, total_tokens, first_val, last_val);
     }
     if !stalls.is_empty() {
         let mean = stalls.iter().sum::<f64>() / stalls.len() as f64;
@@ -869,7 +869,8 @@ fn eval<B: Backend>(pipeline: &mut Pipeline<B>, split: &Split, batches: usize) -
 }
 
 /// The simulator's bubble for this schedule with the per-action costs measured in `report`.
-pub fn predicted_bubble<B: Backend>(pipeline: &Pipeline<B>, report: &StepReport) -> Option<f64> {
+/// Mean measured time of each op per part in `report` (0 where the op did not run).
+pub fn measured_costs<B: Backend>(pipeline: &Pipeline<B>, report: &StepReport) -> Option<Costs> {
     let schedule = pipeline.schedule();
     let parts = schedule.placement.num_parts() as usize;
     let mut sums = vec![[0.0f64; 4]; parts];
@@ -896,10 +897,18 @@ pub fn predicted_bubble<B: Backend>(pipeline: &Pipeline<B>, report: &StepReport)
         backward_weight: (0..parts).map(|p| mean(p, 3)).collect(),
         latency: 0.0,
     };
-    simulate(schedule, &costs).ok().map(|r| r.bubble)
+    Some(costs)
+}
+
+/// The simulator's bubble for this schedule with the per-action costs measured in `report`.
+pub fn predicted_bubble<B: Backend>(pipeline: &Pipeline<B>, report: &StepReport) -> Option<f64> {
+    simulate(pipeline.schedule(), &measured_costs(pipeline, report)?)
+        .ok()
+        .map(|r| r.bubble)
 }
 
 fn summary<B: Backend>(
+    seq: usize,
     pipeline: &Pipeline<B>,
     report: &StepReport,
     elapsed: f64,
@@ -920,6 +929,38 @@ fn summary<B: Backend>(
         report.bubble * 100.0,
         predicted.map_or("-".into(), |b| format!("{:.1}%", b * 100.0))
     );
+    // What the same schedule would do with one stage per device (transfers as free as here).
+    if let Some(costs) = measured_costs(pipeline, report) {
+        let cfg = pipeline.config();
+        let units = crate::engine::predict::unit_costs(&cfg.model, seq, pipeline.ranges(), &costs);
+        let act_bytes = (report.tokens / cfg.microbatches as usize * cfg.model.d_model * 4) as f64;
+        if let Ok(preds) = crate::engine::predict::predict(
+            &cfg.model,
+            &units,
+            cfg.schedule,
+            cfg.microbatches,
+            cfg.chunks,
+            &[1, 2, 4, 8],
+            act_bytes,
+            f64::INFINITY,
+        ) {
+            let text: Vec<String> = preds
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} stage(s) {:.1} ms, bubble {:.1}%",
+                        p.stages,
+                        p.step_s * 1e3,
+                        p.bubble * 100.0
+                    )
+                })
+                .collect();
+            eprintln!(
+                "predicted with one stage per device from these costs: {}",
+                text.join("; ")
+            );
+        }
+    }
     for (s, (busy, idle)) in report.busy_s.iter().zip(&report.idle_s).enumerate() {
         let total = busy + idle;
         eprintln!(
