@@ -36,6 +36,9 @@ if [[ "${1:-}" == "build" ]]; then
   build_one gpu_parity_gemm test --release -p baton-kernels --test gpu_parity_gemm
   build_one cuda_backend test --release -p baton-engine --test cuda_backend
   build_one kernels_bench bench -p baton --bench kernels
+  cargo build --release --bin baton >/dev/null 2>&1 && cp target/release/baton "$BIN/baton" &&
+    strip --strip-debug "$BIN/baton" 2>/dev/null || true
+  echo "gpu-check: baton <- target/release/baton"
   echo "gpu-check: built into $BIN; carry target/gpu-bin to the GPU machine and run scripts/gpu-check.sh there"
   exit 0
 fi
@@ -98,6 +101,15 @@ run_step parity_attention 60 "$BIN/gpu_parity_attention" --ignored --test-thread
 run_step parity_gemm 60 "$BIN/gpu_parity_gemm" --ignored --test-threads 1 --nocapture
 run_step engine 90 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
 run_step bench 240 "$BIN/kernels_bench" --bench
+# End to end: a short run of the pipeline on the GPU (fp32 backend), 4 stages sharing the device.
+if [[ -x "$BIN/baton" ]]; then
+  run_step train_cuda 90 "$BIN/baton" train --device cuda --steps 20 --stages 4 --out "$OUT/train-cuda" --eval-every 10
+fi
+# The PyTorch reference (GPT-2 124M, bf16 autocast, torch.compile, fused AdamW), when asked for.
+if [[ "${BATON_GPU_CHECK_TORCH:-0}" == "1" ]]; then
+  run_step torch_reference 150 python3 "$ROOT/scripts/torch_reference.py" --batch 16 --seq 1024 --steps 10
+  grep '^TORCH_REFERENCE' "$OUT/torch_reference.log" || true
+fi
 
 echo "== done in $(( $(date +%s) - START )) s; logs in $OUT"
 echo
