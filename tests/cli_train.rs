@@ -195,6 +195,7 @@ fn bad_input_exits_non_zero_with_one_line_and_writes_nothing() {
         ),
         (vec!["--max-skips".into(), "0".into()], "--max-skips"),
         (vec!["--on-nonfinite".into(), "ignore".into()], "skip or abort"),
+        (vec!["--precision".into(), "fp8".into()], "expected bf16, f32 or auto"),
         (
             vec!["--split".into(), "0..1,1..2,2..4".into()],
             "3 ranges given but the pipeline has 2 parts",

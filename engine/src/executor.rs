@@ -678,7 +678,7 @@ impl<B: Backend> Worker<B> {
         };
         let (saved, out, loss) = self.run_forward(a.chunk as usize, x, mb)?;
         let stash = if self.cfg.recompute {
-            let bytes = input.as_ref().map_or(0, |b| be.len(b) * 4);
+            let bytes = input.as_ref().map_or(0, |b| be.bytes(b));
             PartStash {
                 input,
                 saved: Vec::new(),

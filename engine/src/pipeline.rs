@@ -757,7 +757,7 @@ impl<B: Backend> Pipeline<B> {
                                 .map(|h| h.data.clone())
                         };
                         let value = get(values).expect("checked above");
-                        p.value = be.upload(&value)?;
+                        p.value = be.upload_param(&value)?;
                         if let Some((m, v)) = moments {
                             p.m = be.upload(&get(m).expect("checked above"))?;
                             p.v = be.upload(&get(v).expect("checked above"))?;

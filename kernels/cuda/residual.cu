@@ -66,3 +66,13 @@ extern "C" __global__ void __launch_bounds__(ELEMENTWISE_BLOCK) scale_f32(float*
 extern "C" __global__ void __launch_bounds__(ELEMENTWISE_BLOCK) scale_bf16(bf16* buf, float alpha, u64 n) {
     scale(buf, alpha, n);
 }
+
+// Test helper (the copy-ordering race test): spins for `cycles` SM clock cycles, then writes `value` to every
+// element (grid-stride). A consumer that does not wait for it reads the buffer's old contents.
+extern "C" __global__ void __launch_bounds__(ELEMENTWISE_BLOCK)
+    slow_fill_f32(float* buf, float value, u64 n, u64 cycles) {
+    const long long start = clock64();
+    while ((u64)(clock64() - start) < cycles) {
+    }
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) buf[i] = value;
+}

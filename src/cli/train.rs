@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::CliError;
-use crate::engine::backend::{Backend, Cuda};
+use crate::engine::backend::{Backend, Cuda, Precision};
 use crate::engine::checkpoint::{self, Checkpoint};
 use crate::engine::data::{default_corpus, load_tokens, DataLoader, Split, Tokenizer};
 use crate::engine::executor::FailurePoint;
@@ -101,6 +101,9 @@ pub struct TrainConfig {
     /// Peak FLOP rate of the device in TFLOP/s (e.g. its measured bf16 GEMM rate); when set,
     /// metrics and the progress bar report MFU against it.
     pub peak_tflops: f64,
+    /// Precision on a GPU: `bf16` (bf16 activations, weights and gradients; fp32 master weights
+    /// and moments), `f32`, or `auto` (bf16 on a GPU; the CPU always computes in f32).
+    pub precision: String,
 }
 
 impl Default for TrainConfig {
@@ -140,6 +143,7 @@ impl Default for TrainConfig {
             max_skips: 3,
             stop_at: None,
             peak_tflops: 0.0,
+            precision: "auto".into(),
         }
     }
 }
@@ -243,6 +247,9 @@ pub struct TrainArgs {
     /// Device peak in TFLOP/s for MFU (FLOPs per token = 6N + 6·L·C·T).
     #[arg(long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
+    /// GPU precision: bf16 (fp32 master weights), f32, or auto (bf16 on a GPU).
+    #[arg(long, value_name = "bf16|f32|auto")]
+    pub precision: Option<String>,
 }
 
 impl TrainArgs {
@@ -296,6 +303,9 @@ impl TrainArgs {
         }
         if let Some(peak) = self.peak_tflops {
             c.peak_tflops = peak;
+        }
+        if let Some(precision) = &self.precision {
+            c.precision = precision.clone();
         }
         if self.out.is_some() {
             c.out = self.out.clone();
@@ -564,7 +574,22 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         None => setup.tokenizer.encode(default_corpus()),
     };
     let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
-    match device(&c.device)? {
+    let device = device(&c.device)?;
+    let precision = match (c.precision.as_str(), &device) {
+        ("auto", Device::Cpu) | ("f32", _) | ("fp32", _) => Precision::F32,
+        ("auto", Device::Cuda(_)) | ("bf16", Device::Cuda(_)) => Precision::Bf16,
+        ("bf16", Device::Cpu) => {
+            return Err(CliError::usage(
+                "--precision bf16 needs a GPU: the CPU backend computes in f32",
+            ))
+        }
+        (other, _) => {
+            return Err(CliError::usage(format!(
+                "--precision `{other}`: expected bf16, f32 or auto"
+            )))
+        }
+    };
+    match device {
         Device::Cpu => train_on(&c, &setup, &split, tokens.len(), &out, fail_at, &|| {
             Ok(vec![Cpu; c.stages as usize])
         }),
@@ -572,7 +597,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
             let make = || -> Result<Vec<Cuda>, CliError> {
                 // Stages round-robin over the GPUs; stages sharing a GPU get a stream each.
                 (0..c.stages as usize)
-                    .map(|s| Cuda::new(s % count).map_err(engine_err))
+                    .map(|s| Cuda::with_precision(s % count, precision).map_err(engine_err))
                     .collect()
             };
             train_on(&c, &setup, &split, tokens.len(), &out, fail_at, &make)

@@ -1,6 +1,19 @@
-//! The CUDA backend: `CudaSlice<f32>` buffers on one device and one stream, the fp32 kernels of
-//! `baton_kernels::cuda`, and fp32 cuBLAS for the matrix products (the simple attention path: permute, strided
-//! batched GEMM, causal softmax, GEMM, unpermute). Mixed precision comes later.
+//! The CUDA backend: [`CudaBuf`] buffers on one device and one stream, the kernels of `baton_kernels::cuda`, and
+//! cuBLAS for the matrix products (the simple attention path: permute, strided batched GEMM, causal softmax, GEMM,
+//! unpermute), in one of two [`Precision`]s:
+//! - **fp32** ([`Cuda::new`]): every buffer fp32, fp32 kernels, `cublasSgemm`; tracks the CPU within 1e-4.
+//! - **bf16 mixed precision** ([`Cuda::with_precision`]): activations, weights and gradients bf16 (bf16 kernels,
+//!   fp32 math inside them); parameters keep an fp32 master copy beside the bf16 working copy the ops read
+//!   ([`crate::Backend::upload_param`]); AdamW moments ([`crate::Backend::zeros_state`]), layer-norm statistics
+//!   and per-token losses are fp32; every GEMM is `cublasGemmEx` with bf16 operands and fp32 accumulation
+//!   (`CUBLAS_COMPUTE_32F`), including the attention scores and `att · V` (bf16 `att`); `sum` / `sum_squares`
+//!   accumulate in fp64 in a fixed order; AdamW updates the fp32 master and moments and rewrites the bf16 copy.
+//!
+//! How each op gets its operands in the element type it computes in (and the casts taken when a buffer's storage
+//! differs, which a consistent run never hits) is described in `cuda_buf.rs`. `upload` always makes an exact fp32
+//! buffer (so `Pipeline::load`'s weights and moments lose nothing; a weight loaded that way is promoted to master +
+//! working copy by its first AdamW step); `zeros` makes a buffer of the backend's precision; `download` returns
+//! fp32 (a parameter's master).
 //!
 //! Ops are queued on the backend's stream in call order and return before they finish; `download`, `sum`,
 //! `sum_squares` and `synchronize` wait. Buffers carry cudarc's read/write events, so a buffer used on another
@@ -9,26 +22,30 @@
 //! `transfer` to another `Cuda` copies on the **destination's** stream: it first waits on the source buffer's last
 //! write (an event recorded on the source stream; cudarc's `memcpy_dtod`, which uses `cuMemcpyPeerAsync` when the
 //! two devices differ), then the source stream waits on an event recorded after the copy before the source buffer
-//! is freed, so the free cannot overtake the copy.
+//! is freed, so the free cannot overtake the copy. Every storage kind is copied as is (a parameter: both copies).
 
 use std::sync::Arc;
 
 use baton_kernels::cpu::AdamW;
 use baton_kernels::cuda::cudarc::cublas::sys::cublasOperation_t;
-use baton_kernels::cuda::cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+use baton_kernels::cuda::cudarc::cublas::{CudaBlas, GemmConfig};
 use baton_kernels::cuda::cudarc::driver::CudaSlice;
-use baton_kernels::cuda::{self as kc, attention::AttentionShape, cublas_available, CudaError, Device, Tokens};
+use baton_kernels::cuda::{self as kc, attention::AttentionShape, cublas_available, CudaError, Device, Elem, Tokens};
+use half::bf16;
 
+use super::cuda_buf::{read_plan, write_plan, In, Mode, Out, ReadPlan, Stored, WritePlan};
+use super::cuda_buf::{CudaBuf, Precision};
 use super::Backend;
 use crate::error::{EngineError, Result};
 
-/// The CUDA backend on one device: its context, a compute stream, the loaded kernel library and a cuBLAS handle
-/// bound to the stream. Cheap to clone (shared handles, same stream).
+/// The CUDA backend on one device: its context, a compute stream, the loaded kernel library, a cuBLAS handle
+/// bound to the stream, and the [`Precision`] of its buffers. Cheap to clone (shared handles, same stream).
 #[derive(Clone)]
 pub struct Cuda {
     ordinal: usize,
     dev: Device,
     blas: Arc<CudaBlas>,
+    precision: Precision,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -36,6 +53,7 @@ impl std::fmt::Debug for Cuda {
         f.debug_struct("Cuda")
             .field("ordinal", &self.ordinal)
             .field("arch", &self.dev.arch())
+            .field("precision", &self.precision)
             .finish_non_exhaustive()
     }
 }
@@ -70,25 +88,40 @@ fn span(trans: cublasOperation_t, rows: usize, cols: usize, ld: usize) -> usize 
     }
 }
 
+/// Calls `$self.$method::<T>(args)` with `T` the element type of `$p` (a [`Precision`]).
+macro_rules! dispatch {
+    ($p:expr, $self:ident . $method:ident ( $($arg:expr),* $(,)? )) => {
+        match $p {
+            Precision::F32 => $self.$method::<f32>($($arg),*),
+            Precision::Bf16 => $self.$method::<bf16>($($arg),*),
+        }
+    };
+}
+
 impl Cuda {
-    /// The backend on device `ordinal`, with a new stream. [`EngineError::NoCudaDevice`] when the CUDA driver or
-    /// cuBLAS is not installed or there is no such device — never a panic.
+    /// The fp32 backend on device `ordinal`, with a new stream. [`EngineError::NoCudaDevice`] when the CUDA driver
+    /// or cuBLAS is not installed or there is no such device — never a panic.
     pub fn new(ordinal: usize) -> Result<Cuda> {
+        Cuda::with_precision(ordinal, Precision::F32)
+    }
+
+    /// The backend on device `ordinal` in `precision`, with a new stream; errors as [`Cuda::new`].
+    pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Cuda> {
         let dev = Device::new(ordinal).map_err(|e| match e {
             CudaError::NoCudaDevice(why) => EngineError::NoCudaDevice(why),
             other => EngineError::NoCudaDevice(other.to_string()),
         })?;
-        Cuda::on(ordinal, dev)
+        Cuda::on(ordinal, dev, precision)
     }
 
-    /// A second backend on the same device (shared context and kernels) with its own stream: e.g. two pipeline
-    /// stages on one GPU.
+    /// A second backend on the same device (shared context and kernels) with its own stream and the same
+    /// precision: e.g. two pipeline stages on one GPU.
     pub fn with_new_stream(&self) -> Result<Cuda> {
         let dev = self.dev.with_new_stream().map_err(|e| self.err("with_new_stream", e))?;
-        Cuda::on(self.ordinal, dev)
+        Cuda::on(self.ordinal, dev, self.precision)
     }
 
-    fn on(ordinal: usize, dev: Device) -> Result<Cuda> {
+    fn on(ordinal: usize, dev: Device, precision: Precision) -> Result<Cuda> {
         cublas_available().map_err(|e| EngineError::NoCudaDevice(e.to_string()))?;
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| EngineError::NoCudaDevice(format!("cublasCreate: {e:?}")))?;
@@ -96,7 +129,13 @@ impl Cuda {
             ordinal,
             dev,
             blas: Arc::new(blas),
+            precision,
         })
+    }
+
+    /// The precision of this backend's activations, weights and gradients.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The kernels' view of the device (context, stream, library), for callers that launch kernels directly.
@@ -128,14 +167,15 @@ impl Cuda {
         }
     }
 
-    /// Runs a strided-batched fp32 GEMM after checking every operand covers what cuBLAS will touch.
-    fn gemm(
+    /// Runs a strided-batched GEMM in `T` (fp32 accumulation) after checking every operand covers what cuBLAS will
+    /// touch.
+    fn gemm<T: Stored>(
         &self,
         op: &'static str,
         g: Gemm3,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
-        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        c: &mut CudaSlice<T>,
     ) -> Result<()> {
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return Ok(());
@@ -163,189 +203,290 @@ impl Cuda {
             m: int(g.m)?,
             n: int(g.n)?,
             k: int(g.k)?,
-            alpha: 1.0f32,
+            alpha: T::scalar(1.0),
             lda: int(g.lda.max(1))?,
             ldb: int(g.ldb.max(1))?,
-            beta: g.beta,
+            beta: T::scalar(g.beta),
             ldc: int(g.ldc.max(1))?,
         };
-        let result = if g.batch == 1 {
-            // SAFETY: the spans of A, B and C that cuBLAS reads or writes for these (m, n, k, ld, op) were checked
-            // against the buffer lengths above; all three buffers live on this backend's stream's device.
-            unsafe { self.blas.gemm(cfg, a, b, c) }
+        let batch = if g.batch == 1 {
+            None
         } else {
-            let cfg = StridedBatchedConfig {
-                gemm: cfg,
-                batch_size: int(g.batch)?,
-                stride_a: long(g.strides.0)?,
-                stride_b: long(g.strides.1)?,
-                stride_c: long(g.strides.2)?,
-            };
-            // SAFETY: as above, for the last matrix of the batch (offset (batch − 1) · stride), which bounds all.
-            unsafe { self.blas.gemm_strided_batched(cfg, a, b, c) }
+            Some((
+                int(g.batch)?,
+                long(g.strides.0)?,
+                long(g.strides.1)?,
+                long(g.strides.2)?,
+            ))
         };
-        result.map_err(|e| self.shape(op, format!("cuBLAS sgemm failed: {e:?}")))
+        // SAFETY: the spans of A, B and C that cuBLAS reads or writes for these (m, n, k, ld, op) were checked
+        // against the buffer lengths above — for a batch, those of the last matrix (offset (batch − 1) · stride),
+        // which bound all; all three buffers live on this backend's stream's device.
+        unsafe { T::gemm(&self.blas, cfg, batch, a, b, c) }
+            .map_err(|e| self.shape(op, format!("cuBLAS GEMM ({}) failed: {e}", T::PRECISION)))
     }
 
-    fn scratch(&self, op: &'static str, len: usize) -> Result<CudaSlice<f32>> {
-        self.dev.zeros::<f32>(len).map_err(|e| self.err(op, e))
+    fn scratch<T: Elem>(&self, op: &'static str, len: usize) -> Result<CudaSlice<T>> {
+        self.dev.zeros::<T>(len).map_err(|e| self.err(op, e))
+    }
+
+    /// `buf` read as `T`: in place, or a cast scratch copy (see `cuda_buf.rs`).
+    fn read<'a, T: Stored>(&self, op: &'static str, buf: &'a CudaBuf) -> Result<In<'a, T>> {
+        if read_plan(buf.storage(), T::PRECISION) == ReadPlan::InPlace {
+            if let Some(s) = T::view(buf) {
+                return Ok(In::Borrowed(s));
+            }
+        }
+        let src = <T::Other as Stored>::view(buf)
+            .ok_or_else(|| self.shape(op, format!("{buf:?} holds neither element type")))?;
+        let mut dst = self.scratch::<T>(op, src.len())?;
+        T::cast_from(&self.dev, &mut dst, src).map_err(|e| self.err(op, e))?;
+        Ok(In::Owned(dst))
+    }
+
+    /// `buf` written as `T` (see [`WritePlan`]); hand the result to [`Cuda::finish`].
+    fn write<'a, T: Stored>(&self, op: &'static str, buf: &'a mut CudaBuf, mode: Mode) -> Result<Out<'a, T>> {
+        match write_plan(buf.storage(), T::PRECISION, mode) {
+            WritePlan::Retype => *buf = T::wrap(self.scratch::<T>(op, buf.len())?),
+            WritePlan::CastBack => {
+                let (other, _) = <T::Other as Stored>::view_mut(buf)
+                    .ok_or_else(|| self.shape(op, "a cast-back output must be a plain buffer".into()))?;
+                let mut tmp = self.scratch::<T>(op, other.len())?;
+                T::cast_from(&self.dev, &mut tmp, other).map_err(|e| self.err(op, e))?;
+                return Ok(Out::Scratch(tmp, other));
+            }
+            WritePlan::InPlace | WritePlan::InPlaceThenMirror => {}
+        }
+        let (slice, mirror) = T::view_mut(buf).ok_or_else(|| self.shape(op, "output storage mismatch".into()))?;
+        Ok(Out::Direct(slice, mirror))
+    }
+
+    /// Completes a write: refreshes a parameter's other copy, or casts a scratch copy back.
+    fn finish<T: Stored>(&self, op: &'static str, out: Out<'_, T>) -> Result<()> {
+        match out {
+            Out::Direct(_, None) => Ok(()),
+            Out::Direct(s, Some(mirror)) => <T::Other as Stored>::cast_from(&self.dev, mirror, s),
+            Out::Scratch(tmp, dst) => <T::Other as Stored>::cast_from(&self.dev, dst, &tmp),
+        }
+        .map_err(|e| self.err(op, e))
+    }
+
+    /// `src` copied into a new buffer of `dst` on `dst`'s stream (after `src`'s last write).
+    fn peer_copy<T: Elem>(&self, op: &'static str, src: &CudaSlice<T>, dst: &Cuda) -> Result<CudaSlice<T>> {
+        let mut out = dst.scratch::<T>(op, src.len())?;
+        // Ordering: memcpy_dtod runs on dst's stream after waiting on `src`'s last write (same context: src's write
+        // event; other device: an event recorded on src's stream), as a peer copy when the devices differ.
+        dst.dev
+            .stream()
+            .memcpy_dtod(src, &mut out)
+            .map_err(|e| self.err(op, CudaError::driver("memcpy_dtod (peer)", e)))?;
+        Ok(out)
+    }
+
+    fn dup<T: Elem>(&self, s: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        self.dev
+            .stream()
+            .clone_dtod(s)
+            .map_err(|e| self.err("duplicate", CudaError::driver("cuMemcpyDtoDAsync", e)))
+    }
+
+    fn memset<T: Elem>(&self, s: &mut CudaSlice<T>) -> Result<()> {
+        self.dev
+            .stream()
+            .memset_zeros(s)
+            .map_err(|e| self.err("fill_zero", CudaError::driver("cuMemsetD8Async", e)))
+    }
+
+    fn copy_t<T: Stored>(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        let op = "copy";
+        let s = self.read::<T>(op, src)?;
+        let mut o = self.write::<T>(op, dst, Mode::Overwrite)?;
+        self.dev
+            .stream()
+            .memcpy_dtod(&*s, o.slice())
+            .map_err(|e| self.err(op, CudaError::driver("cuMemcpyDtoDAsync", e)))?;
+        self.finish(op, o)
+    }
+
+    fn add_assign_t<T: Stored>(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        let op = "add_assign";
+        let s = self.read::<T>(op, src)?;
+        let mut o = self.write::<T>(op, dst, Mode::Accumulate)?;
+        kc::elementwise::add_assign(&self.dev, o.slice(), &s).map_err(|e| self.err(op, e))?;
+        self.finish(op, o)
+    }
+
+    fn scale_t<T: Stored>(&self, buf: &mut CudaBuf, alpha: f32) -> Result<()> {
+        let op = "scale";
+        let mut o = self.write::<T>(op, buf, Mode::Accumulate)?;
+        kc::elementwise::scale(&self.dev, o.slice(), alpha).map_err(|e| self.err(op, e))?;
+        self.finish(op, o)
+    }
+
+    /// Turns `buf` into an fp32 buffer holding the same values (exact from bf16); a parameter keeps its master.
+    fn to_f32_storage(&self, op: &'static str, buf: &mut CudaBuf) -> Result<()> {
+        if let CudaBuf::Bf16(s) = buf {
+            let mut wide = self.scratch::<f32>(op, s.len())?;
+            kc::elementwise::cast_bf16_to_f32(&self.dev, &mut wide, s).map_err(|e| self.err(op, e))?;
+            *buf = CudaBuf::F32(wide);
+        } else if let CudaBuf::Param { master, .. } = buf {
+            *buf = CudaBuf::F32(self.dup(master)?);
+        }
+        Ok(())
+    }
+
+    /// Turns `buf` into a parameter (fp32 master + bf16 working copy) holding the same values.
+    fn to_param_storage(&self, op: &'static str, buf: &mut CudaBuf) -> Result<()> {
+        let promoted = match buf {
+            CudaBuf::Param { .. } => return Ok(()),
+            CudaBuf::F32(master) => {
+                let mut working = self.scratch::<bf16>(op, master.len())?;
+                kc::elementwise::cast_f32_to_bf16(&self.dev, &mut working, master).map_err(|e| self.err(op, e))?;
+                CudaBuf::Param {
+                    master: self.dup(master)?,
+                    working,
+                }
+            }
+            CudaBuf::Bf16(working) => {
+                let mut master = self.scratch::<f32>(op, working.len())?;
+                kc::elementwise::cast_bf16_to_f32(&self.dev, &mut master, working).map_err(|e| self.err(op, e))?;
+                CudaBuf::Param {
+                    master,
+                    working: self.dup(working)?,
+                }
+            }
+        };
+        *buf = promoted;
+        Ok(())
     }
 }
 
-impl Backend for Cuda {
-    type Buf = CudaSlice<f32>;
-    type Tokens = Tokens;
-
-    fn name(&self) -> String {
-        format!("cuda:{}", self.ordinal)
-    }
-    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.dev.zeros(len).map_err(|e| self.err("zeros", e))
-    }
-    fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
-        self.dev.upload(data).map_err(|e| self.err("upload", e))
-    }
-    fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        self.dev.download(buf).map_err(|e| self.err("download", e))
-    }
-    fn upload_tokens(&self, tokens: &[u32]) -> Result<Tokens> {
-        Tokens::upload(&self.dev, tokens).map_err(|e| self.err("upload_tokens", e))
-    }
-    fn len(&self, buf: &CudaSlice<f32>) -> usize {
-        buf.len()
-    }
-    fn duplicate(&self, buf: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        self.dev
-            .stream()
-            .clone_dtod(buf)
-            .map_err(|e| self.err("duplicate", CudaError::driver("cuMemcpyDtoDAsync", e)))
-    }
-    fn transfer(&self, buf: CudaSlice<f32>, dst: &Self) -> Result<CudaSlice<f32>> {
-        let op = "transfer";
-        let mut out = dst.zeros(buf.len())?;
-        // Ordering: memcpy_dtod runs on dst's stream after waiting on `buf`'s last write (same context: buf's write
-        // event; other device: an event recorded on buf's stream), as a peer copy when the devices differ.
-        dst.dev
-            .stream()
-            .memcpy_dtod(&buf, &mut out)
-            .map_err(|e| self.err(op, CudaError::driver("memcpy_dtod (peer)", e)))?;
-        // `buf` is freed on its own stream when dropped: make that stream wait for the copy first.
-        let copied = dst
-            .dev
-            .stream()
-            .record_event(None)
-            .map_err(|e| self.err(op, CudaError::driver("recording the copy's event", e)))?;
-        self.dev
-            .stream()
-            .wait(&copied)
-            .map_err(|e| self.err(op, CudaError::driver("waiting on the copy's event", e)))?;
-        drop(buf);
-        Ok(out)
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.dev.synchronize().map_err(|e| self.err("synchronize", e))
-    }
-
-    fn fill_zero(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
-        self.dev
-            .stream()
-            .memset_zeros(buf)
-            .map_err(|e| self.err("fill_zero", CudaError::driver("cuMemsetD8Async", e)))
-    }
-    fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
-        self.check("copy", "src", src.len(), dst.len())?;
-        self.dev
-            .stream()
-            .memcpy_dtod(src, dst)
-            .map_err(|e| self.err("copy", CudaError::driver("cuMemcpyDtoDAsync", e)))
-    }
-    fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<()> {
-        kc::elementwise::add_assign(&self.dev, dst, src).map_err(|e| self.err("add_assign", e))
-    }
-    fn scale(&self, buf: &mut CudaSlice<f32>, alpha: f32) -> Result<()> {
-        kc::elementwise::scale(&self.dev, buf, alpha).map_err(|e| self.err("scale", e))
-    }
-    fn sum_squares(&self, buf: &CudaSlice<f32>) -> Result<f64> {
-        kc::norm::sum_squares(&self.dev, buf).map_err(|e| self.err("sum_squares", e))
-    }
-    fn sum(&self, buf: &CudaSlice<f32>) -> Result<f64> {
-        kc::norm::sum(&self.dev, buf).map_err(|e| self.err("sum", e))
-    }
-
-    fn embedding_forward(
+/// The model's ops, generic over the element type `T` they compute in (the backend's precision).
+impl Cuda {
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_forward_t<T: Stored>(
         &self,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaBuf,
         tokens: &Tokens,
-        wte: &CudaSlice<f32>,
-        wpe: &CudaSlice<f32>,
+        wte: &CudaBuf,
+        wpe: &CudaBuf,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        kc::embedding::embedding_forward(&self.dev, out, tokens, wte, wpe, b, t, c)
-            .map_err(|e| self.err("embedding_forward", e))
+        let op = "embedding_forward";
+        let (wte, wpe) = (self.read::<T>(op, wte)?, self.read::<T>(op, wpe)?);
+        let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
+        kc::embedding::embedding_forward(&self.dev, o.slice(), tokens, &wte, &wpe, b, t, c)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, o)
     }
-    fn embedding_backward(
+
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward_t<T: Stored>(
         &self,
-        dwte: &mut CudaSlice<f32>,
-        dwpe: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
+        dwte: &mut CudaBuf,
+        dwpe: &mut CudaBuf,
+        dout: &CudaBuf,
         tokens: &Tokens,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        kc::embedding::embedding_backward(&self.dev, dwte, dwpe, dout, tokens, b, t, c)
-            .map_err(|e| self.err("embedding_backward", e))
+        let op = "embedding_backward";
+        let dout = self.read::<T>(op, dout)?;
+        let mut gte = self.write::<T>(op, dwte, Mode::Accumulate)?;
+        let mut gpe = self.write::<T>(op, dwpe, Mode::Accumulate)?;
+        kc::embedding::embedding_backward(&self.dev, gte.slice(), gpe.slice(), &dout, tokens, b, t, c)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, gte)?;
+        self.finish(op, gpe)
     }
-    fn layernorm_forward(
+
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward_t<T: Stored>(
         &self,
-        out: &mut CudaSlice<f32>,
-        mean: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        kc::layernorm::layernorm_forward(&self.dev, out, mean, rstd, inp, weight, bias, n, c)
-            .map_err(|e| self.err("layernorm_forward", e))
+        let op = "layernorm_forward";
+        let (inp, weight, bias) = (
+            self.read::<T>(op, inp)?,
+            self.read::<T>(op, weight)?,
+            self.read::<T>(op, bias)?,
+        );
+        let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
+        // The statistics are fp32 in both precisions (a bf16 buffer from `zeros` is retyped, once).
+        let mut mu = self.write::<f32>(op, mean, Mode::Overwrite)?;
+        let mut rs = self.write::<f32>(op, rstd, Mode::Overwrite)?;
+        kc::layernorm::layernorm_forward(&self.dev, o.slice(), mu.slice(), rs.slice(), &inp, &weight, &bias, n, c)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, o)?;
+        self.finish(op, mu)?;
+        self.finish(op, rs)
     }
-    fn layernorm_backward_input(
+
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_input_t<T: Stored>(
         &self,
-        dinp: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        kc::layernorm::layernorm_backward_input(&self.dev, dinp, dout, inp, weight, mean, rstd, n, c)
-            .map_err(|e| self.err("layernorm_backward_input", e))
+        let op = "layernorm_backward_input";
+        let (dout, inp, weight) = (
+            self.read::<T>(op, dout)?,
+            self.read::<T>(op, inp)?,
+            self.read::<T>(op, weight)?,
+        );
+        let (mean, rstd) = (self.read::<f32>(op, mean)?, self.read::<f32>(op, rstd)?);
+        let mut g = self.write::<T>(op, dinp, Mode::Accumulate)?;
+        kc::layernorm::layernorm_backward_input(&self.dev, g.slice(), &dout, &inp, &weight, &mean, &rstd, n, c)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, g)
     }
-    fn layernorm_backward_weight(
+
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_weight_t<T: Stored>(
         &self,
-        dweight: &mut CudaSlice<f32>,
-        dbias: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
+        dweight: &mut CudaBuf,
+        dbias: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        kc::layernorm::layernorm_backward_weight(&self.dev, dweight, dbias, dout, inp, mean, rstd, n, c)
-            .map_err(|e| self.err("layernorm_backward_weight", e))
+        let op = "layernorm_backward_weight";
+        let (dout, inp) = (self.read::<T>(op, dout)?, self.read::<T>(op, inp)?);
+        let (mean, rstd) = (self.read::<f32>(op, mean)?, self.read::<f32>(op, rstd)?);
+        let mut gw = self.write::<T>(op, dweight, Mode::Accumulate)?;
+        let mut gb = self.write::<T>(op, dbias, Mode::Accumulate)?;
+        kc::layernorm::layernorm_backward_weight(&self.dev, gw.slice(), gb.slice(), &dout, &inp, &mean, &rstd, n, c)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, gw)?;
+        self.finish(op, gb)
     }
-    fn matmul_forward(
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward_t<T: Stored>(
         &self,
-        out: &mut CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
         n: usize,
         c: usize,
         oc: usize,
@@ -354,6 +495,9 @@ impl Backend for Cuda {
         self.check(op, "out", out.len(), n * oc)?;
         self.check(op, "inp", inp.len(), n * c)?;
         self.check(op, "weight", weight.len(), oc * c)?;
+        let (inp, weight) = (self.read::<T>(op, inp)?, self.read::<T>(op, weight)?);
+        let bias = bias.map(|b| self.read::<T>(op, b)).transpose()?;
+        let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
         // Row-major out (n, oc) is column-major (oc, n) = Wᵀ-view · inp-view: W row-major (oc, c) read as
         // column-major (c, oc) and transposed; inp row-major (n, c) is column-major (c, n).
         let g = Gemm3 {
@@ -369,17 +513,18 @@ impl Backend for Cuda {
             batch: 1,
             beta: 0.0,
         };
-        self.gemm(op, g, weight, inp, out)?;
+        self.gemm(op, g, &weight, &inp, o.slice())?;
         if let Some(bias) = bias {
-            kc::bias::bias_forward(&self.dev, out, bias, n, oc).map_err(|e| self.err(op, e))?;
+            kc::bias::bias_forward(&self.dev, o.slice(), &bias, n, oc).map_err(|e| self.err(op, e))?;
         }
-        Ok(())
+        self.finish(op, o)
     }
-    fn matmul_backward_input(
+
+    fn matmul_backward_input_t<T: Stored>(
         &self,
-        dinp: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        weight: &CudaBuf,
         n: usize,
         c: usize,
         oc: usize,
@@ -388,8 +533,10 @@ impl Backend for Cuda {
         self.check(op, "dinp", dinp.len(), n * c)?;
         self.check(op, "dout", dout.len(), n * oc)?;
         self.check(op, "weight", weight.len(), oc * c)?;
+        let (dout, weight) = (self.read::<T>(op, dout)?, self.read::<T>(op, weight)?);
+        let mut g = self.write::<T>(op, dinp, Mode::Accumulate)?;
         // dinp (n, c) += dout (n, oc) · W (oc, c); column-major: dinpᵀ (c, n) += W-view (c, oc) · doutᵀ (oc, n).
-        let g = Gemm3 {
+        let cfg = Gemm3 {
             transa: N_OP,
             transb: N_OP,
             m: c,
@@ -402,14 +549,17 @@ impl Backend for Cuda {
             batch: 1,
             beta: 1.0,
         };
-        self.gemm(op, g, weight, dout, dinp)
+        self.gemm(op, cfg, &weight, &dout, g.slice())?;
+        self.finish(op, g)
     }
-    fn matmul_backward_weight(
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_weight_t<T: Stored>(
         &self,
-        dweight: &mut CudaSlice<f32>,
-        dbias: Option<&mut CudaSlice<f32>>,
-        dout: &CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
+        dweight: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
         n: usize,
         c: usize,
         oc: usize,
@@ -418,8 +568,10 @@ impl Backend for Cuda {
         self.check(op, "dweight", dweight.len(), oc * c)?;
         self.check(op, "dout", dout.len(), n * oc)?;
         self.check(op, "inp", inp.len(), n * c)?;
+        let (dout, inp) = (self.read::<T>(op, dout)?, self.read::<T>(op, inp)?);
+        let mut gw = self.write::<T>(op, dweight, Mode::Accumulate)?;
         // dW (oc, c) += doutᵀ · inp; column-major: dWᵀ (c, oc) += inpᵀ (c, n) · dout (n, oc) (dout read transposed).
-        let g = Gemm3 {
+        let cfg = Gemm3 {
             transa: N_OP,
             transb: T_OP,
             m: c,
@@ -432,17 +584,22 @@ impl Backend for Cuda {
             batch: 1,
             beta: 1.0,
         };
-        self.gemm(op, g, inp, dout, dweight)?;
+        self.gemm(op, cfg, &inp, &dout, gw.slice())?;
+        self.finish(op, gw)?;
         if let Some(dbias) = dbias {
-            kc::bias::bias_backward(&self.dev, dbias, dout, n, oc).map_err(|e| self.err(op, e))?;
+            let mut gb = self.write::<T>(op, dbias, Mode::Accumulate)?;
+            kc::bias::bias_backward(&self.dev, gb.slice(), &dout, n, oc).map_err(|e| self.err(op, e))?;
+            self.finish(op, gb)?;
         }
         Ok(())
     }
-    fn attention_forward(
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward_t<T: Stored>(
         &self,
-        out: &mut CudaSlice<f32>,
-        att: &mut CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
+        out: &mut CudaBuf,
+        att: &mut CudaBuf,
+        qkv: &CudaBuf,
         b: usize,
         t: usize,
         c: usize,
@@ -456,13 +613,16 @@ impl Backend for Cuda {
         if s.head_elems() == 0 {
             return Ok(());
         }
+        let qkv = self.read::<T>(op, qkv)?;
+        let mut out = self.write::<T>(op, out, Mode::Overwrite)?;
+        let mut att = self.write::<T>(op, att, Mode::Overwrite)?;
         let (hs, bh) = (s.hs, b * nh);
-        let mut q = self.scratch(op, s.head_elems())?;
-        let mut k = self.scratch(op, s.head_elems())?;
-        let mut v = self.scratch(op, s.head_elems())?;
-        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, qkv, s).map_err(|e| self.err(op, e))?;
+        let mut q = self.scratch::<T>(op, s.head_elems())?;
+        let mut k = self.scratch::<T>(op, s.head_elems())?;
+        let mut v = self.scratch::<T>(op, s.head_elems())?;
+        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
         // preatt[t1][t2] = q[t1] · k[t2]: column-major (t2, t1) = kᵀ-view · q-view, per (b, h).
-        let mut preatt = self.scratch(op, s.score_elems())?;
+        let mut preatt = self.scratch::<T>(op, s.score_elems())?;
         let scores = Gemm3 {
             transa: T_OP,
             transb: N_OP,
@@ -478,10 +638,10 @@ impl Backend for Cuda {
         };
         self.gemm(op, scores, &k, &q, &mut preatt)?;
         let scale = 1.0 / (hs as f32).sqrt();
-        kc::attention::causal_softmax_forward(&self.dev, att, &preatt, scale, bh * t, t)
+        kc::attention::causal_softmax_forward(&self.dev, att.slice(), &preatt, scale, bh * t, t)
             .map_err(|e| self.err(op, e))?;
         // y[t1][d] = Σ_t2 att[t1][t2] v[t2][d]: column-major (d, t1) = v-view (d, t2) · att-view (t2, t1).
-        let mut y = self.scratch(op, s.head_elems())?;
+        let mut y = self.scratch::<T>(op, s.head_elems())?;
         let values = Gemm3 {
             transa: N_OP,
             transb: N_OP,
@@ -495,15 +655,19 @@ impl Backend for Cuda {
             batch: bh,
             beta: 0.0,
         };
-        self.gemm(op, values, &v, att, &mut y)?;
-        kc::attention::attention_unpermute(&self.dev, out, &y, s).map_err(|e| self.err(op, e))
+        self.gemm(op, values, &v, att.slice(), &mut y)?;
+        kc::attention::attention_unpermute(&self.dev, out.slice(), &y, s).map_err(|e| self.err(op, e))?;
+        self.finish(op, out)?;
+        self.finish(op, att)
     }
-    fn attention_backward(
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_t<T: Stored>(
         &self,
-        dqkv: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
-        att: &CudaSlice<f32>,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        att: &CudaBuf,
         b: usize,
         t: usize,
         c: usize,
@@ -518,14 +682,20 @@ impl Backend for Cuda {
         if s.head_elems() == 0 {
             return Ok(());
         }
+        let (dout, qkv, att) = (
+            self.read::<T>(op, dout)?,
+            self.read::<T>(op, qkv)?,
+            self.read::<T>(op, att)?,
+        );
+        let mut dqkv = self.write::<T>(op, dqkv, Mode::Accumulate)?;
         let (hs, bh) = (s.hs, b * nh);
-        let heads = |o: &'static str| self.scratch(o, s.head_elems());
+        let heads = |o: &'static str| self.scratch::<T>(o, s.head_elems());
         let (mut q, mut k, mut v) = (heads(op)?, heads(op)?, heads(op)?);
-        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, qkv, s).map_err(|e| self.err(op, e))?;
+        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
         let mut dy = heads(op)?;
-        kc::attention::attention_unpermute_backward(&self.dev, &mut dy, dout, s).map_err(|e| self.err(op, e))?;
+        kc::attention::attention_unpermute_backward(&self.dev, &mut dy, &dout, s).map_err(|e| self.err(op, e))?;
         // datt[t1][t2] = dy[t1] · v[t2]: column-major (t2, t1) = vᵀ-view · dy-view.
-        let mut datt = self.scratch(op, s.score_elems())?;
+        let mut datt = self.scratch::<T>(op, s.score_elems())?;
         let g_datt = Gemm3 {
             transa: T_OP,
             transb: N_OP,
@@ -555,10 +725,10 @@ impl Backend for Cuda {
             batch: bh,
             beta: 0.0,
         };
-        self.gemm(op, g_dv, &dy, att, &mut dv)?;
+        self.gemm(op, g_dv, &dy, &att, &mut dv)?;
         let scale = 1.0 / (hs as f32).sqrt();
-        let mut dpre = self.scratch(op, s.score_elems())?;
-        kc::attention::causal_softmax_backward(&self.dev, &mut dpre, &datt, att, scale, bh * t, t)
+        let mut dpre = self.scratch::<T>(op, s.score_elems())?;
+        kc::attention::causal_softmax_backward(&self.dev, &mut dpre, &datt, &att, scale, bh * t, t)
             .map_err(|e| self.err(op, e))?;
         // dq[t1][d] = Σ_t2 dpre[t1][t2] k[t2][d]: column-major (d, t1) = k-view (d, t2) · dpre-view (t2, t1).
         let mut dq = heads(op)?;
@@ -580,59 +750,423 @@ impl Backend for Cuda {
         let mut dk = heads(op)?;
         let g_dk = Gemm3 { transb: T_OP, ..g_dq };
         self.gemm(op, g_dk, &q, &dpre, &mut dk)?;
-        kc::attention::attention_permute_backward(&self.dev, dqkv, &dq, &dk, &dv, s).map_err(|e| self.err(op, e))
+        kc::attention::attention_permute_backward(&self.dev, dqkv.slice(), &dq, &dk, &dv, s)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, dqkv)
     }
-    fn gelu_forward(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>) -> Result<()> {
-        kc::elementwise::gelu_forward(&self.dev, out, inp).map_err(|e| self.err("gelu_forward", e))
+
+    fn gelu_forward_t<T: Stored>(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
+        let op = "gelu_forward";
+        let inp = self.read::<T>(op, inp)?;
+        let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
+        kc::elementwise::gelu_forward(&self.dev, o.slice(), &inp).map_err(|e| self.err(op, e))?;
+        self.finish(op, o)
     }
-    fn gelu_backward(&self, dinp: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, dout: &CudaSlice<f32>) -> Result<()> {
-        kc::elementwise::gelu_backward(&self.dev, dinp, inp, dout).map_err(|e| self.err("gelu_backward", e))
+
+    fn gelu_backward_t<T: Stored>(&self, dinp: &mut CudaBuf, inp: &CudaBuf, dout: &CudaBuf) -> Result<()> {
+        let op = "gelu_backward";
+        let (inp, dout) = (self.read::<T>(op, inp)?, self.read::<T>(op, dout)?);
+        let mut g = self.write::<T>(op, dinp, Mode::Accumulate)?;
+        kc::elementwise::gelu_backward(&self.dev, g.slice(), &inp, &dout).map_err(|e| self.err(op, e))?;
+        self.finish(op, g)
     }
-    fn residual_forward(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<()> {
-        kc::elementwise::residual_forward(&self.dev, out, a, b).map_err(|e| self.err("residual_forward", e))
+
+    fn residual_forward_t<T: Stored>(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
+        let op = "residual_forward";
+        let (a, b) = (self.read::<T>(op, a)?, self.read::<T>(op, b)?);
+        let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
+        kc::elementwise::residual_forward(&self.dev, o.slice(), &a, &b).map_err(|e| self.err(op, e))?;
+        self.finish(op, o)
     }
-    fn cross_entropy_forward(
+
+    fn cross_entropy_forward_t<T: Stored>(
         &self,
-        losses: &mut CudaSlice<f32>,
-        logits: &CudaSlice<f32>,
+        losses: &mut CudaBuf,
+        logits: &CudaBuf,
         targets: &Tokens,
         n: usize,
         v: usize,
     ) -> Result<()> {
-        kc::classifier::cross_entropy_forward(&self.dev, losses, logits, targets, n, v)
-            .map_err(|e| self.err("cross_entropy_forward", e))
+        let op = "cross_entropy_forward";
+        let logits = self.read::<T>(op, logits)?;
+        // Per-token losses are fp32 in both precisions.
+        let mut l = self.write::<f32>(op, losses, Mode::Overwrite)?;
+        kc::classifier::cross_entropy_forward(&self.dev, l.slice(), &logits, targets, n, v)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, l)
     }
-    fn cross_entropy_backward(
+
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_backward_t<T: Stored>(
         &self,
-        dlogits: &mut CudaSlice<f32>,
-        logits: &CudaSlice<f32>,
+        dlogits: &mut CudaBuf,
+        logits: &CudaBuf,
         targets: &Tokens,
         scale: f32,
         n: usize,
         v: usize,
     ) -> Result<()> {
-        kc::classifier::cross_entropy_backward(&self.dev, dlogits, logits, targets, scale, n, v)
-            .map_err(|e| self.err("cross_entropy_backward", e))
+        let op = "cross_entropy_backward";
+        let logits = self.read::<T>(op, logits)?;
+        let mut g = self.write::<T>(op, dlogits, Mode::Accumulate)?;
+        kc::classifier::cross_entropy_backward(&self.dev, g.slice(), &logits, targets, scale, n, v)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, g)
     }
-    fn adamw(
-        &self,
-        cfg: &AdamW,
-        params: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        step: u32,
-    ) -> Result<()> {
-        kc::adamw::adamw_f32(&self.dev, cfg, params, grads, m, v, step).map_err(|e| self.err("adamw", e))
-    }
-}
 
-impl Cuda {
     fn attention_shape(&self, op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<AttentionShape> {
         if nh == 0 || c % nh != 0 {
             return Err(self.shape(op, format!("c ({c}) must be a positive multiple of nh ({nh})")));
         }
         Ok(AttentionShape { b, t, nh, hs: c / nh })
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+    type Tokens = Tokens;
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.ordinal)
+    }
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        Ok(match self.precision {
+            Precision::F32 => CudaBuf::F32(self.scratch("zeros", len)?),
+            Precision::Bf16 => CudaBuf::Bf16(self.scratch("zeros", len)?),
+        })
+    }
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        // Exact in both precisions (weights and moments loaded from a checkpoint lose nothing).
+        Ok(CudaBuf::F32(self.dev.upload(data).map_err(|e| self.err("upload", e))?))
+    }
+    fn upload_param(&self, data: &[f32]) -> Result<CudaBuf> {
+        let op = "upload_param";
+        let master = self.dev.upload(data).map_err(|e| self.err(op, e))?;
+        match self.precision {
+            Precision::F32 => Ok(CudaBuf::F32(master)),
+            Precision::Bf16 => {
+                let mut working = self.scratch::<bf16>(op, master.len())?;
+                kc::elementwise::cast_f32_to_bf16(&self.dev, &mut working, &master).map_err(|e| self.err(op, e))?;
+                Ok(CudaBuf::Param { master, working })
+            }
+        }
+    }
+    fn zeros_state(&self, len: usize) -> Result<CudaBuf> {
+        Ok(CudaBuf::F32(self.scratch("zeros_state", len)?))
+    }
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let op = "download";
+        match buf {
+            CudaBuf::F32(s) | CudaBuf::Param { master: s, .. } => self.dev.download(s).map_err(|e| self.err(op, e)),
+            CudaBuf::Bf16(s) => Ok(self
+                .dev
+                .download(s)
+                .map_err(|e| self.err(op, e))?
+                .into_iter()
+                .map(bf16::to_f32)
+                .collect()),
+        }
+    }
+    fn upload_tokens(&self, tokens: &[u32]) -> Result<Tokens> {
+        Tokens::upload(&self.dev, tokens).map_err(|e| self.err("upload_tokens", e))
+    }
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len()
+    }
+    fn bytes(&self, buf: &CudaBuf) -> usize {
+        buf.bytes()
+    }
+    fn duplicate(&self, buf: &CudaBuf) -> Result<CudaBuf> {
+        Ok(match buf {
+            CudaBuf::F32(s) => CudaBuf::F32(self.dup(s)?),
+            CudaBuf::Bf16(s) => CudaBuf::Bf16(self.dup(s)?),
+            CudaBuf::Param { master, working } => CudaBuf::Param {
+                master: self.dup(master)?,
+                working: self.dup(working)?,
+            },
+        })
+    }
+    fn transfer(&self, buf: CudaBuf, dst: &Self) -> Result<CudaBuf> {
+        let op = "transfer";
+        let out = match &buf {
+            CudaBuf::F32(s) => CudaBuf::F32(self.peer_copy(op, s, dst)?),
+            CudaBuf::Bf16(s) => CudaBuf::Bf16(self.peer_copy(op, s, dst)?),
+            CudaBuf::Param { master, working } => CudaBuf::Param {
+                master: self.peer_copy(op, master, dst)?,
+                working: self.peer_copy(op, working, dst)?,
+            },
+        };
+        // `buf` is freed on its own stream when dropped: make that stream wait for the copy first.
+        let copied = dst
+            .dev
+            .stream()
+            .record_event(None)
+            .map_err(|e| self.err(op, CudaError::driver("recording the copy's event", e)))?;
+        self.dev
+            .stream()
+            .wait(&copied)
+            .map_err(|e| self.err(op, CudaError::driver("waiting on the copy's event", e)))?;
+        drop(buf);
+        Ok(out)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize().map_err(|e| self.err("synchronize", e))
+    }
+
+    fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
+        match buf {
+            CudaBuf::F32(s) => self.memset(s),
+            CudaBuf::Bf16(s) => self.memset(s),
+            CudaBuf::Param { master, working } => {
+                self.memset(master)?;
+                self.memset(working)
+            }
+        }
+    }
+    fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        self.check("copy", "src", src.len(), dst.len())?;
+        dispatch!(dst.storage().native(), self.copy_t(dst, src))
+    }
+    fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        self.check("add_assign", "src", src.len(), dst.len())?;
+        dispatch!(dst.storage().native(), self.add_assign_t(dst, src))
+    }
+    fn scale(&self, buf: &mut CudaBuf, alpha: f32) -> Result<()> {
+        dispatch!(buf.storage().native(), self.scale_t(buf, alpha))
+    }
+    fn sum_squares(&self, buf: &CudaBuf) -> Result<f64> {
+        match buf {
+            CudaBuf::F32(s) | CudaBuf::Param { master: s, .. } => kc::norm::sum_squares(&self.dev, s),
+            CudaBuf::Bf16(s) => kc::norm::sum_squares(&self.dev, s),
+        }
+        .map_err(|e| self.err("sum_squares", e))
+    }
+    fn sum(&self, buf: &CudaBuf) -> Result<f64> {
+        match buf {
+            CudaBuf::F32(s) | CudaBuf::Param { master: s, .. } => kc::norm::sum(&self.dev, s),
+            CudaBuf::Bf16(s) => kc::norm::sum(&self.dev, s),
+        }
+        .map_err(|e| self.err("sum", e))
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        tokens: &Tokens,
+        wte: &CudaBuf,
+        wpe: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        dispatch!(self.precision, self.embedding_forward_t(out, tokens, wte, wpe, b, t, c))
+    }
+    fn embedding_backward(
+        &self,
+        dwte: &mut CudaBuf,
+        dwpe: &mut CudaBuf,
+        dout: &CudaBuf,
+        tokens: &Tokens,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.embedding_backward_t(dwte, dwpe, dout, tokens, b, t, c)
+        )
+    }
+    fn layernorm_forward(
+        &self,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.layernorm_forward_t(out, mean, rstd, inp, weight, bias, n, c)
+        )
+    }
+    fn layernorm_backward_input(
+        &self,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.layernorm_backward_input_t(dinp, dout, inp, weight, mean, rstd, n, c)
+        )
+    }
+    fn layernorm_backward_weight(
+        &self,
+        dweight: &mut CudaBuf,
+        dbias: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.layernorm_backward_weight_t(dweight, dbias, dout, inp, mean, rstd, n, c)
+        )
+    }
+    fn matmul_forward(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        dispatch!(self.precision, self.matmul_forward_t(out, inp, weight, bias, n, c, oc))
+    }
+    fn matmul_backward_input(
+        &self,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        weight: &CudaBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.matmul_backward_input_t(dinp, dout, weight, n, c, oc)
+        )
+    }
+    fn matmul_backward_weight(
+        &self,
+        dweight: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.matmul_backward_weight_t(dweight, dbias, dout, inp, n, c, oc)
+        )
+    }
+    fn attention_forward(
+        &self,
+        out: &mut CudaBuf,
+        att: &mut CudaBuf,
+        qkv: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        dispatch!(self.precision, self.attention_forward_t(out, att, qkv, b, t, c, nh))
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        att: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.attention_backward_t(dqkv, dout, qkv, att, b, t, c, nh)
+        )
+    }
+    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
+        dispatch!(self.precision, self.gelu_forward_t(out, inp))
+    }
+    fn gelu_backward(&self, dinp: &mut CudaBuf, inp: &CudaBuf, dout: &CudaBuf) -> Result<()> {
+        dispatch!(self.precision, self.gelu_backward_t(dinp, inp, dout))
+    }
+    fn residual_forward(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
+        dispatch!(self.precision, self.residual_forward_t(out, a, b))
+    }
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut CudaBuf,
+        logits: &CudaBuf,
+        targets: &Tokens,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.cross_entropy_forward_t(losses, logits, targets, n, v)
+        )
+    }
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut CudaBuf,
+        logits: &CudaBuf,
+        targets: &Tokens,
+        scale: f32,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        dispatch!(
+            self.precision,
+            self.cross_entropy_backward_t(dlogits, logits, targets, scale, n, v)
+        )
+    }
+    fn adamw(
+        &self,
+        cfg: &AdamW,
+        params: &mut CudaBuf,
+        grads: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        step: u32,
+    ) -> Result<()> {
+        let op = "adamw";
+        self.check(op, "grads", grads.len(), params.len())?;
+        // The moments are fp32 in both precisions (a bf16 one, from a plain `zeros`, is widened exactly, once).
+        self.to_f32_storage(op, m)?;
+        self.to_f32_storage(op, v)?;
+        let mut mo = self.write::<f32>(op, m, Mode::Accumulate)?;
+        let mut vo = self.write::<f32>(op, v, Mode::Accumulate)?;
+        match self.precision {
+            Precision::F32 => {
+                let grads = self.read::<f32>(op, grads)?;
+                let mut p = self.write::<f32>(op, params, Mode::Accumulate)?;
+                kc::adamw::adamw_f32(&self.dev, cfg, p.slice(), &grads, mo.slice(), vo.slice(), step)
+                    .map_err(|e| self.err(op, e))?;
+                self.finish(op, p)?;
+            }
+            Precision::Bf16 => {
+                // fp32 master + bf16 working copy (a weight uploaded plainly, e.g. by a checkpoint load, is promoted
+                // here: exactly, from fp32).
+                self.to_param_storage(op, params)?;
+                let grads = self.read::<bf16>(op, grads)?;
+                let CudaBuf::Param { master, working } = params else {
+                    return Err(self.shape(op, "parameter promotion failed".into()));
+                };
+                kc::adamw::adamw_bf16(&self.dev, cfg, master, working, &grads, mo.slice(), vo.slice(), step)
+                    .map_err(|e| self.err(op, e))?;
+            }
+        }
+        self.finish(op, mo)?;
+        self.finish(op, vo)
     }
 }
 
@@ -646,5 +1180,16 @@ mod tests {
         assert_eq!(span(N_OP, 3, 2, 3), 6);
         assert_eq!(span(T_OP, 3, 2, 2), 6);
         assert_eq!(span(N_OP, 0, 2, 3), 0);
+    }
+
+    #[test]
+    fn no_device_in_either_precision_is_an_error() {
+        for p in Precision::ALL {
+            match Cuda::with_precision(usize::MAX, p) {
+                Err(EngineError::NoCudaDevice(why)) => assert!(!why.is_empty()),
+                Err(other) => panic!("{p}: expected NoCudaDevice, got {other}"),
+                Ok(_) => panic!("{p}: device usize::MAX cannot exist"),
+            }
+        }
     }
 }

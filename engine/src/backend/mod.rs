@@ -3,18 +3,20 @@
 
 mod cpu;
 mod cuda;
+mod cuda_buf;
 
 pub use cpu::Cpu;
 pub use cuda::Cuda;
+pub use cuda_buf::{CudaBuf, Precision, Storage};
 
 use baton_kernels::cpu::AdamW;
 
 use crate::error::Result;
 
-/// A device (or host) that stores `f32` buffers and runs the model's ops on them, in order, on
-/// one queue. Every op that writes a gradient **accumulates** (`+=`) into it, as in
-/// [`baton_kernels::cpu`]. Dimensions: `n` rows (= b·t tokens), `c` channels, `oc` out
-/// channels, `nh` heads, `v` vocabulary.
+/// A device (or host) that stores `f32` buffers (on a mixed-precision device: buffers that upload and download as
+/// `f32`, see [`Precision`]) and runs the model's ops on them, in order, on one queue. Every op that writes a
+/// gradient **accumulates** (`+=`) into it, as in [`baton_kernels::cpu`]. Dimensions: `n` rows (= b·t tokens),
+/// `c` channels, `oc` out channels, `nh` heads, `v` vocabulary.
 pub trait Backend: Send + Sync + 'static {
     /// A buffer of `f32` on this backend.
     type Buf: Send + Sync + 'static;
@@ -27,6 +29,19 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     /// A buffer holding a copy of `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A parameter's weights holding `data`. In a mixed-precision backend: the fp32 master copy (what the
+    /// optimizer updates and `download` returns) with the low-precision working copy the ops read.
+    fn upload_param(&self, data: &[f32]) -> Result<Self::Buf> {
+        self.upload(data)
+    }
+    /// A zero-filled optimizer-state buffer (AdamW moments): fp32 whatever the backend's precision.
+    fn zeros_state(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+    /// Bytes the buffer occupies on its device (4 per element for fp32 storage).
+    fn bytes(&self, buf: &Self::Buf) -> usize {
+        self.len(buf) * 4
+    }
     /// The buffer's contents on the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Token ids on this backend.

@@ -37,10 +37,10 @@ impl<B: Backend> Param<B> {
         Ok(Param {
             name,
             shape,
-            value: be.upload(&init)?,
+            value: be.upload_param(&init)?,
             grad: be.zeros(len)?,
-            m: be.zeros(len)?,
-            v: be.zeros(len)?,
+            m: be.zeros_state(len)?,
+            v: be.zeros_state(len)?,
             decay,
             tied_to: None,
         })
@@ -107,9 +107,9 @@ impl<B: Backend> Saved<B> {
         self.slots[slot] = None;
     }
 
-    /// Bytes held (4 per element).
+    /// Bytes held on the device.
     pub fn bytes(&self, be: &B) -> usize {
-        self.slots.iter().flatten().map(|b| be.len(b) * 4).sum()
+        self.slots.iter().flatten().map(|b| be.bytes(b)).sum()
     }
 }
 

@@ -1,10 +1,10 @@
 //! Launchers of the element-wise kernels: GELU (`gelu.cu`), residual add and the backend helpers `dst += src`,
 //! `buf *= alpha` (`residual.cu`), and the fp32 ↔ bf16 casts (`cast.cu`).
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
 
-use super::device::{elementwise_cfg, launch_kernel, Device, Elem};
+use super::device::{elementwise_cfg, launch_kernel, Device, Elem, BLOCK_1D};
 use super::error::{check_len, Result};
 use super::registry::{CAST, GELU, RESIDUAL};
 
@@ -109,6 +109,27 @@ pub fn scale<T: Elem>(dev: &Device, buf: &mut CudaSlice<T>, alpha: f32) -> Resul
         cfg,
         [buf, &alpha, &n]
     )
+}
+
+/// Blocks of [`slow_fill_f32`]: enough to cover a large buffer in a few grid-stride rounds.
+const SLOW_FILL_BLOCKS_MAX: u64 = 1024;
+
+/// Test helper: after spinning `cycles` SM clock cycles (≈ `cycles` / 1.9e9 s on an H200), writes `value` to every
+/// element of `buf`. Used to show that a consumer on another stream waits for the producer's last write.
+pub fn slow_fill_f32(dev: &Device, buf: &mut CudaSlice<f32>, value: f32, cycles: u64) -> Result<()> {
+    let n = buf.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = n.div_ceil(u64::from(BLOCK_1D)).min(SLOW_FILL_BLOCKS_MAX) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK_1D, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: slow_fill_f32(float* buf, float value, u64 n, u64 cycles); buf holds n elements and the kernel's
+    // grid-stride loop writes indices < n only.
+    launch_kernel!(dev, RESIDUAL, "slow_fill_f32", cfg, [buf, &value, &n, &cycles])
 }
 
 /// `out = bf16(inp)` (round to nearest even).

@@ -74,7 +74,8 @@ pub const GELU: KernelSource = KernelSource {
     training_path: true,
 };
 
-/// Residual add and the element-wise helpers of the backend (`dst += src`, `buf *= alpha`).
+/// Residual add and the element-wise helpers of the backend (`dst += src`, `buf *= alpha`), and the slow fill of the
+/// copy-ordering race test.
 pub const RESIDUAL: KernelSource = KernelSource {
     name: "residual",
     source: include_str!("../../cuda/residual.cu"),
@@ -85,6 +86,7 @@ pub const RESIDUAL: KernelSource = KernelSource {
         "add_assign_bf16",
         "scale_f32",
         "scale_bf16",
+        "slow_fill_f32",
     ],
     training_path: true,
 };
