@@ -104,6 +104,9 @@ pub struct TrainConfig {
     /// Precision on a GPU: `bf16` (bf16 activations, weights and gradients; fp32 master weights
     /// and moments), `f32`, or `auto` (bf16 on a GPU; the CPU always computes in f32).
     pub precision: String,
+    /// Copy bandwidth between devices in GB/s, for the layout prediction printed at the end of
+    /// a run (0: transfers are free).
+    pub copy_gbps: f64,
 }
 
 impl Default for TrainConfig {
@@ -144,6 +147,7 @@ impl Default for TrainConfig {
             stop_at: None,
             peak_tflops: 0.0,
             precision: "auto".into(),
+            copy_gbps: 0.0,
         }
     }
 }
@@ -250,6 +254,9 @@ pub struct TrainArgs {
     /// GPU precision: bf16 (fp32 master weights), f32, or auto (bf16 on a GPU).
     #[arg(long, value_name = "bf16|f32|auto")]
     pub precision: Option<String>,
+    /// Copy bandwidth between devices in GB/s for the end-of-run layout prediction (0: free).
+    #[arg(long, value_name = "GBPS")]
+    pub copy_gbps: Option<f64>,
 }
 
 impl TrainArgs {
@@ -306,6 +313,9 @@ impl TrainArgs {
         }
         if let Some(precision) = &self.precision {
             c.precision = precision.clone();
+        }
+        if let Some(gbps) = self.copy_gbps {
+            c.copy_gbps = gbps;
         }
         if self.out.is_some() {
             c.out = self.out.clone();
@@ -380,6 +390,12 @@ fn check(c: &TrainConfig) -> Result<(), CliError> {
         return Err(CliError::usage(format!(
             "--microbatches {} must divide --batch {} (each micro-batch holds batch / microbatches sequences)",
             c.microbatches, c.batch
+        )));
+    }
+    if !c.copy_gbps.is_finite() || c.copy_gbps < 0.0 {
+        return Err(CliError::usage(format!(
+            "--copy-gbps {} must be finite and >= 0",
+            c.copy_gbps
         )));
     }
     if !c.peak_tflops.is_finite() || c.peak_tflops < 0.0 {
@@ -863,7 +879,16 @@ fn train_on<B: Backend>(
     }
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(report) = &last {
-        summary(c.seq, &pipeline, report, elapsed, total_tokens, first_val, last_val);
+        summary(
+            c.seq,
+            c.copy_gbps,
+            &pipeline,
+            report,
+            elapsed,
+            total_tokens,
+            first_val,
+            last_val,
+        );
     }
     if !stalls.is_empty() {
         let mean = stalls.iter().sum::<f64>() / stalls.len() as f64;
@@ -932,8 +957,10 @@ pub fn predicted_bubble<B: Backend>(pipeline: &Pipeline<B>, report: &StepReport)
         .map(|r| r.bubble)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn summary<B: Backend>(
     seq: usize,
+    copy_gbps: f64,
     pipeline: &Pipeline<B>,
     report: &StepReport,
     elapsed: f64,
@@ -967,7 +994,11 @@ fn summary<B: Backend>(
             cfg.chunks,
             &[1, 2, 4, 8],
             act_bytes,
-            f64::INFINITY,
+            if copy_gbps > 0.0 {
+                copy_gbps * 1e9
+            } else {
+                f64::INFINITY
+            },
         ) {
             let text: Vec<String> = preds
                 .iter()
