@@ -1011,8 +1011,13 @@ fn summary<B: Backend>(
                     )
                 })
                 .collect();
+            let link = if copy_gbps > 0.0 {
+                format!("{copy_gbps} GB/s copies")
+            } else {
+                "free transfers".into()
+            };
             eprintln!(
-                "predicted with one stage per device from these costs: {}",
+                "predicted with one stage per device from these costs ({link}): {}",
                 text.join("; ")
             );
         }
