@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (an H200): library discovery, the GPU parity suite, the engine's CUDA test, then the
-# kernel benches, printing LAST a table (kernel, shape, time, GB/s or TFLOP/s, % of the measured ceiling).
-# Full logs go under $OUT (default ./gpu-check-out). Budget: under 8 minutes.
+# One command for a lent GPU (an H200): library discovery, the GPU parity suite, the engine's CUDA test, the
+# kernel and transport benches, then GPT-2 124M end to end (bf16, p = 1, 2, 4 stages of 1F1B on the one GPU),
+# printing LAST a table (kernel, shape, time, GB/s or TFLOP/s, % of the measured ceiling) and one line per stage
+# count (tokens/s, MFU, measured vs simulated bubble). Full logs go under $OUT (default ./gpu-check-out).
+# Expected runtime on an H200, about 7 minutes: parity suites + engine test ~2.5 min, kernel bench ~2.5 min,
+# transport bench ~0.5 min, end to end ~1.5 min (3 runs of 6 steps at 64×1024 tokens; start-up included).
+# The per-step timeouts bound a hung step, not the expected time.
 #
 #   scripts/gpu-check.sh build   # on a machine with cargo (e.g. the dev machine): release-build the three test /
 #                                # bench executables into target/gpu-bin (carry that folder to the GPU machine)
@@ -36,6 +40,7 @@ if [[ "${1:-}" == "build" ]]; then
   build_one gpu_parity_gemm test --release -p baton-kernels --test gpu_parity_gemm
   build_one cuda_backend test --release -p baton-engine --test cuda_backend
   build_one kernels_bench bench -p baton --bench kernels
+  build_one transport_bench bench -p baton --bench transport
   cargo build --release --bin baton >/dev/null 2>&1 && cp target/release/baton "$BIN/baton" &&
     strip --strip-debug "$BIN/baton" 2>/dev/null || true
   echo "gpu-check: baton <- target/release/baton"
@@ -101,9 +106,25 @@ run_step parity_attention 60 "$BIN/gpu_parity_attention" --ignored --test-thread
 run_step parity_gemm 60 "$BIN/gpu_parity_gemm" --ignored --test-threads 1 --nocapture
 run_step engine 90 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
 run_step bench 240 "$BIN/kernels_bench" --bench
-# End to end: a short run of the pipeline on the GPU (fp32 backend), 4 stages sharing the device.
+if [[ -x "$BIN/transport_bench" ]]; then
+  run_step transport 90 "$BIN/transport_bench" --bench
+fi
+# End-to-end benchmark: GPT-2 124M, B·T = 64×1024 per step, bf16, 1F1B with p = 1, 2, 4 stages on the one GPU.
+# MFU against the kernel bench's measured cuBLASLt bf16 ceiling when it printed one.
+PEAK=$(grep -h '^SUMMARY kernel=ceiling_cublaslt_bf16 ' "$OUT/bench.log" 2>/dev/null |
+  sed -n 's/.* tflops=\([0-9.]*\).*/\1/p' | head -1 || true)
+declare -a PEAK_ARG=()
+[[ -n "$PEAK" ]] && PEAK_ARG=(--peak-tflops "$PEAK")
+echo "== e2e: peak for MFU: ${PEAK:-none measured} TFLOP/s"
+E2E_STAGES=(1 2 4)
 if [[ -x "$BIN/baton" ]]; then
-  run_step train_cuda 90 "$BIN/baton" train --device cuda --steps 20 --stages 4 --out "$OUT/train-cuda" --eval-every 10
+  for p in "${E2E_STAGES[@]}"; do
+    run_step "e2e_p$p" 150 "$BIN/baton" train --device cuda --precision bf16 --tokenizer gpt2 --layers 12 \
+      --d-model 768 --heads 12 --seq 1024 --batch 64 --microbatches 8 --stages "$p" --schedule 1f1b \
+      --steps 6 --warmup 2 --eval-every 0 ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} --out "$OUT/e2e-p$p"
+    # The run ends with a checkpoint (~1.5 GB for 124M parameters + moments): not needed here.
+    rm -rf "$OUT/e2e-p$p/checkpoints"
+  done
 fi
 # The PyTorch reference (GPT-2 124M, bf16 autocast, torch.compile, fused AdamW), when asked for.
 if [[ "${BATON_GPU_CHECK_TORCH:-0}" == "1" ]]; then
@@ -115,8 +136,27 @@ echo "== done in $(( $(date +%s) - START )) s; logs in $OUT"
 echo
 echo "== summary (bench: median of 20 CUDA-event-timed runs; % of the measured ceiling)"
 printf '%-28s %-28s %10s %9s %9s %8s\n' kernel shape time_us TFLOP/s GB/s '%ceil'
-grep '^SUMMARY' "$OUT/bench.log" | sed 's/^SUMMARY //' | awk '{
+grep -h '^SUMMARY' "$OUT/bench.log" "$OUT/transport.log" 2>/dev/null | sed 's/^SUMMARY //' | awk '{
   for (i = 1; i <= NF; i++) { j = index($i, "="); v[substr($i, 1, j - 1)] = substr($i, j + 1) }
   printf "%-28s %-28s %10s %9s %9s %8s\n", v["kernel"], v["shape"], v["time_us"], v["tflops"], v["gbs"], v["pct_ceiling"]
 }' | tee "$OUT/summary.txt" || true
+echo
+echo "== end to end: GPT-2 124M, bf16, 1F1B, B·T = 64×1024, one GPU (last step of 6; MFU vs ${PEAK:-no} TFLOP/s)"
+printf '%-8s %12s %8s %16s %16s\n' stages tokens/s MFU bubble_measured bubble_simulated | tee -a "$OUT/summary.txt"
+for p in "${E2E_STAGES[@]}"; do
+  metrics="$OUT/e2e-p$p/metrics.jsonl"
+  cols=$(python3 - "$metrics" <<'PY' 2>/dev/null || echo "- -"
+import json, sys
+lines = [l for l in open(sys.argv[1]) if l.strip()]
+m = json.loads(lines[-1])
+tps = m.get("tokens_per_s")
+mfu = m.get("mfu")
+print(f"{tps:.0f}" if tps is not None else "-", f"{100 * mfu:.1f}%" if mfu is not None else "-")
+PY
+)
+  bubble=$(grep -h 'last step: measured bubble' "$OUT/e2e_p$p.log" 2>/dev/null | tail -1 |
+    sed -n 's/.*measured bubble \([^,]*\), simulated from measured action costs \(.*\)$/\1 \2/p' || true)
+  # shellcheck disable=SC2086
+  printf '%-8s %12s %8s %16s %16s\n' "$p" $cols ${bubble:-- -} | tee -a "$OUT/summary.txt"
+done
 exit $STATUS

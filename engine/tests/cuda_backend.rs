@@ -328,3 +328,73 @@ fn bf16_parameters_keep_an_fp32_master() {
         .collect();
     assert_eq!(w, [1.0, -3.0, half::bf16::from_f32(0.1).to_f32()]);
 }
+
+/// The pinned-host fallback (forced on one GPU): a slow producer's buffer moved device→pinned on its stream and
+/// pinned→device on the consumer's must arrive filled; repeated transfers reuse the staging buffer in order.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn pinned_host_transfer_waits_for_a_slow_producer() {
+    const N: usize = 4 << 20;
+    const CYCLES: u64 = 50_000_000;
+    for precision in Precision::ALL {
+        let producer = Cuda::with_precision(0, precision).unwrap();
+        let consumer = producer.with_new_stream().unwrap();
+        assert_eq!(
+            producer.transport_to(&consumer).unwrap(),
+            baton_engine::backend::Transport::SameDevice
+        );
+        consumer.synchronize().unwrap();
+        for round in 0..3 {
+            let value = 7.0 + round as f32;
+            let mut buf = CudaBuf::F32(producer.device().zeros::<f32>(N).unwrap());
+            producer.synchronize().unwrap();
+            let CudaBuf::F32(slice) = &mut buf else { unreachable!() };
+            baton_kernels::cuda::elementwise::slow_fill_f32(producer.device(), slice, value, CYCLES).unwrap();
+            let moved = producer.transfer_via_pinned_host(buf, &consumer).unwrap();
+            let host = consumer.download(&moved).unwrap();
+            let stale = host.iter().position(|&x| x != value);
+            assert!(
+                stale.is_none(),
+                "{precision} round {round}: element {stale:?} is stale ({:?})",
+                stale.map(|i| host[i])
+            );
+        }
+        // A parameter keeps both copies through the pinned route too.
+        let data = [1.0f32 + 1.0 / 1024.0, -3.0, 0.1];
+        let param = producer.upload_param(&data).unwrap();
+        let moved = producer.transfer_via_pinned_host(param, &consumer).unwrap();
+        assert_eq!(consumer.download(&moved).unwrap(), data);
+        producer.synchronize().unwrap();
+        consumer.synchronize().unwrap();
+    }
+}
+
+/// The default memory pool keeps what it reserved: after one warm-up step, three more steps of a 2-stage bf16
+/// pipeline on one GPU reserve nothing new from the driver.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn memory_pool_does_not_grow_after_warmup() {
+    use matrix::*;
+    let stages = stages(2, Precision::Bf16);
+    let probe = stages[0].clone();
+    let mut cfg = PipelineConfig::new(model(), 2, ScheduleKind::OneFOneB, MICROBATCHES);
+    cfg.optimizer.warmup_steps = 1;
+    cfg.optimizer.total_steps = 4;
+    let mut pipe = Pipeline::new(cfg, stages).unwrap();
+    let data = batches();
+    pipe.train_step(&data[0]).unwrap();
+    probe.synchronize().unwrap();
+    let warm = probe.pool_reserved_bytes().unwrap();
+    println!("pool reserved after warm-up: {warm} bytes");
+    assert!(
+        warm > 0,
+        "the default memory pool reserved nothing: not the stream-ordered allocator?"
+    );
+    for (i, b) in data[1..4].iter().enumerate() {
+        pipe.train_step(b).unwrap();
+        probe.synchronize().unwrap();
+        let now = probe.pool_reserved_bytes().unwrap();
+        println!("pool reserved after step {}: {now} bytes", i + 2);
+        assert!(now <= warm, "step {}: the pool grew from {warm} to {now} bytes", i + 2);
+    }
+}

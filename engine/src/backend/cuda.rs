@@ -19,22 +19,39 @@
 //! `sum_squares` and `synchronize` wait. Buffers carry cudarc's read/write events, so a buffer used on another
 //! stream (another stage's `Cuda`) is waited for automatically.
 //!
-//! `transfer` to another `Cuda` copies on the **destination's** stream: it first waits on the source buffer's last
-//! write (an event recorded on the source stream; cudarc's `memcpy_dtod`, which uses `cuMemcpyPeerAsync` when the
-//! two devices differ), then the source stream waits on an event recorded after the copy before the source buffer
-//! is freed, so the free cannot overtake the copy. Every storage kind is copied as is (a parameter: both copies).
+//! `transfer` to another `Cuda` takes the route `cuda_peer.rs` decides once per pair of devices ([`Transport`]):
+//! - **same device** (e.g. two stages sharing the one GPU): a device-to-device copy on the **destination's** stream,
+//!   after waiting on the source buffer's last write (cudarc's write event);
+//! - **peer** (different devices, peer access enabled once per pair with `cuCtxEnablePeerAccess` and the source
+//!   pool's `cuMemPoolSetAccess`): `cuMemcpyPeerAsync` on the destination's stream, after an event recorded on the
+//!   source stream;
+//! - **pinned host** (different devices without peer access): device→pinned on the **source** stream (after the
+//!   buffer's last write), pinned→device on the destination stream after an event recorded behind the first copy;
+//!   no host synchronisation in the steady state.
+//!
+//! On the first two routes the source stream then waits on an event recorded after the copy before the source
+//! buffer is freed, so the free cannot overtake the copy; on the third the source stream read the buffer itself.
+//! Every storage kind is copied as is (a parameter: both copies). The destination's consumers are ordered after
+//! the copy by the new buffer's write event.
+//!
+//! **Memory.** Buffers come from the stream-ordered allocator (`cuMemAllocAsync` on the device's default memory
+//! pool) per op. At creation the backend sets that pool's release threshold to `u64::MAX` (`cuda_peer.rs`), so
+//! freed memory stays in the pool: after the first training step every allocation is served from memory the pool
+//! already holds, i.e. no `cuMemAlloc` / `cuMemFree` (no driver reservation or release) in the steady state. The
+//! per-op pool calls themselves remain; per-stage buffer pools sized from the schedule are not built.
 
 use std::sync::Arc;
 
 use baton_kernels::cpu::AdamW;
 use baton_kernels::cuda::cudarc::cublas::sys::cublasOperation_t;
 use baton_kernels::cuda::cudarc::cublas::{CudaBlas, GemmConfig};
-use baton_kernels::cuda::cudarc::driver::CudaSlice;
+use baton_kernels::cuda::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use baton_kernels::cuda::{self as kc, attention::AttentionShape, cublas_available, CudaError, Device, Elem, Tokens};
 use half::bf16;
 
 use super::cuda_buf::{read_plan, write_plan, In, Mode, Out, ReadPlan, Stored, WritePlan};
 use super::cuda_buf::{CudaBuf, Precision};
+use super::cuda_peer::{self as peer, Transport};
 use super::Backend;
 use crate::error::{EngineError, Result};
 
@@ -123,6 +140,12 @@ impl Cuda {
 
     fn on(ordinal: usize, dev: Device, precision: Precision) -> Result<Cuda> {
         cublas_available().map_err(|e| EngineError::NoCudaDevice(e.to_string()))?;
+        // Freed memory stays in the device's default pool: no driver allocation in the steady state.
+        peer::keep_pool_memory(dev.context()).map_err(|e| EngineError::Backend {
+            backend: format!("cuda:{ordinal}"),
+            op: "memory pool",
+            reason: format!("setting the release threshold: {e}"),
+        })?;
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| EngineError::NoCudaDevice(format!("cublasCreate: {e:?}")))?;
         Ok(Cuda {
@@ -141,6 +164,26 @@ impl Cuda {
     /// The kernels' view of the device (context, stream, library), for callers that launch kernels directly.
     pub fn device(&self) -> &Device {
         &self.dev
+    }
+
+    /// How [`Backend::transfer`] from this backend to `dst` moves its bytes (decided, and peer access enabled,
+    /// once per pair of devices).
+    pub fn transport_to(&self, dst: &Cuda) -> Result<Transport> {
+        peer::route(self.dev.context(), dst.dev.context())
+            .map_err(|e| self.err("transport_to", CudaError::driver("enabling peer access", e)))
+    }
+
+    /// [`Backend::transfer`] forced through pinned host memory whatever the devices (the fallback route where
+    /// peer access is impossible): for tests and benches on one GPU.
+    pub fn transfer_via_pinned_host(&self, buf: CudaBuf, dst: &Cuda) -> Result<CudaBuf> {
+        self.transfer_by(buf, dst, Transport::PinnedHost)
+    }
+
+    /// Bytes the device's default memory pool holds from the driver (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`): flat
+    /// after the first step when nothing is allocated outside the pool in the steady state.
+    pub fn pool_reserved_bytes(&self) -> Result<u64> {
+        peer::pool_reserved_bytes(self.dev.context())
+            .map_err(|e| self.err("pool_reserved_bytes", CudaError::driver("cuMemPoolGetAttribute", e)))
     }
 
     fn err(&self, op: &'static str, e: CudaError) -> EngineError {
@@ -271,15 +314,80 @@ impl Cuda {
         .map_err(|e| self.err(op, e))
     }
 
-    /// `src` copied into a new buffer of `dst` on `dst`'s stream (after `src`'s last write).
+    /// A buffer of `len` elements on `dst`'s stream whose contents are not initialised: only for a copy's target.
+    fn uninit<T: Elem>(&self, op: &'static str, dst: &Cuda, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller overwrites the whole buffer with a copy queued on `dst`'s stream (or ordered before
+        // it by the buffer's write event) before anything reads it.
+        unsafe { dst.dev.stream().alloc::<T>(len) }
+            .map_err(|e| self.err(op, CudaError::driver(format!("allocating {len} elements"), e)))
+    }
+
+    /// `src` copied into a new buffer of `dst` on `dst`'s stream (after `src`'s last write): a device-to-device
+    /// copy, or `cuMemcpyPeerAsync` when the devices differ.
     fn peer_copy<T: Elem>(&self, op: &'static str, src: &CudaSlice<T>, dst: &Cuda) -> Result<CudaSlice<T>> {
-        let mut out = dst.scratch::<T>(op, src.len())?;
+        let mut out = self.uninit::<T>(op, dst, src.len())?;
         // Ordering: memcpy_dtod runs on dst's stream after waiting on `src`'s last write (same context: src's write
         // event; other device: an event recorded on src's stream), as a peer copy when the devices differ.
         dst.dev
             .stream()
             .memcpy_dtod(src, &mut out)
             .map_err(|e| self.err(op, CudaError::driver("memcpy_dtod (peer)", e)))?;
+        Ok(out)
+    }
+
+    /// `src` copied into a new buffer of `dst` through pinned host memory: device→pinned on this stream,
+    /// pinned→device on `dst`'s, ordered by events (`cuda_peer.rs`).
+    fn staged_copy<T: Elem>(&self, op: &'static str, src: &CudaSlice<T>, dst: &Cuda) -> Result<CudaSlice<T>> {
+        let mut out = self.uninit::<T>(op, dst, src.len())?;
+        let (src_stream, dst_stream) = (self.dev.stream(), dst.dev.stream());
+        let bytes = src.num_bytes();
+        {
+            // `device_ptr` makes this stream wait on `src`'s last write and records its read event here when the
+            // guard drops (after the device→pinned copy is queued); `device_ptr_mut` makes dst's stream wait on
+            // `out`'s events and records its write event there after the pinned→device copy.
+            let (src_ptr, _read) = src.device_ptr(src_stream);
+            let (dst_ptr, _write) = out.device_ptr_mut(dst_stream);
+            peer::copy_via_pinned_host(src_ptr, src_stream, dst_ptr, dst_stream, bytes)
+                .map_err(|e| self.err(op, CudaError::driver("copy through pinned host memory", e)))?;
+        }
+        Ok(out)
+    }
+
+    /// The transfer of `buf` to `dst` by `route`.
+    fn transfer_by(&self, buf: CudaBuf, dst: &Cuda, route: Transport) -> Result<CudaBuf> {
+        let op = "transfer";
+        let out = match route {
+            Transport::SameDevice | Transport::Peer => match &buf {
+                CudaBuf::F32(s) => CudaBuf::F32(self.peer_copy(op, s, dst)?),
+                CudaBuf::Bf16(s) => CudaBuf::Bf16(self.peer_copy(op, s, dst)?),
+                CudaBuf::Param { master, working } => CudaBuf::Param {
+                    master: self.peer_copy(op, master, dst)?,
+                    working: self.peer_copy(op, working, dst)?,
+                },
+            },
+            Transport::PinnedHost => match &buf {
+                CudaBuf::F32(s) => CudaBuf::F32(self.staged_copy(op, s, dst)?),
+                CudaBuf::Bf16(s) => CudaBuf::Bf16(self.staged_copy(op, s, dst)?),
+                CudaBuf::Param { master, working } => CudaBuf::Param {
+                    master: self.staged_copy(op, master, dst)?,
+                    working: self.staged_copy(op, working, dst)?,
+                },
+            },
+        };
+        if route != Transport::PinnedHost {
+            // `buf` is freed on its own stream when dropped: make that stream wait for the copy first. (The pinned
+            // route read `buf` on this stream itself, so its free is already ordered after the read.)
+            let copied = dst
+                .dev
+                .stream()
+                .record_event(None)
+                .map_err(|e| self.err(op, CudaError::driver("recording the copy's event", e)))?;
+            self.dev
+                .stream()
+                .wait(&copied)
+                .map_err(|e| self.err(op, CudaError::driver("waiting on the copy's event", e)))?;
+        }
+        drop(buf);
         Ok(out)
     }
 
@@ -887,27 +995,8 @@ impl Backend for Cuda {
         })
     }
     fn transfer(&self, buf: CudaBuf, dst: &Self) -> Result<CudaBuf> {
-        let op = "transfer";
-        let out = match &buf {
-            CudaBuf::F32(s) => CudaBuf::F32(self.peer_copy(op, s, dst)?),
-            CudaBuf::Bf16(s) => CudaBuf::Bf16(self.peer_copy(op, s, dst)?),
-            CudaBuf::Param { master, working } => CudaBuf::Param {
-                master: self.peer_copy(op, master, dst)?,
-                working: self.peer_copy(op, working, dst)?,
-            },
-        };
-        // `buf` is freed on its own stream when dropped: make that stream wait for the copy first.
-        let copied = dst
-            .dev
-            .stream()
-            .record_event(None)
-            .map_err(|e| self.err(op, CudaError::driver("recording the copy's event", e)))?;
-        self.dev
-            .stream()
-            .wait(&copied)
-            .map_err(|e| self.err(op, CudaError::driver("waiting on the copy's event", e)))?;
-        drop(buf);
-        Ok(out)
+        let route = self.transport_to(dst)?;
+        self.transfer_by(buf, dst, route)
     }
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize().map_err(|e| self.err("synchronize", e))

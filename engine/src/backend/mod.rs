@@ -4,10 +4,12 @@
 mod cpu;
 mod cuda;
 mod cuda_buf;
+mod cuda_peer;
 
 pub use cpu::Cpu;
 pub use cuda::Cuda;
 pub use cuda_buf::{CudaBuf, Precision, Storage};
+pub use cuda_peer::Transport;
 
 use baton_kernels::cpu::AdamW;
 
