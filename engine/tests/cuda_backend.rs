@@ -4,6 +4,8 @@
 //! schedule family; two CUDA runs with the same seed are bitwise identical; a transfer never reads a buffer before
 //! its producer's (deliberately slow) kernel has written it.
 
+mod common;
+
 use std::time::Instant;
 
 use baton_engine::backend::{Cuda, CudaBuf, Precision};
@@ -28,29 +30,7 @@ fn model() -> GptConfig {
 }
 
 fn batches() -> Vec<Batch> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % VOCAB as u64) as u32
-    };
-    (0..STEPS)
-        .map(|_| {
-            let stream: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| next()).collect();
-            let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-            for row in stream.chunks(SEQ + 1) {
-                inputs.extend_from_slice(&row[..SEQ]);
-                targets.extend_from_slice(&row[1..]);
-            }
-            Batch {
-                inputs,
-                targets,
-                batch: BATCH,
-                seq: SEQ,
-            }
-        })
-        .collect()
+    common::batches_with(STEPS, BATCH, SEQ, VOCAB, 0x2545_f491_4f6c_dd1d)
 }
 
 fn losses<B: baton_engine::Backend>(backends: Vec<B>) -> Vec<f32> {

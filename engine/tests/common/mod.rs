@@ -25,27 +25,32 @@ pub fn tiny_model() -> GptConfig {
 
 /// `n` deterministic pseudo-random batches (xorshift), different per step.
 pub fn batches(n: usize) -> Vec<Batch> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    batches_with(n, BATCH, SEQ, VOCAB, 0x9e37_79b9_7f4a_7c15)
+}
+
+/// `n` batches of `batch` sequences of `seq` tokens below `vocab`, from a xorshift seeded by `seed`.
+pub fn batches_with(n: usize, batch: usize, seq: usize, vocab: usize, seed: u64) -> Vec<Batch> {
+    let mut state = seed;
     let mut next = || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        (state % VOCAB as u64) as u32
+        (state % vocab as u64) as u32
     };
     (0..n)
         .map(|_| {
-            let stream: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| next()).collect();
+            let stream: Vec<u32> = (0..batch * (seq + 1)).map(|_| next()).collect();
             let mut inputs = Vec::new();
             let mut targets = Vec::new();
-            for row in stream.chunks(SEQ + 1) {
-                inputs.extend_from_slice(&row[..SEQ]);
+            for row in stream.chunks(seq + 1) {
+                inputs.extend_from_slice(&row[..seq]);
                 targets.extend_from_slice(&row[1..]);
             }
             Batch {
                 inputs,
                 targets,
-                batch: BATCH,
-                seq: SEQ,
+                batch,
+                seq,
             }
         })
         .collect()
