@@ -105,29 +105,7 @@ mod matrix {
 
     /// Fresh pseudo-random tokens (xorshift), different every step.
     pub fn batches() -> Vec<Batch> {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % VOCAB as u64) as u32
-        };
-        (0..STEPS)
-            .map(|_| {
-                let stream: Vec<u32> = (0..BATCH * (SEQ + 1)).map(|_| next()).collect();
-                let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-                for row in stream.chunks(SEQ + 1) {
-                    inputs.extend_from_slice(&row[..SEQ]);
-                    targets.extend_from_slice(&row[1..]);
-                }
-                Batch {
-                    inputs,
-                    targets,
-                    batch: BATCH,
-                    seq: SEQ,
-                }
-            })
-            .collect()
+        super::common::batches_with(STEPS, BATCH, SEQ, VOCAB, 0x9e37_79b9_7f4a_7c15)
     }
 
     pub fn chunks_of(kind: ScheduleKind) -> u32 {
