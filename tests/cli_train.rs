@@ -72,18 +72,23 @@ fn train_writes_metrics_trace_and_a_checkpoint_that_generate_and_export_read() {
     let trace: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("trace.json")).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
-    let tracks: std::collections::BTreeSet<u64> = events
-        .iter()
-        .filter(|e| e["ph"] == "X")
-        .map(|e| e["tid"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        tracks.into_iter().collect::<Vec<_>>(),
-        vec![0, 1],
-        "one track per stage"
-    );
-    // ZB-H1 with 2 micro-batches on 2 stages: 3 actions per micro-batch per stage, 4 steps.
-    assert_eq!(events.iter().filter(|e| e["ph"] == "X").count(), 4 * 2 * 2 * 3);
+    let spans = |copy: bool| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "X" && (e["cat"] == "copy") == copy)
+            .collect()
+    };
+    let tracks = |copy: bool| -> Vec<u64> {
+        let set: std::collections::BTreeSet<u64> = spans(copy).iter().map(|e| e["tid"].as_u64().unwrap()).collect();
+        set.into_iter().collect()
+    };
+    assert_eq!(tracks(false), vec![0, 1], "one compute track per stage");
+    assert_eq!(tracks(true), vec![1000, 1001], "one copy track per stage");
+    // ZB-H1 with 2 micro-batches on 2 stages: 3 actions per micro-batch per stage, 4 steps;
+    // per step 2 activations to stage 1 and 2 gradients to stage 0.
+    assert_eq!(spans(false).len(), 4 * 2 * 2 * 3);
+    assert_eq!(spans(true).len(), 4 * 4);
+    assert!(spans(true).iter().all(|e| e["dur"].as_f64().unwrap() >= 0.0));
 
     let ckpt = dir.join("checkpoints");
     let gen = baton(&[

@@ -153,6 +153,25 @@ pub struct ActionSpan {
     pub end_s: f64,
 }
 
+/// When one activation or gradient moved between stages, in seconds since the step began, on
+/// the destination's queue clock (device time on a GPU: from the producer's work being done to
+/// the copy being done; a move on the CPU).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CopySpan {
+    /// Stage the data went to.
+    pub to_stage: u32,
+    /// Part that consumes it.
+    pub part: u32,
+    /// Micro-batch.
+    pub mb: u32,
+    /// True for an activation (forward), false for a gradient (backward).
+    pub activation: bool,
+    /// Start, seconds since the step began.
+    pub start_s: f64,
+    /// End, seconds since the step began.
+    pub end_s: f64,
+}
+
 /// What one stage reports after a step.
 #[derive(Debug, Default)]
 pub struct StageOutcome {
@@ -166,6 +185,8 @@ pub struct StageOutcome {
     pub peak_stash_bytes: usize,
     /// The first action whose output (activation, gradient or loss) was not finite.
     pub nonfinite: Option<NonFinite>,
+    /// The transfers this stage sent.
+    pub copies: Vec<CopySpan>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -278,6 +299,16 @@ pub fn run_step<B: Backend>(
     let abort = Arc::new(AtomicBool::new(false));
     let progress: Vec<Arc<Progress>> = (0..p).map(|_| Arc::new(Progress::default())).collect();
     let t0 = Instant::now();
+    // Each queue's clock at the start of the step, for copy spans.
+    let base: Arc<Vec<B::Mark>> = match backends.iter().map(Backend::mark).collect::<Result<Vec<_>>>() {
+        Ok(marks) => Arc::new(marks),
+        Err(e) => {
+            return StepRun {
+                stages: stages.into_iter().map(Some).collect(),
+                result: Err(e),
+            }
+        }
+    };
     type Done<B> = (usize, Stage<B>, std::result::Result<StageOutcome, WorkerError>);
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done<B>>();
     let mut handles = Vec::with_capacity(p);
@@ -299,6 +330,8 @@ pub fn run_step<B: Backend>(
             current: 0,
             poison: false,
             nonfinite: None,
+            base: Arc::clone(&base),
+            copies: Vec::new(),
         };
         let done_tx = done_tx.clone();
         let spawned = std::thread::Builder::new()
@@ -497,6 +530,20 @@ struct Worker<B: Backend> {
     /// A NaN was injected into the current action's output.
     poison: bool,
     nonfinite: Option<NonFinite>,
+    /// Every queue's mark at the start of the step.
+    base: Arc<Vec<B::Mark>>,
+    /// Transfers sent, resolved into [`CopySpan`]s at the end of the step.
+    copies: Vec<PendingCopy<B>>,
+}
+
+/// A transfer whose marks are not resolved yet.
+struct PendingCopy<B: Backend> {
+    dst: usize,
+    start: B::Mark,
+    end: B::Mark,
+    part: u32,
+    mb: u32,
+    activation: bool,
 }
 
 impl<B: Backend> Worker<B> {
@@ -585,7 +632,30 @@ impl<B: Backend> Worker<B> {
         }
         debug_assert_eq!(stashed, 0, "every activation stash was consumed");
         out.nonfinite = self.nonfinite.take();
+        out.copies = self.copy_spans().map_err(|e| WorkerError::Failed {
+            index: list.len(),
+            action: String::new(),
+            cause: format!("timing the transfers: {e}"),
+        })?;
         Ok(out)
+    }
+
+    /// Resolves the transfer marks into spans on the destinations' clocks.
+    fn copy_spans(&mut self) -> Result<Vec<CopySpan>> {
+        let mut spans = Vec::with_capacity(self.copies.len());
+        for c in self.copies.drain(..) {
+            let be = &self.backends[c.dst];
+            let base = &self.base[c.dst];
+            spans.push(CopySpan {
+                to_stage: c.dst as u32,
+                part: c.part,
+                mb: c.mb,
+                activation: c.activation,
+                start_s: be.seconds_between(base, &c.start)?,
+                end_s: be.seconds_between(base, &c.end)?,
+            });
+        }
+        Ok(spans)
     }
 
     /// Fires an injected failure at action `index`.
@@ -753,7 +823,24 @@ impl<B: Backend> Worker<B> {
             debug_assert!(prev.is_none(), "a message was delivered twice");
             return Ok(());
         }
-        let buf = self.backends[self.s].transfer(buf, &self.backends[dst])?;
+        let (src_be, dst_be) = (&self.backends[self.s], &self.backends[dst]);
+        // The copy can start once the producer's work is done (a mark on the source queue when it
+        // shares the destination's clock), and is done at a mark on the destination queue.
+        let m0 = if src_be.shares_clock_with(dst_be) {
+            src_be.mark()?
+        } else {
+            dst_be.mark()?
+        };
+        let buf = src_be.transfer(buf, dst_be)?;
+        let m1 = dst_be.mark()?;
+        self.copies.push(PendingCopy {
+            dst,
+            start: m0,
+            end: m1,
+            part,
+            mb,
+            activation: kind == Kind::Activation,
+        });
         // The inbox can hold every message of the step: this never blocks.
         self.senders[dst].try_send(Msg { kind, part, mb, buf }).map_err(|e| {
             EngineError::Batch(format!(

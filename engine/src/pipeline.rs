@@ -13,7 +13,7 @@ use baton_schedules::{generate, validate, Schedule, ScheduleKind, Validation};
 use crate::backend::Backend;
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
-use crate::executor::{run_step, ActionSpan, ExecConfig, FailurePoint, Part, Stage};
+use crate::executor::{run_step, ActionSpan, CopySpan, ExecConfig, FailurePoint, Part, Stage};
 use crate::model::{build_layer, GptConfig, Layer, MicroBatch, Param};
 use crate::optim::OptimizerConfig;
 use crate::split::StageSplit;
@@ -137,6 +137,9 @@ pub struct StepReport {
     /// Per stage: when each action ran.
     #[serde(skip)]
     pub spans: Vec<Vec<ActionSpan>>,
+    /// Every transfer between stages (on the destination queue's clock).
+    #[serde(skip)]
+    pub copies: Vec<CopySpan>,
     /// The optimizer step was skipped because the loss or gradient norm was not finite.
     pub skipped: bool,
     /// Stage where a non-finite value first appeared (when `skipped`).
@@ -447,6 +450,7 @@ impl<B: Backend> Pipeline<B> {
             bubble,
             peak_stashed: outcomes.iter().map(|o| o.peak_stashed).collect(),
             peak_stash_bytes: outcomes.iter().map(|o| o.peak_stash_bytes).collect(),
+            copies: outcomes.iter().flat_map(|o| o.copies.iter().copied()).collect(),
             spans: outcomes.into_iter().map(|o| o.spans).collect(),
             skipped,
             nonfinite_stage,

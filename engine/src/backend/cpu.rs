@@ -56,6 +56,13 @@ impl Backend for Cpu {
     fn host_reads_are_free(&self) -> bool {
         true
     }
+    type Mark = std::time::Instant;
+    fn mark(&self) -> Result<std::time::Instant> {
+        Ok(std::time::Instant::now())
+    }
+    fn seconds_between(&self, from: &std::time::Instant, to: &std::time::Instant) -> Result<f64> {
+        Ok(to.saturating_duration_since(*from).as_secs_f64())
+    }
     fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
         buf.fill(0.0);
         Ok(())

@@ -45,7 +45,8 @@ use std::sync::Arc;
 use baton_kernels::cpu::AdamW;
 use baton_kernels::cuda::cudarc::cublas::sys::cublasOperation_t;
 use baton_kernels::cuda::cudarc::cublas::{CudaBlas, GemmConfig};
-use baton_kernels::cuda::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use baton_kernels::cuda::cudarc::driver::sys::CUevent_flags;
+use baton_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DevicePtrMut};
 use baton_kernels::cuda::{self as kc, attention::AttentionShape, cublas_available, CudaError, Device, Elem, Tokens};
 use half::bf16;
 
@@ -1000,6 +1001,21 @@ impl Backend for Cuda {
     }
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize().map_err(|e| self.err("synchronize", e))
+    }
+    type Mark = CudaEvent;
+    fn mark(&self) -> Result<CudaEvent> {
+        self.dev
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| self.err("mark", CudaError::driver("recording a timing event", e)))
+    }
+    fn shares_clock_with(&self, other: &Self) -> bool {
+        self.ordinal == other.ordinal
+    }
+    fn seconds_between(&self, from: &CudaEvent, to: &CudaEvent) -> Result<f64> {
+        from.elapsed_ms(to)
+            .map(|ms| f64::from(ms) / 1e3)
+            .map_err(|e| self.err("seconds_between", CudaError::driver("cuEventElapsedTime", e)))
     }
 
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {

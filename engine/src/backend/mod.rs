@@ -56,6 +56,18 @@ pub trait Backend: Send + Sync + 'static {
     fn transfer(&self, buf: Self::Buf, dst: &Self) -> Result<Self::Buf>;
     /// Waits until every queued op has finished.
     fn synchronize(&self) -> Result<()>;
+    /// A point on the backend's queue, for timing device work: a timing event on a GPU
+    /// stream, an instant on the CPU.
+    type Mark: Send + Sync + 'static;
+    /// Marks the current end of the backend's queue (does not wait).
+    fn mark(&self) -> Result<Self::Mark>;
+    /// Seconds from `from` to `to` on this backend's queue (may wait until `to` is reached).
+    fn seconds_between(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
+    /// True when marks of `self` and `other` share one clock (same device), so a span may start
+    /// on one queue and end on the other.
+    fn shares_clock_with(&self, _other: &Self) -> bool {
+        true
+    }
     /// True when reading a value back to the host costs no synchronisation (the CPU). The
     /// executor checks every activation and gradient it sends for non-finite values only on such
     /// backends; on a device it would stall the queue once per action.
