@@ -259,7 +259,7 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Checks a batch against the model and splits it into per-stage micro-batches.
-    fn micro_batches(&self, batch: &Batch, with_targets: bool) -> Result<Vec<Vec<MicroBatch<B>>>> {
+    fn micro_batches(&self, batch: &Batch) -> Result<Vec<Vec<MicroBatch<B>>>> {
         let m = self.config.microbatches as usize;
         let (b, t) = (batch.batch, batch.seq);
         if b == 0 || t == 0 {
@@ -315,7 +315,7 @@ impl<B: Backend> Pipeline<B> {
                             } else {
                                 None
                             },
-                            targets: if last_here && with_targets {
+                            targets: if last_here {
                                 Some(be.upload_tokens(&batch.targets[range])?)
                             } else {
                                 None
@@ -345,7 +345,7 @@ impl<B: Backend> Pipeline<B> {
             return Err(EngineError::Lost(why.clone()));
         }
         let started = Instant::now();
-        let mbs = self.micro_batches(batch, true)?;
+        let mbs = self.micro_batches(batch)?;
         let step_no = self.step + 1;
         let fail = match &self.fail {
             Some(f) if f.step.is_none_or(|s| s == step_no) => self.fail.take(),
@@ -591,7 +591,7 @@ impl<B: Backend> Pipeline<B> {
     /// Mean token loss of `batch` without training (forward only, stage by stage).
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32> {
         self.check_whole()?;
-        let mbs = self.micro_batches(batch, true)?;
+        let mbs = self.micro_batches(batch)?;
         let mut total = 0.0f64;
         (0..self.config.microbatches as usize).try_for_each(|i| {
             self.sequential(

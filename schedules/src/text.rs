@@ -330,7 +330,7 @@ pub fn lower_with_comms(schedule: &Schedule) -> Result<Vec<Vec<PipeAction>>, Sch
 /// transfer appears once.
 pub fn check_comms(placement: &Placement, rows: &[Vec<Option<PipeAction>>]) -> Result<(), ScheduleError> {
     use std::collections::HashMap;
-    let mut seen: HashMap<(u32, u32, &'static str), u32> = HashMap::new();
+    let mut seen: HashMap<(u32, u32, CommOp), u32> = HashMap::new();
     for (s, row) in rows.iter().enumerate() {
         for cell in row.iter().flatten() {
             let PipeAction::Comm { op, part, mb } = cell else {
@@ -347,17 +347,13 @@ pub fn check_comms(placement: &Placement, rows: &[Vec<Option<PipeAction>>]) -> R
                     "rank {s} runs `{cell}` but part {part} has no such neighbour"
                 )));
             };
-            if seen.insert((*part, *mb, op.name()), peer).is_some() {
+            if seen.insert((*part, *mb, *op), peer).is_some() {
                 return Err(ScheduleError::Comm(format!("`{cell}` appears twice")));
             }
         }
     }
-    for (&(part, mb, name), &peer) in &seen {
-        let op = [CommOp::SendF, CommOp::RecvF, CommOp::SendB, CommOp::RecvB]
-            .into_iter()
-            .find(|o| o.name() == name)
-            .expect("names come from CommOp");
-        if !seen.contains_key(&(peer, mb, op.matching().name())) {
+    for (&(part, mb, op), &peer) in &seen {
+        if !seen.contains_key(&(peer, mb, op.matching())) {
             let other = PipeAction::Comm {
                 op: op.matching(),
                 part: peer,

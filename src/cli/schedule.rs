@@ -110,6 +110,9 @@ pub fn parse_costs(text: &str, parts: u32) -> Result<Costs, CliError> {
 
 /// Runs `baton schedule`.
 pub fn run(args: &ScheduleArgs) -> Result<(), CliError> {
+    if args.comms && args.format != Format::Csv {
+        return Err(CliError::usage("--comms only applies to --format csv"));
+    }
     let schedule = build_schedule(args)?;
     let costs = parse_costs(&args.costs, schedule.placement.num_parts())?;
     let sim = simulate(&schedule, &costs).map_err(|e| CliError::failure(e.to_string()))?;
@@ -133,9 +136,6 @@ pub fn run(args: &ScheduleArgs) -> Result<(), CliError> {
         }
         Format::Csv => to_csv(&to_rank_actions(&schedule).map_err(|e| CliError::failure(e.to_string()))?),
     };
-    if args.comms && args.format != Format::Csv {
-        return Err(CliError::usage("--comms only applies to --format csv"));
-    }
     write_output(args.out.as_deref(), &text)
 }
 
