@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+mod buffers;
 mod error;
 mod generate;
 mod graph;
@@ -13,6 +14,7 @@ mod simulate;
 mod text;
 mod validate;
 
+pub use buffers::peak_receive_buffers;
 pub use error::ScheduleError;
 pub use generate::{generate, gpipe, interleaved, one_f_one_b, zb_h1, zb_v};
 pub use ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBATCHES_MAX, STAGES_MAX};

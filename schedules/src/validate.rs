@@ -15,6 +15,9 @@ pub struct Validation {
     pub peak_inflight: Vec<u32>,
     /// Per stage: the most weight-gradient stashes held at once (+1 at I, -1 at W).
     pub peak_weight_stash: Vec<u32>,
+    /// Per stage: the receive buffers (activations and gradients from other stages) that can be alive at once in
+    /// any execution of the schedule; see [`crate::peak_receive_buffers`].
+    pub peak_receive_buffers: Vec<u32>,
     /// Total compute actions.
     pub actions: usize,
 }
@@ -22,10 +25,11 @@ pub struct Validation {
 /// Validates a schedule; see the module doc. A deadlock is reported with the cycle of actions.
 pub fn validate(schedule: &Schedule) -> Result<Validation, ScheduleError> {
     let graph = DepGraph::build(schedule)?;
-    graph.run_order()?;
+    let order = graph.run_order()?;
     Ok(Validation {
         peak_inflight: peak_inflight(schedule),
         peak_weight_stash: peak_weight_stash(schedule),
+        peak_receive_buffers: crate::buffers::receive_peaks(schedule, &graph, &order),
         actions: graph.nodes.len(),
     })
 }

@@ -1,0 +1,164 @@
+//! `peak_receive_buffers` against a brute force: every reachable global state (a prefix of each stage's list,
+//! closed under the data dependencies) is enumerated, and the messages alive in it counted per stage. The
+//! closed-form pass must equal the worst state exactly: never less (a pool sized from it would run dry), never
+//! more (it would hold memory no execution uses).
+
+use std::collections::{HashMap, HashSet};
+
+use baton_schedules::{generate, peak_receive_buffers, validate, Op, Schedule, ScheduleKind};
+
+/// Where each (op, part, mb) sits: (stage, index in the stage's list).
+type Positions = HashMap<(Op, u32, u32), (usize, usize)>;
+
+fn positions(s: &Schedule) -> Positions {
+    let mut at = HashMap::new();
+    for (stage, list) in s.actions.iter().enumerate() {
+        for (i, a) in list.iter().enumerate() {
+            let part = s.part_of(stage as u32, a).unwrap();
+            assert!(at.insert((a.op, part, a.mb), (stage, i)).is_none());
+        }
+    }
+    at
+}
+
+/// The actions a node waits on (data only; the list order is the prefix itself).
+fn deps(at: &Positions, op: Op, part: u32, mb: u32, parts: u32) -> Vec<(usize, usize)> {
+    let back = |part: u32| {
+        at.get(&(Op::B, part, mb))
+            .or_else(|| at.get(&(Op::I, part, mb)))
+            .copied()
+    };
+    let mut d = Vec::new();
+    match op {
+        Op::F if part > 0 => d.push(at[&(Op::F, part - 1, mb)]),
+        Op::F => {}
+        Op::B | Op::I => {
+            d.push(at[&(Op::F, part, mb)]);
+            if part + 1 < parts {
+                d.push(back(part + 1).unwrap());
+            }
+        }
+        Op::W => d.push(at[&(Op::I, part, mb)]),
+    }
+    d
+}
+
+/// One message into a stage: its sender's position and the receiving stage's release index.
+struct Message {
+    sender: (usize, usize),
+    to: usize,
+    release: usize,
+}
+
+fn messages(s: &Schedule, at: &Positions) -> Vec<Message> {
+    let parts = s.placement.num_parts();
+    let mut out = Vec::new();
+    for (stage, list) in s.actions.iter().enumerate() {
+        for a in list {
+            let part = s.part_of(stage as u32, a).unwrap();
+            let sender = match a.op {
+                Op::F if part > 0 => Some(at[&(Op::F, part - 1, a.mb)]),
+                Op::B | Op::I if part + 1 < parts => deps(at, a.op, part, a.mb, parts).get(1).copied(),
+                _ => None,
+            };
+            let Some(sender) = sender.filter(|&(t, _)| t != stage) else {
+                continue;
+            };
+            let release = at
+                .get(&(Op::B, part, a.mb))
+                .or_else(|| at.get(&(Op::W, part, a.mb)))
+                .unwrap();
+            assert_eq!(release.0, stage);
+            out.push(Message {
+                sender,
+                to: stage,
+                release: release.1,
+            });
+        }
+    }
+    out
+}
+
+/// The worst count per stage over every reachable state, and the number of states visited.
+fn brute_force(s: &Schedule) -> (Vec<u32>, usize) {
+    let at = positions(s);
+    let parts = s.placement.num_parts();
+    let msgs = messages(s, &at);
+    let p = s.actions.len();
+    let mut worst = vec![0u32; p];
+    let mut seen = HashSet::new();
+    let mut todo = vec![vec![0usize; p]];
+    while let Some(cut) = todo.pop() {
+        if !seen.insert(cut.clone()) {
+            continue;
+        }
+        for (stage, w) in worst.iter_mut().enumerate() {
+            let live = msgs
+                .iter()
+                .filter(|m| m.to == stage && m.sender.1 < cut[m.sender.0] && m.release >= cut[stage])
+                .count();
+            *w = (*w).max(live as u32);
+        }
+        for t in 0..p {
+            let Some(a) = s.actions[t].get(cut[t]) else { continue };
+            let part = s.part_of(t as u32, a).unwrap();
+            if deps(&at, a.op, part, a.mb, parts).iter().all(|&(ds, di)| di < cut[ds]) {
+                let mut next = cut.clone();
+                next[t] += 1;
+                todo.push(next);
+            }
+        }
+    }
+    (worst, seen.len())
+}
+
+#[test]
+fn matches_the_worst_reachable_state_for_every_generator() {
+    let mut checked = 0;
+    for kind in [
+        ScheduleKind::GPipe,
+        ScheduleKind::OneFOneB,
+        ScheduleKind::Interleaved,
+        ScheduleKind::ZbH1,
+        ScheduleKind::ZbV,
+    ] {
+        for p in 1..=4u32 {
+            for m in 1..=4u32 {
+                for v in [1u32, 2] {
+                    let Ok(s) = generate(kind, p, m, v) else { continue };
+                    if s.num_actions() > 64 {
+                        continue; // the state space grows as (actions per stage)^p
+                    }
+                    let fast = peak_receive_buffers(&s).unwrap();
+                    let (slow, states) = brute_force(&s);
+                    assert_eq!(fast, slow, "{kind} p={p} m={m} v={v} ({states} states)");
+                    assert_eq!(validate(&s).unwrap().peak_receive_buffers, fast);
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 40, "only {checked} schedules checked");
+}
+
+#[test]
+fn known_figures() {
+    // One stage: nothing is ever received.
+    assert_eq!(
+        peak_receive_buffers(&generate(ScheduleKind::OneFOneB, 1, 8, 1).unwrap()).unwrap(),
+        [0]
+    );
+    // GPipe p=2: stage 1 can hold all m activations, and stage 0 all m gradients (its B's wait for all F's).
+    let g = generate(ScheduleKind::GPipe, 2, 6, 1).unwrap();
+    assert_eq!(peak_receive_buffers(&g).unwrap(), [6, 6]);
+    // 1F1B bounds it by the warm-up depth: stage 0 of 4 has gradients from stage 1 only after its own
+    // backward chain returns; stage 3 receives at most what stage 2 can run ahead.
+    let f = generate(ScheduleKind::OneFOneB, 4, 8, 1).unwrap();
+    let peaks = peak_receive_buffers(&f).unwrap();
+    let g8 = peak_receive_buffers(&generate(ScheduleKind::GPipe, 4, 8, 1).unwrap()).unwrap();
+    for (s, (&a, &b)) in peaks.iter().zip(&g8).enumerate() {
+        assert!(a <= b, "stage {s}: 1F1B needs {a} > GPipe's {b}");
+        assert!(a >= 1, "stage {s} receives something");
+    }
+    assert!(peaks.iter().sum::<u32>() < g8.iter().sum::<u32>());
+}
