@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use baton::engine::backend::Backend;
+use baton::engine::backend::{Backend, CpuBuf, RecvPool};
 use baton::engine::data::{default_corpus, Batch, Split, Tokenizer};
 use baton::engine::executor::{run_step, ExecConfig, Part, Stage};
 use baton::engine::model::{Forward, Layer, MicroBatch, Param, Saved};
@@ -55,9 +55,9 @@ impl Layer<Cpu> for NoOp {
     fn params_mut(&mut self) -> &mut [Param<Cpu>] {
         &mut []
     }
-    fn forward(&self, _be: &Cpu, _x: Option<Vec<f32>>, _mb: &MicroBatch<Cpu>) -> Result<Forward<Cpu>> {
+    fn forward(&self, _be: &Cpu, _x: Option<CpuBuf>, _mb: &MicroBatch<Cpu>) -> Result<Forward<Cpu>> {
         Ok(Forward {
-            out: (!self.last).then(Vec::new),
+            out: (!self.last).then(|| CpuBuf::new(Vec::new())),
             loss_sum: self.last.then_some(0.0),
             saved: Saved::empty(),
         })
@@ -66,10 +66,10 @@ impl Layer<Cpu> for NoOp {
         &self,
         _be: &Cpu,
         _s: &mut Saved<Cpu>,
-        _d: Option<Vec<f32>>,
+        _d: Option<CpuBuf>,
         _mb: &MicroBatch<Cpu>,
-    ) -> Result<Option<Vec<f32>>> {
-        Ok(Some(Vec::new()))
+    ) -> Result<Option<CpuBuf>> {
+        Ok(Some(CpuBuf::new(Vec::new())))
     }
     fn backward_weight(&mut self, _be: &Cpu, _s: Saved<Cpu>, _mb: &MicroBatch<Cpu>) -> Result<()> {
         Ok(())
@@ -100,6 +100,17 @@ fn bench_executor_overhead(c: &mut Criterion) {
             })
             .collect();
         let backends = std::sync::Arc::new(vec![Cpu; p as usize]);
+        let pools = std::sync::Arc::new(
+            baton::schedules::peak_receive_buffers(&schedule)
+                .expect("valid schedule")
+                .into_iter()
+                .map(|n| {
+                    let pool = RecvPool::new();
+                    pool.set_capacity(n as usize);
+                    pool
+                })
+                .collect::<Vec<_>>(),
+        );
         let schedule = std::sync::Arc::new(schedule);
         let micro_batches = || -> Vec<Vec<MicroBatch<Cpu>>> {
             (0..p)
@@ -134,6 +145,7 @@ fn bench_executor_overhead(c: &mut Criterion) {
                             std::mem::take(&mut stages),
                             backends.clone(),
                             schedule.clone(),
+                            pools.clone(),
                             mbs,
                             &cfg,
                         );

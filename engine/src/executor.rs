@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use baton_schedules::{Action, Op, Schedule};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, RecvPool};
 use crate::error::{EngineError, Result};
 use crate::model::{Layer, MicroBatch, Saved};
 
@@ -265,6 +265,7 @@ pub fn run_step<B: Backend>(
     stages: Vec<Stage<B>>,
     backends: Arc<Vec<B>>,
     schedule: Arc<Schedule>,
+    pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
     mbs: Vec<Vec<MicroBatch<B>>>,
     cfg: &ExecConfig,
 ) -> StepRun<B> {
@@ -272,6 +273,7 @@ pub fn run_step<B: Backend>(
     assert_eq!(p, schedule.actions.len(), "one stage per action list");
     assert_eq!(p, backends.len(), "one backend per stage");
     assert_eq!(p, mbs.len(), "one micro-batch list per stage");
+    assert_eq!(p, pools.len(), "one receive pool per stage");
     let placement = &schedule.placement;
     let last_part = placement.num_parts() - 1;
     // Inbox capacity: every message a stage can receive this step.
@@ -319,6 +321,7 @@ pub fn run_step<B: Backend>(
             stage,
             backends: Arc::clone(&backends),
             schedule: Arc::clone(&schedule),
+            pools: Arc::clone(&pools),
             mbs: Arc::new(mbs),
             rx,
             senders: senders.clone(),
@@ -518,6 +521,8 @@ struct Worker<B: Backend> {
     stage: Stage<B>,
     backends: Arc<Vec<B>>,
     schedule: Arc<Schedule>,
+    /// Every stage's receive pool; a send lands in the destination's.
+    pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
     mbs: Arc<Vec<MicroBatch<B>>>,
     rx: Receiver<Msg<B>>,
     senders: Vec<Sender<Msg<B>>>,
@@ -831,7 +836,7 @@ impl<B: Backend> Worker<B> {
         } else {
             dst_be.mark()?
         };
-        let buf = src_be.transfer(buf, dst_be)?;
+        let buf = src_be.transfer_pooled(buf, dst_be, &self.pools[dst])?;
         let m1 = dst_be.mark()?;
         self.copies.push(PendingCopy {
             dst,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use baton_kernels::cpu::AdamW;
 use baton_schedules::{generate, validate, Schedule, ScheduleKind, Validation};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, PoolStats, RecvPool};
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
 use crate::executor::{run_step, ActionSpan, CopySpan, ExecConfig, FailurePoint, Part, Stage};
@@ -153,6 +153,9 @@ pub struct Pipeline<B: Backend> {
     validation: Validation,
     ranges: Vec<std::ops::Range<usize>>,
     backends: Arc<Vec<B>>,
+    /// Per stage: the pool its received activations and gradients land in, sized from
+    /// [`Validation::peak_receive_buffers`].
+    pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
     stages: Vec<Stage<B>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
@@ -206,10 +209,20 @@ impl<B: Backend> Pipeline<B> {
                 parts: chunk_parts,
             });
         }
+        let pools = validation
+            .peak_receive_buffers
+            .iter()
+            .map(|&n| {
+                let pool = RecvPool::new();
+                pool.set_capacity(n as usize);
+                pool
+            })
+            .collect();
         Ok(Pipeline {
             config,
             schedule: Arc::new(schedule),
             validation,
+            pools: Arc::new(pools),
             ranges,
             backends: Arc::new(backends),
             stages,
@@ -233,6 +246,12 @@ impl<B: Backend> Pipeline<B> {
     /// What the validator predicted (peak stashed activations per stage).
     pub fn validation(&self) -> &Validation {
         &self.validation
+    }
+
+    /// Per stage: the counters of its receive pool (capacity from the schedule, buffers owned, leases served
+    /// from the pool and allocations). After the first step, `allocations()` stays flat and `misses` is 0.
+    pub fn receive_pools(&self) -> Vec<PoolStats> {
+        self.pools.iter().map(|p| p.stats()).collect()
     }
 
     /// Global layer units per part, in pipeline order.
@@ -361,6 +380,7 @@ impl<B: Backend> Pipeline<B> {
             stages,
             Arc::clone(&self.backends),
             Arc::clone(&self.schedule),
+            Arc::clone(&self.pools),
             mbs,
             &exec,
         );

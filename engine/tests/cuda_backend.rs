@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Instant;
 
-use baton_engine::backend::{Cuda, CudaBuf, Precision};
+use baton_engine::backend::{Cuda, CudaBuf, CudaData, Precision, RecvPool};
 use baton_engine::data::Batch;
 use baton_engine::error::EngineError;
 use baton_engine::{Backend, Cpu, GptConfig, Pipeline, PipelineConfig};
@@ -232,10 +232,12 @@ fn transfer_waits_for_a_slow_producer() {
         let consumer = producer.with_new_stream().unwrap();
         // Make the consumer's stream idle, so nothing else delays its copy.
         consumer.synchronize().unwrap();
-        let mut buf = CudaBuf::F32(producer.device().zeros::<f32>(N).unwrap());
+        let mut buf = CudaBuf::new(CudaData::F32(producer.device().zeros::<f32>(N).unwrap()));
         producer.synchronize().unwrap();
         let started = Instant::now();
-        let CudaBuf::F32(slice) = &mut buf else { unreachable!() };
+        let CudaData::F32(slice) = &mut *buf else {
+            unreachable!()
+        };
         baton_kernels::cuda::elementwise::slow_fill_f32(producer.device(), slice, VALUE, CYCLES).unwrap();
         let moved = producer.transfer(buf, &consumer).unwrap();
         let host = consumer.download(&moved).unwrap();
@@ -266,15 +268,15 @@ fn bf16_parameters_keep_an_fp32_master() {
     // 1 + 2⁻¹⁰ is not a bf16 value: the master keeps it, the working copy rounds it.
     let data = [1.0f32 + 1.0 / 1024.0, -3.0, 0.1];
     let param = cuda.upload_param(&data).unwrap();
-    assert!(matches!(param, CudaBuf::Param { .. }));
+    assert!(matches!(*param, CudaData::Param { .. }));
     assert_eq!(cuda.download(&param).unwrap(), data);
-    assert!(matches!(cuda.zeros(3).unwrap(), CudaBuf::Bf16(_)));
-    assert!(matches!(cuda.zeros_state(3).unwrap(), CudaBuf::F32(_)));
+    assert!(matches!(*cuda.zeros(3).unwrap(), CudaData::Bf16(_)));
+    assert!(matches!(*cuda.zeros_state(3).unwrap(), CudaData::F32(_)));
     // The move to another stream keeps both copies.
     let other = cuda.with_new_stream().unwrap();
     let moved = cuda.transfer(param, &other).unwrap();
     assert_eq!(other.download(&moved).unwrap(), data);
-    let CudaBuf::Param { working, .. } = &moved else {
+    let CudaData::Param { working, .. } = &*moved else {
         panic!("transfer changed the storage")
     };
     let w: Vec<f32> = other
@@ -304,9 +306,11 @@ fn pinned_host_transfer_waits_for_a_slow_producer() {
         consumer.synchronize().unwrap();
         for round in 0..3 {
             let value = 7.0 + round as f32;
-            let mut buf = CudaBuf::F32(producer.device().zeros::<f32>(N).unwrap());
+            let mut buf = CudaBuf::new(CudaData::F32(producer.device().zeros::<f32>(N).unwrap()));
             producer.synchronize().unwrap();
-            let CudaBuf::F32(slice) = &mut buf else { unreachable!() };
+            let CudaData::F32(slice) = &mut *buf else {
+                unreachable!()
+            };
             baton_kernels::cuda::elementwise::slow_fill_f32(producer.device(), slice, value, CYCLES).unwrap();
             let moved = producer.transfer_via_pinned_host(buf, &consumer).unwrap();
             let host = consumer.download(&moved).unwrap();
@@ -348,11 +352,63 @@ fn memory_pool_does_not_grow_after_warmup() {
         warm > 0,
         "the default memory pool reserved nothing: not the stream-ordered allocator?"
     );
+    let recv_warm = pipe.receive_pools();
     for (i, b) in data[1..4].iter().enumerate() {
         pipe.train_step(b).unwrap();
         probe.synchronize().unwrap();
         let now = probe.pool_reserved_bytes().unwrap();
         println!("pool reserved after step {}: {now} bytes", i + 2);
         assert!(now <= warm, "step {}: the pool grew from {warm} to {now} bytes", i + 2);
+    }
+    // Every receive after the warm-up step was served by a buffer the stage's receive pool already owned.
+    for (s, (before, after)) in recv_warm.iter().zip(pipe.receive_pools()).enumerate() {
+        println!("stage {s} receive pool: {after:?}");
+        assert_eq!(
+            after.misses, 0,
+            "stage {s}: the schedule's receive-buffer count ran dry"
+        );
+        assert_eq!(
+            after.allocations(),
+            before.allocations(),
+            "stage {s} allocated after warm-up"
+        );
+        assert!(after.hits > before.hits, "stage {s} received nothing from its pool");
+        assert!(after.owned <= after.capacity);
+    }
+}
+
+/// A receive buffer reused from the pool must not be overwritten before its last reader ran, nor read before the
+/// next (slow) producer finished: rounds of slow fill → pooled transfer → download on one leased buffer.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn pooled_transfer_reuses_the_buffer_in_order() {
+    const N: usize = 4 << 20;
+    const CYCLES: u64 = 50_000_000;
+    for precision in Precision::ALL {
+        let producer = Cuda::with_precision(0, precision).unwrap();
+        let consumer = producer.with_new_stream().unwrap();
+        let pool = RecvPool::new();
+        pool.set_capacity(1);
+        for round in 0..4 {
+            let value = 3.0 + round as f32;
+            let mut buf = CudaBuf::new(CudaData::F32(producer.device().zeros::<f32>(N).unwrap()));
+            let CudaData::F32(slice) = &mut *buf else {
+                unreachable!()
+            };
+            baton_kernels::cuda::elementwise::slow_fill_f32(producer.device(), slice, value, CYCLES).unwrap();
+            let got = producer.transfer_pooled(buf, &consumer, &pool).unwrap();
+            assert!(got.is_pooled(), "round {round}: the transfer did not land in the pool");
+            let host = consumer.download(&got).unwrap();
+            let stale = host.iter().position(|&x| x != value);
+            assert!(stale.is_none(), "{precision} round {round}: element {stale:?} is stale");
+        }
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.owned, stats.grown, stats.hits, stats.misses),
+            (1, 1, 3, 0),
+            "{stats:?}"
+        );
+        producer.synchronize().unwrap();
+        consumer.synchronize().unwrap();
     }
 }

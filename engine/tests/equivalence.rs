@@ -35,11 +35,42 @@ fn train(kind: ScheduleKind, p: u32, m: u32, chunks: u32, recompute: bool) -> Ru
     cfg.optimizer.total_steps = STEPS as u64;
     let mut pipe = Pipeline::new(cfg, vec![Cpu; p as usize]).unwrap_or_else(|e| panic!("{kind} p={p} m={m}: {e}"));
     let mut losses = Vec::new();
+    let mut warm: Option<Vec<baton_engine::backend::PoolStats>> = None;
     for batch in batches() {
         let report = pipe
             .train_step(&batch)
             .unwrap_or_else(|e| panic!("{kind} p={p} m={m}: {e}"));
         assert!(report.loss.is_finite());
+        // Receive pools: sized from the schedule, never short, filled on the first step, no allocation after.
+        let pools = pipe.receive_pools();
+        for (s, pool) in pools.iter().enumerate() {
+            let want = pipe.validation().peak_receive_buffers[s] as usize;
+            assert_eq!(pool.capacity, want, "{kind} p={p} m={m} stage {s}");
+            assert_eq!(
+                pool.misses, 0,
+                "{kind} p={p} m={m} stage {s}: the pool ran dry: {pool:?}"
+            );
+            assert_eq!(pool.owned, want, "{kind} p={p} m={m} stage {s}: {pool:?}");
+            assert_eq!(
+                pool.free, want,
+                "{kind} p={p} m={m} stage {s}: a buffer was not returned: {pool:?}"
+            );
+            assert_eq!(want > 0, p > 1, "{kind} p={p} m={m} stage {s}: receives iff pipelined");
+        }
+        if let Some(warm) = &warm {
+            for (s, (before, now)) in warm.iter().zip(&pools).enumerate() {
+                assert_eq!(
+                    now.allocations(),
+                    before.allocations(),
+                    "{kind} p={p} m={m} stage {s} allocated"
+                );
+                assert!(
+                    now.hits > before.hits || p == 1,
+                    "{kind} p={p} m={m} stage {s}: no receive was pooled"
+                );
+            }
+        }
+        warm = Some(pools);
         assert_eq!(
             report.peak_stashed,
             pipe.validation().peak_inflight,

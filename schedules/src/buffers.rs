@@ -8,14 +8,16 @@
 //! received buffers). Releasing earlier (a recomputing stage drops its input after `F`) only lowers the count, so
 //! the figure is an upper bound for every executor that frees no later than that.
 //!
-//! **The bound is exact over executions.** A global state of a run is a *cut* of the dependency graph: a prefix of
-//! every stage's list, closed under dependencies. Fix stage `s` at prefix `j` (its actions `0..j` done). A message
-//! with release index `r ≥ j` is alive in the cut iff its sending action `x` is in it; since the releases all sit on
-//! stage `s`, the count only grows as the other stages advance, so the worst cut for this `j` holds every action
-//! that does not depend on stage `s`'s action `j`: `x` is in it iff `last_s(x) < j`, where `last_s(x)` is the
-//! highest index of a stage-`s` action that `x` depends on (−1 if none). A message is therefore alive at the `j`
-//! with `last_s(x) < j ≤ r`, and the stage's peak is the most overlapping such ranges: one pass over a topological
-//! order per stage, `O(p · actions)`.
+//! **The bound is exact over executions.** An action makes its outputs visible (sends) before it finishes and
+//! releases what it held: a `B` sends its input gradient, then computes its weight gradients, then drops its
+//! stash. So a stage's state is "action `j` running, outputs sent, releases pending" (the worst moment of `j`),
+//! and a global state is a consistent choice of such positions. Fix stage `s` at action `j` in that state. A
+//! message with release index `r ≥ j` is alive iff its sending action `x` has sent; since the releases all sit on
+//! stage `s`, the count only grows as the other stages advance, so the worst state for this `j` lets every action
+//! run that needs nothing from stage `s` beyond action `j`'s outputs: `x` has sent iff `last_s(x) ≤ j`, where
+//! `last_s(x)` is the highest index of a stage-`s` action that `x` depends on (−1 if none). A message is therefore
+//! alive at the `j` with `max(last_s(x), 0) ≤ j ≤ r`, and the stage's peak is the most overlapping such ranges:
+//! one pass over a topological order per stage, `O(p · actions)`.
 
 use crate::error::ScheduleError;
 use crate::graph::{DepGraph, EdgeKind};
@@ -58,7 +60,7 @@ pub(crate) fn receive_peaks(schedule: &Schedule, graph: &DepGraph, order: &[u32]
             }
             last[id as usize] = l;
         }
-        // Each message alive for prefixes j in (last_s(sender), release]: a difference array over j.
+        // Each message alive at j in [max(last_s(sender), 0), release]: a difference array over j.
         let len = (end - start) as usize;
         let mut delta = vec![0i64; len + 1];
         for id in start..end {
@@ -73,8 +75,11 @@ pub(crate) fn receive_peaks(schedule: &Schedule, graph: &DepGraph, order: &[u32]
                     r != u32::MAX && r >= id - start,
                     "a received message is released after its use"
                 );
-                let from = (last[pred as usize] + 1) as usize;
-                debug_assert!(from <= (id - start) as usize, "the sender ran before its consumer");
+                let from = last[pred as usize].max(0) as usize;
+                debug_assert!(
+                    from < (id - start) as usize || from == 0,
+                    "the sender ran before its consumer"
+                );
                 delta[from] += 1;
                 delta[r as usize + 1] -= 1;
             }

@@ -1,5 +1,7 @@
-//! `peak_receive_buffers` against a brute force: every reachable global state (a prefix of each stage's list,
-//! closed under the data dependencies) is enumerated, and the messages alive in it counted per stage. The
+//! `peak_receive_buffers` against a brute force: every reachable global state is enumerated, and the messages
+//! alive in it counted per stage. A stage's position is a half-step: `2j` before its action `j`, `2j+1` while
+//! `j` runs after sending its outputs (its releases still pending); an action may start once every action it
+//! needs has sent. The
 //! closed-form pass must equal the worst state exactly: never less (a pool sized from it would run dry), never
 //! more (it would hold memory no execution uses).
 
@@ -80,6 +82,7 @@ fn messages(s: &Schedule, at: &Positions) -> Vec<Message> {
 }
 
 /// The worst count per stage over every reachable state, and the number of states visited.
+/// `pos[t]`: stage t's half-step position.
 fn brute_force(s: &Schedule) -> (Vec<u32>, usize) {
     let at = positions(s);
     let parts = s.placement.num_parts();
@@ -87,23 +90,27 @@ fn brute_force(s: &Schedule) -> (Vec<u32>, usize) {
     let p = s.actions.len();
     let mut worst = vec![0u32; p];
     let mut seen = HashSet::new();
+    let sent = |pos: &[usize], (t, k): (usize, usize)| pos[t] > 2 * k;
     let mut todo = vec![vec![0usize; p]];
-    while let Some(cut) = todo.pop() {
-        if !seen.insert(cut.clone()) {
+    while let Some(pos) = todo.pop() {
+        if !seen.insert(pos.clone()) {
             continue;
         }
         for (stage, w) in worst.iter_mut().enumerate() {
             let live = msgs
                 .iter()
-                .filter(|m| m.to == stage && m.sender.1 < cut[m.sender.0] && m.release >= cut[stage])
+                .filter(|m| m.to == stage && sent(&pos, m.sender) && pos[stage] <= 2 * m.release + 1)
                 .count();
             *w = (*w).max(live as u32);
         }
         for t in 0..p {
-            let Some(a) = s.actions[t].get(cut[t]) else { continue };
+            let at_half = pos[t] % 2 == 1;
+            let Some(a) = s.actions[t].get(pos[t] / 2) else {
+                continue;
+            };
             let part = s.part_of(t as u32, a).unwrap();
-            if deps(&at, a.op, part, a.mb, parts).iter().all(|&(ds, di)| di < cut[ds]) {
-                let mut next = cut.clone();
+            if at_half || deps(&at, a.op, part, a.mb, parts).iter().all(|&d| sent(&pos, d)) {
+                let mut next = pos.clone();
                 next[t] += 1;
                 todo.push(next);
             }

@@ -1,10 +1,17 @@
-//! The CPU backend: `Vec<f32>` buffers and the reference ops of `baton_kernels::cpu`.
+//! The CPU backend: `Vec<f32>` buffers (possibly lent by a stage's receive pool) and the reference ops of
+//! `baton_kernels::cpu`.
 //! Synchronous (every op has finished when it returns) and bitwise deterministic.
 
 use baton_kernels::cpu as k;
 
+use std::sync::Arc;
+
+use super::pool::{Homed, RecvPool};
 use super::Backend;
 use crate::error::{EngineError, Result};
+
+/// A CPU buffer: a `Vec<f32>`, which goes back to its receive pool when dropped if it came from one.
+pub type CpuBuf = Homed<Vec<f32>>;
 
 /// The CPU backend. Cheap to clone; stateless.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -23,32 +30,40 @@ fn check(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
 }
 
 impl Backend for Cpu {
-    type Buf = Vec<f32>;
+    type Buf = CpuBuf;
+    type Recv = Vec<f32>;
     type Tokens = Vec<u32>;
 
     fn name(&self) -> String {
         "cpu".into()
     }
-    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
+    fn zeros(&self, len: usize) -> Result<CpuBuf> {
+        Ok(CpuBuf::new(vec![0.0; len]))
     }
-    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+    fn upload(&self, data: &[f32]) -> Result<CpuBuf> {
+        Ok(CpuBuf::new(data.to_vec()))
     }
-    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
+    fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
+        Ok(buf.to_vec())
     }
     fn upload_tokens(&self, tokens: &[u32]) -> Result<Vec<u32>> {
         Ok(tokens.to_vec())
     }
-    fn len(&self, buf: &Vec<f32>) -> usize {
+    fn len(&self, buf: &CpuBuf) -> usize {
         buf.len()
     }
-    fn duplicate(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
+    fn duplicate(&self, buf: &CpuBuf) -> Result<CpuBuf> {
+        Ok(CpuBuf::new(buf.to_vec()))
     }
-    fn transfer(&self, buf: Vec<f32>, _dst: &Self) -> Result<Vec<f32>> {
+    fn transfer(&self, buf: CpuBuf, _dst: &Self) -> Result<CpuBuf> {
         Ok(buf)
+    }
+    fn transfer_pooled(&self, buf: CpuBuf, _dst: &Self, pool: &Arc<RecvPool<Vec<f32>>>) -> Result<CpuBuf> {
+        // A copy into the receiving stage's buffer, as on a device (a move would make the pool pointless here and
+        // leave its sizing untested); bitwise exact.
+        let mut out = pool.lease(buf.len(), || Ok::<_, EngineError>(vec![0.0; buf.len()]))?;
+        out.copy_from_slice(&buf);
+        Ok(out)
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
@@ -63,37 +78,37 @@ impl Backend for Cpu {
     fn seconds_between(&self, from: &std::time::Instant, to: &std::time::Instant) -> Result<f64> {
         Ok(to.saturating_duration_since(*from).as_secs_f64())
     }
-    fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+    fn fill_zero(&self, buf: &mut CpuBuf) -> Result<()> {
         buf.fill(0.0);
         Ok(())
     }
-    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
+    fn copy(&self, dst: &mut CpuBuf, src: &CpuBuf) -> Result<()> {
         check("copy", "src", src.len(), dst.len())?;
         dst.copy_from_slice(src);
         Ok(())
     }
-    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
+    fn add_assign(&self, dst: &mut CpuBuf, src: &CpuBuf) -> Result<()> {
         check("add_assign", "src", src.len(), dst.len())?;
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        dst.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s);
         Ok(())
     }
-    fn scale(&self, buf: &mut Vec<f32>, alpha: f32) -> Result<()> {
+    fn scale(&self, buf: &mut CpuBuf, alpha: f32) -> Result<()> {
         buf.iter_mut().for_each(|x| *x *= alpha);
         Ok(())
     }
-    fn sum_squares(&self, buf: &Vec<f32>) -> Result<f64> {
+    fn sum_squares(&self, buf: &CpuBuf) -> Result<f64> {
         Ok(buf.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
     }
-    fn sum(&self, buf: &Vec<f32>) -> Result<f64> {
+    fn sum(&self, buf: &CpuBuf) -> Result<f64> {
         Ok(buf.iter().map(|&x| f64::from(x)).sum())
     }
 
     fn embedding_forward(
         &self,
-        out: &mut Vec<f32>,
+        out: &mut CpuBuf,
         tokens: &Vec<u32>,
-        wte: &Vec<f32>,
-        wpe: &Vec<f32>,
+        wte: &CpuBuf,
+        wpe: &CpuBuf,
         b: usize,
         t: usize,
         c: usize,
@@ -105,9 +120,9 @@ impl Backend for Cpu {
     }
     fn embedding_backward(
         &self,
-        dwte: &mut Vec<f32>,
-        dwpe: &mut Vec<f32>,
-        dout: &Vec<f32>,
+        dwte: &mut CpuBuf,
+        dwpe: &mut CpuBuf,
+        dout: &CpuBuf,
         tokens: &Vec<u32>,
         b: usize,
         t: usize,
@@ -119,12 +134,12 @@ impl Backend for Cpu {
     }
     fn layernorm_forward(
         &self,
-        out: &mut Vec<f32>,
-        mean: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
-        inp: &Vec<f32>,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
+        out: &mut CpuBuf,
+        mean: &mut CpuBuf,
+        rstd: &mut CpuBuf,
+        inp: &CpuBuf,
+        weight: &CpuBuf,
+        bias: &CpuBuf,
         n: usize,
         c: usize,
     ) -> Result<()> {
@@ -134,12 +149,12 @@ impl Backend for Cpu {
     }
     fn layernorm_backward_input(
         &self,
-        dinp: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        inp: &Vec<f32>,
-        weight: &Vec<f32>,
-        mean: &Vec<f32>,
-        rstd: &Vec<f32>,
+        dinp: &mut CpuBuf,
+        dout: &CpuBuf,
+        inp: &CpuBuf,
+        weight: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
         n: usize,
         c: usize,
     ) -> Result<()> {
@@ -149,12 +164,12 @@ impl Backend for Cpu {
     }
     fn layernorm_backward_weight(
         &self,
-        dweight: &mut Vec<f32>,
-        dbias: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        inp: &Vec<f32>,
-        mean: &Vec<f32>,
-        rstd: &Vec<f32>,
+        dweight: &mut CpuBuf,
+        dbias: &mut CpuBuf,
+        dout: &CpuBuf,
+        inp: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
         n: usize,
         c: usize,
     ) -> Result<()> {
@@ -164,24 +179,24 @@ impl Backend for Cpu {
     }
     fn matmul_forward(
         &self,
-        out: &mut Vec<f32>,
-        inp: &Vec<f32>,
-        weight: &Vec<f32>,
-        bias: Option<&Vec<f32>>,
+        out: &mut CpuBuf,
+        inp: &CpuBuf,
+        weight: &CpuBuf,
+        bias: Option<&CpuBuf>,
         n: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
         check("matmul_forward", "inp", inp.len(), n * c)?;
         check("matmul_forward", "weight", weight.len(), oc * c)?;
-        k::matmul_forward(out, inp, weight, bias.map(Vec::as_slice), n, c, oc);
+        k::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
         Ok(())
     }
     fn matmul_backward_input(
         &self,
-        dinp: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        weight: &Vec<f32>,
+        dinp: &mut CpuBuf,
+        dout: &CpuBuf,
+        weight: &CpuBuf,
         n: usize,
         c: usize,
         oc: usize,
@@ -192,23 +207,23 @@ impl Backend for Cpu {
     }
     fn matmul_backward_weight(
         &self,
-        dweight: &mut Vec<f32>,
-        dbias: Option<&mut Vec<f32>>,
-        dout: &Vec<f32>,
-        inp: &Vec<f32>,
+        dweight: &mut CpuBuf,
+        dbias: Option<&mut CpuBuf>,
+        dout: &CpuBuf,
+        inp: &CpuBuf,
         n: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
         check("matmul_backward_weight", "dout", dout.len(), n * oc)?;
-        k::matmul_backward_weight(dweight, dbias.map(Vec::as_mut_slice), dout, inp, n, c, oc);
+        k::matmul_backward_weight(dweight, dbias.map(|b| b.as_mut_slice()), dout, inp, n, c, oc);
         Ok(())
     }
     fn attention_forward(
         &self,
-        out: &mut Vec<f32>,
-        att: &mut Vec<f32>,
-        qkv: &Vec<f32>,
+        out: &mut CpuBuf,
+        att: &mut CpuBuf,
+        qkv: &CpuBuf,
         b: usize,
         t: usize,
         c: usize,
@@ -220,10 +235,10 @@ impl Backend for Cpu {
     }
     fn attention_backward(
         &self,
-        dqkv: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        qkv: &Vec<f32>,
-        att: &Vec<f32>,
+        dqkv: &mut CpuBuf,
+        dout: &CpuBuf,
+        qkv: &CpuBuf,
+        att: &CpuBuf,
         b: usize,
         t: usize,
         c: usize,
@@ -233,25 +248,25 @@ impl Backend for Cpu {
         k::attention_backward(dqkv, dout, qkv, att, b, t, c, nh);
         Ok(())
     }
-    fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>) -> Result<()> {
+    fn gelu_forward(&self, out: &mut CpuBuf, inp: &CpuBuf) -> Result<()> {
         check("gelu_forward", "inp", inp.len(), out.len())?;
         k::gelu_forward(out, inp);
         Ok(())
     }
-    fn gelu_backward(&self, dinp: &mut Vec<f32>, inp: &Vec<f32>, dout: &Vec<f32>) -> Result<()> {
+    fn gelu_backward(&self, dinp: &mut CpuBuf, inp: &CpuBuf, dout: &CpuBuf) -> Result<()> {
         check("gelu_backward", "dout", dout.len(), dinp.len())?;
         k::gelu_backward(dinp, inp, dout);
         Ok(())
     }
-    fn residual_forward(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) -> Result<()> {
+    fn residual_forward(&self, out: &mut CpuBuf, a: &CpuBuf, b: &CpuBuf) -> Result<()> {
         check("residual_forward", "a", a.len(), out.len())?;
         k::residual_forward(out, a, b);
         Ok(())
     }
     fn cross_entropy_forward(
         &self,
-        losses: &mut Vec<f32>,
-        logits: &Vec<f32>,
+        losses: &mut CpuBuf,
+        logits: &CpuBuf,
         targets: &Vec<u32>,
         n: usize,
         v: usize,
@@ -262,8 +277,8 @@ impl Backend for Cpu {
     }
     fn cross_entropy_backward(
         &self,
-        dlogits: &mut Vec<f32>,
-        logits: &Vec<f32>,
+        dlogits: &mut CpuBuf,
+        logits: &CpuBuf,
         targets: &Vec<u32>,
         scale: f32,
         n: usize,
@@ -277,10 +292,10 @@ impl Backend for Cpu {
     fn adamw(
         &self,
         cfg: &k::AdamW,
-        params: &mut Vec<f32>,
-        grads: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
+        params: &mut CpuBuf,
+        grads: &CpuBuf,
+        m: &mut CpuBuf,
+        v: &mut CpuBuf,
         step: u32,
     ) -> Result<()> {
         check("adamw", "grads", grads.len(), params.len())?;

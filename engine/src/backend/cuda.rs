@@ -51,8 +51,9 @@ use baton_kernels::cuda::{self as kc, attention::AttentionShape, cublas_availabl
 use half::bf16;
 
 use super::cuda_buf::{read_plan, write_plan, In, Mode, Out, ReadPlan, Stored, WritePlan};
-use super::cuda_buf::{CudaBuf, Precision};
+use super::cuda_buf::{CudaBuf, CudaData, Precision};
 use super::cuda_peer::{self as peer, Transport};
+use super::pool::RecvPool;
 use super::Backend;
 use crate::error::{EngineError, Result};
 
@@ -177,7 +178,7 @@ impl Cuda {
     /// [`Backend::transfer`] forced through pinned host memory whatever the devices (the fallback route where
     /// peer access is impossible): for tests and benches on one GPU.
     pub fn transfer_via_pinned_host(&self, buf: CudaBuf, dst: &Cuda) -> Result<CudaBuf> {
-        self.transfer_by(buf, dst, Transport::PinnedHost)
+        self.transfer_by(buf, dst, Transport::PinnedHost, None)
     }
 
     /// Bytes the device's default memory pool holds from the driver (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`): flat
@@ -323,58 +324,89 @@ impl Cuda {
             .map_err(|e| self.err(op, CudaError::driver(format!("allocating {len} elements"), e)))
     }
 
-    /// `src` copied into a new buffer of `dst` on `dst`'s stream (after `src`'s last write): a device-to-device
-    /// copy, or `cuMemcpyPeerAsync` when the devices differ.
-    fn peer_copy<T: Elem>(&self, op: &'static str, src: &CudaSlice<T>, dst: &Cuda) -> Result<CudaSlice<T>> {
-        let mut out = self.uninit::<T>(op, dst, src.len())?;
-        // Ordering: memcpy_dtod runs on dst's stream after waiting on `src`'s last write (same context: src's write
-        // event; other device: an event recorded on src's stream), as a peer copy when the devices differ.
-        dst.dev
-            .stream()
-            .memcpy_dtod(src, &mut out)
-            .map_err(|e| self.err(op, CudaError::driver("memcpy_dtod (peer)", e)))?;
-        Ok(out)
-    }
-
-    /// `src` copied into a new buffer of `dst` through pinned host memory: device→pinned on this stream,
-    /// pinned→device on `dst`'s, ordered by events (`cuda_peer.rs`).
-    fn staged_copy<T: Elem>(&self, op: &'static str, src: &CudaSlice<T>, dst: &Cuda) -> Result<CudaSlice<T>> {
-        let mut out = self.uninit::<T>(op, dst, src.len())?;
-        let (src_stream, dst_stream) = (self.dev.stream(), dst.dev.stream());
-        let bytes = src.num_bytes();
-        {
-            // `device_ptr` makes this stream wait on `src`'s last write and records its read event here when the
-            // guard drops (after the device→pinned copy is queued); `device_ptr_mut` makes dst's stream wait on
-            // `out`'s events and records its write event there after the pinned→device copy.
-            let (src_ptr, _read) = src.device_ptr(src_stream);
-            let (dst_ptr, _write) = out.device_ptr_mut(dst_stream);
-            peer::copy_via_pinned_host(src_ptr, src_stream, dst_ptr, dst_stream, bytes)
-                .map_err(|e| self.err(op, CudaError::driver("copy through pinned host memory", e)))?;
+    /// `src` copied into `out` (a buffer of `dst`) by `route`, on `dst`'s stream:
+    /// - same device or peer access: a device-to-device copy (`cuMemcpyPeerAsync` when the devices differ), after
+    ///   `src`'s last write (same context: src's write event; other device: an event recorded on src's stream);
+    /// - pinned host: device→pinned on this stream, pinned→device on `dst`'s, ordered by events (`cuda_peer.rs`).
+    ///
+    /// `out` may be a reused receive buffer: its own read/write events make the copy wait for its last readers.
+    fn copy_by<T: Elem>(
+        &self,
+        op: &'static str,
+        route: Transport,
+        src: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+        dst: &Cuda,
+    ) -> Result<()> {
+        if src.len() != out.len() {
+            return Err(self.shape(op, format!("copy of {} elements into {}", src.len(), out.len())));
         }
-        Ok(out)
+        match route {
+            Transport::SameDevice | Transport::Peer => dst
+                .dev
+                .stream()
+                .memcpy_dtod(src, out)
+                .map_err(|e| self.err(op, CudaError::driver("memcpy_dtod (peer)", e))),
+            Transport::PinnedHost => {
+                let (src_stream, dst_stream) = (self.dev.stream(), dst.dev.stream());
+                let bytes = src.num_bytes();
+                // `device_ptr` makes this stream wait on `src`'s last write and records its read event here when
+                // the guard drops (after the device→pinned copy is queued); `device_ptr_mut` makes dst's stream
+                // wait on `out`'s events and records its write event there after the pinned→device copy.
+                let (src_ptr, _read) = src.device_ptr(src_stream);
+                let (dst_ptr, _write) = out.device_ptr_mut(dst_stream);
+                peer::copy_via_pinned_host(src_ptr, src_stream, dst_ptr, dst_stream, bytes)
+                    .map_err(|e| self.err(op, CudaError::driver("copy through pinned host memory", e)))
+            }
+        }
     }
 
-    /// The transfer of `buf` to `dst` by `route`.
-    fn transfer_by(&self, buf: CudaBuf, dst: &Cuda, route: Transport) -> Result<CudaBuf> {
+    /// Uninitialised storage on `dst` of the same kind and length as `like` (a copy's target).
+    fn alloc_like(&self, op: &'static str, like: &CudaData, dst: &Cuda) -> Result<CudaData> {
+        Ok(match like {
+            CudaData::F32(s) => CudaData::F32(self.uninit(op, dst, s.len())?),
+            CudaData::Bf16(s) => CudaData::Bf16(self.uninit(op, dst, s.len())?),
+            CudaData::Param { master, .. } => CudaData::Param {
+                master: self.uninit(op, dst, master.len())?,
+                working: self.uninit(op, dst, master.len())?,
+            },
+        })
+    }
+
+    /// The transfer of `buf` to `dst` by `route`, into a buffer leased from `pool` (else a new one).
+    fn transfer_by(
+        &self,
+        buf: CudaBuf,
+        dst: &Cuda,
+        route: Transport,
+        pool: Option<&Arc<RecvPool<CudaData>>>,
+    ) -> Result<CudaBuf> {
         let op = "transfer";
-        let out = match route {
-            Transport::SameDevice | Transport::Peer => match &buf {
-                CudaBuf::F32(s) => CudaBuf::F32(self.peer_copy(op, s, dst)?),
-                CudaBuf::Bf16(s) => CudaBuf::Bf16(self.peer_copy(op, s, dst)?),
-                CudaBuf::Param { master, working } => CudaBuf::Param {
-                    master: self.peer_copy(op, master, dst)?,
-                    working: self.peer_copy(op, working, dst)?,
-                },
-            },
-            Transport::PinnedHost => match &buf {
-                CudaBuf::F32(s) => CudaBuf::F32(self.staged_copy(op, s, dst)?),
-                CudaBuf::Bf16(s) => CudaBuf::Bf16(self.staged_copy(op, s, dst)?),
-                CudaBuf::Param { master, working } => CudaBuf::Param {
-                    master: self.staged_copy(op, master, dst)?,
-                    working: self.staged_copy(op, working, dst)?,
-                },
-            },
+        let alloc = || self.alloc_like(op, &buf, dst);
+        let mut out = match pool {
+            Some(pool) => pool.lease((buf.storage(), buf.len()), alloc)?,
+            None => CudaBuf::new(alloc()?),
         };
+        match (&*buf, &mut *out) {
+            (CudaData::F32(s), CudaData::F32(o)) => self.copy_by(op, route, s, o, dst)?,
+            (CudaData::Bf16(s), CudaData::Bf16(o)) => self.copy_by(op, route, s, o, dst)?,
+            (
+                CudaData::Param { master, working },
+                CudaData::Param {
+                    master: out_master,
+                    working: out_working,
+                },
+            ) => {
+                self.copy_by(op, route, master, out_master, dst)?;
+                self.copy_by(op, route, working, out_working, dst)?;
+            }
+            (from, to) => {
+                return Err(self.shape(
+                    op,
+                    format!("leased a {:?} buffer for a {:?} one", to.storage(), from.storage()),
+                ))
+            }
+        }
         if route != Transport::PinnedHost {
             // `buf` is freed on its own stream when dropped: make that stream wait for the copy first. (The pinned
             // route read `buf` on this stream itself, so its free is already ordered after the read.)
@@ -434,38 +466,38 @@ impl Cuda {
 
     /// Turns `buf` into an fp32 buffer holding the same values (exact from bf16); a parameter keeps its master.
     fn to_f32_storage(&self, op: &'static str, buf: &mut CudaBuf) -> Result<()> {
-        if let CudaBuf::Bf16(s) = buf {
+        if let CudaData::Bf16(s) = &**buf {
             let mut wide = self.scratch::<f32>(op, s.len())?;
             kc::elementwise::cast_bf16_to_f32(&self.dev, &mut wide, s).map_err(|e| self.err(op, e))?;
-            *buf = CudaBuf::F32(wide);
-        } else if let CudaBuf::Param { master, .. } = buf {
-            *buf = CudaBuf::F32(self.dup(master)?);
+            *buf = CudaBuf::new(CudaData::F32(wide));
+        } else if let CudaData::Param { master, .. } = &**buf {
+            *buf = CudaBuf::new(CudaData::F32(self.dup(master)?));
         }
         Ok(())
     }
 
     /// Turns `buf` into a parameter (fp32 master + bf16 working copy) holding the same values.
     fn to_param_storage(&self, op: &'static str, buf: &mut CudaBuf) -> Result<()> {
-        let promoted = match buf {
-            CudaBuf::Param { .. } => return Ok(()),
-            CudaBuf::F32(master) => {
+        let promoted = match &**buf {
+            CudaData::Param { .. } => return Ok(()),
+            CudaData::F32(master) => {
                 let mut working = self.scratch::<bf16>(op, master.len())?;
                 kc::elementwise::cast_f32_to_bf16(&self.dev, &mut working, master).map_err(|e| self.err(op, e))?;
-                CudaBuf::Param {
+                CudaData::Param {
                     master: self.dup(master)?,
                     working,
                 }
             }
-            CudaBuf::Bf16(working) => {
+            CudaData::Bf16(working) => {
                 let mut master = self.scratch::<f32>(op, working.len())?;
                 kc::elementwise::cast_bf16_to_f32(&self.dev, &mut master, working).map_err(|e| self.err(op, e))?;
-                CudaBuf::Param {
+                CudaData::Param {
                     master,
                     working: self.dup(working)?,
                 }
             }
         };
-        *buf = promoted;
+        *buf = CudaBuf::new(promoted);
         Ok(())
     }
 }
@@ -934,40 +966,43 @@ impl Cuda {
 impl Backend for Cuda {
     type Buf = CudaBuf;
     type Tokens = Tokens;
+    type Recv = CudaData;
 
     fn name(&self) -> String {
         format!("cuda:{}", self.ordinal)
     }
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
-        Ok(match self.precision {
-            Precision::F32 => CudaBuf::F32(self.scratch("zeros", len)?),
-            Precision::Bf16 => CudaBuf::Bf16(self.scratch("zeros", len)?),
-        })
+        Ok(CudaBuf::new(match self.precision {
+            Precision::F32 => CudaData::F32(self.scratch("zeros", len)?),
+            Precision::Bf16 => CudaData::Bf16(self.scratch("zeros", len)?),
+        }))
     }
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
         // Exact in both precisions (weights and moments loaded from a checkpoint lose nothing).
-        Ok(CudaBuf::F32(self.dev.upload(data).map_err(|e| self.err("upload", e))?))
+        Ok(CudaBuf::new(CudaData::F32(
+            self.dev.upload(data).map_err(|e| self.err("upload", e))?,
+        )))
     }
     fn upload_param(&self, data: &[f32]) -> Result<CudaBuf> {
         let op = "upload_param";
         let master = self.dev.upload(data).map_err(|e| self.err(op, e))?;
         match self.precision {
-            Precision::F32 => Ok(CudaBuf::F32(master)),
+            Precision::F32 => Ok(CudaBuf::new(CudaData::F32(master))),
             Precision::Bf16 => {
                 let mut working = self.scratch::<bf16>(op, master.len())?;
                 kc::elementwise::cast_f32_to_bf16(&self.dev, &mut working, &master).map_err(|e| self.err(op, e))?;
-                Ok(CudaBuf::Param { master, working })
+                Ok(CudaBuf::new(CudaData::Param { master, working }))
             }
         }
     }
     fn zeros_state(&self, len: usize) -> Result<CudaBuf> {
-        Ok(CudaBuf::F32(self.scratch("zeros_state", len)?))
+        Ok(CudaBuf::new(CudaData::F32(self.scratch("zeros_state", len)?)))
     }
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         let op = "download";
-        match buf {
-            CudaBuf::F32(s) | CudaBuf::Param { master: s, .. } => self.dev.download(s).map_err(|e| self.err(op, e)),
-            CudaBuf::Bf16(s) => Ok(self
+        match &**buf {
+            CudaData::F32(s) | CudaData::Param { master: s, .. } => self.dev.download(s).map_err(|e| self.err(op, e)),
+            CudaData::Bf16(s) => Ok(self
                 .dev
                 .download(s)
                 .map_err(|e| self.err(op, e))?
@@ -986,18 +1021,22 @@ impl Backend for Cuda {
         buf.bytes()
     }
     fn duplicate(&self, buf: &CudaBuf) -> Result<CudaBuf> {
-        Ok(match buf {
-            CudaBuf::F32(s) => CudaBuf::F32(self.dup(s)?),
-            CudaBuf::Bf16(s) => CudaBuf::Bf16(self.dup(s)?),
-            CudaBuf::Param { master, working } => CudaBuf::Param {
+        Ok(CudaBuf::new(match &**buf {
+            CudaData::F32(s) => CudaData::F32(self.dup(s)?),
+            CudaData::Bf16(s) => CudaData::Bf16(self.dup(s)?),
+            CudaData::Param { master, working } => CudaData::Param {
                 master: self.dup(master)?,
                 working: self.dup(working)?,
             },
-        })
+        }))
     }
     fn transfer(&self, buf: CudaBuf, dst: &Self) -> Result<CudaBuf> {
         let route = self.transport_to(dst)?;
-        self.transfer_by(buf, dst, route)
+        self.transfer_by(buf, dst, route, None)
+    }
+    fn transfer_pooled(&self, buf: CudaBuf, dst: &Self, pool: &Arc<RecvPool<CudaData>>) -> Result<CudaBuf> {
+        let route = self.transport_to(dst)?;
+        self.transfer_by(buf, dst, route, Some(pool))
     }
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize().map_err(|e| self.err("synchronize", e))
@@ -1019,10 +1058,10 @@ impl Backend for Cuda {
     }
 
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
-        match buf {
-            CudaBuf::F32(s) => self.memset(s),
-            CudaBuf::Bf16(s) => self.memset(s),
-            CudaBuf::Param { master, working } => {
+        match &mut **buf {
+            CudaData::F32(s) => self.memset(s),
+            CudaData::Bf16(s) => self.memset(s),
+            CudaData::Param { master, working } => {
                 self.memset(master)?;
                 self.memset(working)
             }
@@ -1040,16 +1079,16 @@ impl Backend for Cuda {
         dispatch!(buf.storage().native(), self.scale_t(buf, alpha))
     }
     fn sum_squares(&self, buf: &CudaBuf) -> Result<f64> {
-        match buf {
-            CudaBuf::F32(s) | CudaBuf::Param { master: s, .. } => kc::norm::sum_squares(&self.dev, s),
-            CudaBuf::Bf16(s) => kc::norm::sum_squares(&self.dev, s),
+        match &**buf {
+            CudaData::F32(s) | CudaData::Param { master: s, .. } => kc::norm::sum_squares(&self.dev, s),
+            CudaData::Bf16(s) => kc::norm::sum_squares(&self.dev, s),
         }
         .map_err(|e| self.err("sum_squares", e))
     }
     fn sum(&self, buf: &CudaBuf) -> Result<f64> {
-        match buf {
-            CudaBuf::F32(s) | CudaBuf::Param { master: s, .. } => kc::norm::sum(&self.dev, s),
-            CudaBuf::Bf16(s) => kc::norm::sum(&self.dev, s),
+        match &**buf {
+            CudaData::F32(s) | CudaData::Param { master: s, .. } => kc::norm::sum(&self.dev, s),
+            CudaData::Bf16(s) => kc::norm::sum(&self.dev, s),
         }
         .map_err(|e| self.err("sum", e))
     }
@@ -1263,7 +1302,7 @@ impl Backend for Cuda {
                 // here: exactly, from fp32).
                 self.to_param_storage(op, params)?;
                 let grads = self.read::<bf16>(op, grads)?;
-                let CudaBuf::Param { master, working } = params else {
+                let CudaData::Param { master, working } = &mut **params else {
                     return Err(self.shape(op, "parameter promotion failed".into()));
                 };
                 kc::adamw::adamw_bf16(&self.dev, cfg, master, working, &grads, mo.slice(), vo.slice(), step)

@@ -20,6 +20,8 @@ use baton_kernels::cuda::cudarc::driver::CudaSlice;
 use baton_kernels::cuda::{self as kc, Device, Elem};
 use half::bf16;
 
+use super::pool::{Homed, Pooled};
+
 /// The element type of the CUDA backend's activations, weights (working copies) and gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Precision {
@@ -80,8 +82,12 @@ impl FromStr for Precision {
     }
 }
 
-/// A buffer of the CUDA backend.
-pub enum CudaBuf {
+/// A buffer of the CUDA backend: its storage, going back to the receiving stage's pool when dropped if it
+/// came from one ([`Homed`]).
+pub type CudaBuf = Homed<CudaData>;
+
+/// The storage of a [`CudaBuf`].
+pub enum CudaData {
     /// fp32 storage.
     F32(CudaSlice<f32>),
     /// bf16 storage.
@@ -96,9 +102,9 @@ pub enum CudaBuf {
     },
 }
 
-impl fmt::Debug for CudaBuf {
+impl fmt::Debug for CudaData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CudaBuf::{:?}({} elements)", self.storage(), self.len())
+        write!(f, "CudaData::{:?}({} elements)", self.storage(), self.len())
     }
 }
 
@@ -191,22 +197,29 @@ pub fn write_plan(storage: Storage, want: Precision, mode: Mode) -> WritePlan {
     }
 }
 
-impl CudaBuf {
+impl Pooled for CudaData {
+    type Key = (Storage, usize);
+    fn key(&self) -> (Storage, usize) {
+        (self.storage(), self.len())
+    }
+}
+
+impl CudaData {
     /// The storage kind.
     pub fn storage(&self) -> Storage {
         match self {
-            CudaBuf::F32(_) => Storage::F32,
-            CudaBuf::Bf16(_) => Storage::Bf16,
-            CudaBuf::Param { .. } => Storage::Param,
+            CudaData::F32(_) => Storage::F32,
+            CudaData::Bf16(_) => Storage::Bf16,
+            CudaData::Param { .. } => Storage::Param,
         }
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
-            CudaBuf::F32(s) => s.len(),
-            CudaBuf::Bf16(s) => s.len(),
-            CudaBuf::Param { master, .. } => master.len(),
+            CudaData::F32(s) => s.len(),
+            CudaData::Bf16(s) => s.len(),
+            CudaData::Param { master, .. } => master.len(),
         }
     }
 
@@ -234,9 +247,9 @@ pub(crate) trait Stored: Elem {
     /// The constant `x` in this type (GEMM scalars: 0 and 1, exact in both).
     fn scalar(x: f32) -> Self;
     /// The buffer's storage of this type (a parameter's master for fp32, its working copy for bf16).
-    fn view(buf: &CudaBuf) -> Option<&CudaSlice<Self>>;
+    fn view(buf: &CudaData) -> Option<&CudaSlice<Self>>;
     /// Mutable access to the buffer's storage of this type, and the parameter copy to refresh afterwards.
-    fn view_mut(buf: &mut CudaBuf) -> Option<ViewMut<'_, Self>>;
+    fn view_mut(buf: &mut CudaData) -> Option<ViewMut<'_, Self>>;
     /// A buffer holding `s`.
     fn wrap(s: CudaSlice<Self>) -> CudaBuf;
     /// `dst = src` converted (bf16 → fp32 exact; fp32 → bf16 round to nearest even).
@@ -292,21 +305,21 @@ impl Stored for f32 {
     fn scalar(x: f32) -> Self {
         x
     }
-    fn view(buf: &CudaBuf) -> Option<&CudaSlice<f32>> {
+    fn view(buf: &CudaData) -> Option<&CudaSlice<f32>> {
         match buf {
-            CudaBuf::F32(s) | CudaBuf::Param { master: s, .. } => Some(s),
-            CudaBuf::Bf16(_) => None,
+            CudaData::F32(s) | CudaData::Param { master: s, .. } => Some(s),
+            CudaData::Bf16(_) => None,
         }
     }
-    fn view_mut(buf: &mut CudaBuf) -> Option<ViewMut<'_, f32>> {
+    fn view_mut(buf: &mut CudaData) -> Option<ViewMut<'_, f32>> {
         match buf {
-            CudaBuf::F32(s) => Some((s, None)),
-            CudaBuf::Param { master, working } => Some((master, Some(working))),
-            CudaBuf::Bf16(_) => None,
+            CudaData::F32(s) => Some((s, None)),
+            CudaData::Param { master, working } => Some((master, Some(working))),
+            CudaData::Bf16(_) => None,
         }
     }
     fn wrap(s: CudaSlice<f32>) -> CudaBuf {
-        CudaBuf::F32(s)
+        CudaBuf::new(CudaData::F32(s))
     }
     fn cast_from(dev: &Device, dst: &mut CudaSlice<f32>, src: &CudaSlice<bf16>) -> kc::Result<()> {
         kc::elementwise::cast_bf16_to_f32(dev, dst, src)
@@ -330,21 +343,21 @@ impl Stored for bf16 {
     fn scalar(x: f32) -> Self {
         bf16::from_f32(x)
     }
-    fn view(buf: &CudaBuf) -> Option<&CudaSlice<bf16>> {
+    fn view(buf: &CudaData) -> Option<&CudaSlice<bf16>> {
         match buf {
-            CudaBuf::Bf16(s) | CudaBuf::Param { working: s, .. } => Some(s),
-            CudaBuf::F32(_) => None,
+            CudaData::Bf16(s) | CudaData::Param { working: s, .. } => Some(s),
+            CudaData::F32(_) => None,
         }
     }
-    fn view_mut(buf: &mut CudaBuf) -> Option<ViewMut<'_, bf16>> {
+    fn view_mut(buf: &mut CudaData) -> Option<ViewMut<'_, bf16>> {
         match buf {
-            CudaBuf::Bf16(s) => Some((s, None)),
-            CudaBuf::Param { master, working } => Some((working, Some(master))),
-            CudaBuf::F32(_) => None,
+            CudaData::Bf16(s) => Some((s, None)),
+            CudaData::Param { master, working } => Some((working, Some(master))),
+            CudaData::F32(_) => None,
         }
     }
     fn wrap(s: CudaSlice<bf16>) -> CudaBuf {
-        CudaBuf::Bf16(s)
+        CudaBuf::new(CudaData::Bf16(s))
     }
     fn cast_from(dev: &Device, dst: &mut CudaSlice<bf16>, src: &CudaSlice<f32>) -> kc::Result<()> {
         kc::elementwise::cast_f32_to_bf16(dev, dst, src)

@@ -5,11 +5,15 @@ mod cpu;
 mod cuda;
 mod cuda_buf;
 mod cuda_peer;
+mod pool;
 
-pub use cpu::Cpu;
+pub use cpu::{Cpu, CpuBuf};
 pub use cuda::Cuda;
-pub use cuda_buf::{CudaBuf, Precision, Storage};
+pub use cuda_buf::{CudaBuf, CudaData, Precision, Storage};
 pub use cuda_peer::Transport;
+pub use pool::{Homed, PoolStats, Pooled, RecvPool};
+
+use std::sync::Arc;
 
 use baton_kernels::cpu::AdamW;
 
@@ -24,6 +28,8 @@ pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync + 'static;
     /// A buffer of token ids on this backend.
     type Tokens: Send + Sync + 'static;
+    /// What a stage's [`RecvPool`] holds: the storage of a received activation or gradient.
+    type Recv: Pooled;
 
     /// Short name for messages (`cpu`, `cuda:0`).
     fn name(&self) -> String;
@@ -54,6 +60,10 @@ pub trait Backend: Send + Sync + 'static {
     fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf>;
     /// Moves a buffer of this backend to `dst` (a peer copy between devices; a move on the CPU).
     fn transfer(&self, buf: Self::Buf, dst: &Self) -> Result<Self::Buf>;
+    /// Copies `buf` to `dst` into a buffer leased from `pool` (the receiving stage's receive pool; it goes back
+    /// there when dropped), then frees `buf`. What the executor uses between stages: no allocation once the pool
+    /// holds the schedule's peak of live messages.
+    fn transfer_pooled(&self, buf: Self::Buf, dst: &Self, pool: &Arc<RecvPool<Self::Recv>>) -> Result<Self::Buf>;
     /// Waits until every queued op has finished.
     fn synchronize(&self) -> Result<()>;
     /// A point on the backend's queue, for timing device work: a timing event on a GPU
