@@ -3,8 +3,9 @@
 # kernel and transport benches, then GPT-2 124M end to end (bf16, p = 1, 2, 4 stages of 1F1B on the one GPU),
 # printing LAST a table (kernel, shape, time, GB/s or TFLOP/s, % of the measured ceiling) and one line per stage
 # count (tokens/s, MFU, measured vs simulated bubble). Full logs go under $OUT (default ./gpu-check-out).
-# Expected runtime on an H200, about 7 minutes: parity suites + engine test ~2.5 min, kernel bench ~2.5 min,
-# transport bench ~0.5 min, end to end ~1.5 min (3 runs of 6 steps at 64×1024 tokens; start-up included).
+# Expected runtime on an H200, about 8.5 minutes: parity suites + engine test ~2.5 min, kernel bench ~2.5 min,
+# transport bench ~0.5 min, end to end ~1.5 min (3 runs of 6 steps at 64×1024 tokens; start-up included), the
+# PyTorch reference ~1.5 min (torch.compile included; skipped when the budget is short). Run it with a 600 s limit.
 # The per-step timeouts bound a hung step, not the expected time.
 #
 #   scripts/gpu-check.sh build   # on a machine with cargo (e.g. the dev machine): release-build the three test /
@@ -126,9 +127,20 @@ if [[ -x "$BIN/baton" ]]; then
     rm -rf "$OUT/e2e-p$p/checkpoints"
   done
 fi
-# The PyTorch reference (GPT-2 124M, bf16 autocast, torch.compile, fused AdamW), when asked for.
-if [[ "${BATON_GPU_CHECK_TORCH:-0}" == "1" ]]; then
-  run_step torch_reference 150 python3 "$ROOT/scripts/torch_reference.py" --batch 16 --seq 1024 --steps 10
+# The PyTorch reference (the same GPT-2 124M and batch, bf16 autocast, torch.compile, fused AdamW), timed in this
+# same run for the Baton / PyTorch ratio. On by default; skipped (said so in the summary) when less than
+# TORCH_MIN_LEFT seconds of the ~9.5-minute budget remain, so the rest of the check always comes back;
+# BATON_GPU_CHECK_TORCH=0 skips it.
+TORCH_MIN_LEFT=150
+ELAPSED=$(( $(date +%s) - START ))
+TORCH_NOTE=""
+if [[ "${BATON_GPU_CHECK_TORCH:-1}" == "0" ]]; then
+  TORCH_NOTE="skipped (BATON_GPU_CHECK_TORCH=0)"
+elif (( ELAPSED > 570 - TORCH_MIN_LEFT )); then
+  TORCH_NOTE="skipped: ${ELAPSED} s elapsed, too little time left"
+else
+  run_step torch_reference $(( 570 - ELAPSED )) python3 "$ROOT/scripts/torch_reference.py" --batch 64 --seq 1024 \
+    --steps 8 --warmup 3 ${PEAK:+--peak-tflops "$PEAK"}
   grep '^TORCH_REFERENCE' "$OUT/torch_reference.log" || true
 fi
 
@@ -159,4 +171,14 @@ PY
   # shellcheck disable=SC2086
   printf '%-8s %12s %8s %16s %16s\n' "$p" $cols ${bubble:-- -} | tee -a "$OUT/summary.txt"
 done
+# Baton / PyTorch, same model and batch (Baton single stage, last step; PyTorch mean of its timed steps).
+TORCH_TPS=$(sed -n 's/^TORCH_REFERENCE tokens_per_s=\([0-9.]*\).*/\1/p' "$OUT/torch_reference.log" 2>/dev/null | tail -1 || true)
+BATON_TPS=$(python3 -c 'import json,sys; print(json.loads([l for l in open(sys.argv[1]) if l.strip()][-1])["tokens_per_s"])' \
+  "$OUT/e2e-p1/metrics.jsonl" 2>/dev/null || true)
+if [[ -n "$TORCH_TPS" && -n "$BATON_TPS" ]]; then
+  python3 -c 'import sys; b, t = map(float, sys.argv[1:]); print(f"pytorch  {t:12.0f}   baton/pytorch (p=1) = {b / t:.3f}")' \
+    "$BATON_TPS" "$TORCH_TPS" | tee -a "$OUT/summary.txt"
+else
+  echo "pytorch: ${TORCH_NOTE:-no TORCH_REFERENCE line (see $OUT/torch_reference.log)}" | tee -a "$OUT/summary.txt"
+fi
 exit $STATUS

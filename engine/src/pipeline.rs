@@ -248,6 +248,11 @@ impl<B: Backend> Pipeline<B> {
         &self.validation
     }
 
+    /// The backends, one per stage.
+    pub fn backends(&self) -> &[B] {
+        &self.backends
+    }
+
     /// Per stage: the counters of its receive pool (capacity from the schedule, buffers owned, leases served
     /// from the pool and allocations). After the first step, `allocations()` stays flat and `misses` is 0.
     pub fn receive_pools(&self) -> Vec<PoolStats> {

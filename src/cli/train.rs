@@ -980,7 +980,8 @@ fn summary<B: Backend>(
     if let Some(costs) = measured_costs(pipeline, report) {
         let cfg = pipeline.config();
         let units = crate::engine::predict::unit_costs(&cfg.model, seq, pipeline.ranges(), &costs);
-        let act_bytes = (report.tokens / cfg.microbatches as usize * cfg.model.d_model * 4) as f64;
+        let elem = pipeline.backends().first().map_or(4, Backend::activation_elem_bytes);
+        let act_bytes = (report.tokens / cfg.microbatches as usize * cfg.model.d_model * elem) as f64;
         if let Ok(preds) = crate::engine::predict::predict(
             &cfg.model,
             &units,
@@ -1017,15 +1018,22 @@ fn summary<B: Backend>(
             );
         }
     }
+    let pools = pipeline.receive_pools();
     for (s, (busy, idle)) in report.busy_s.iter().zip(&report.idle_s).enumerate() {
         let total = busy + idle;
+        let pool = pools.get(s).copied().unwrap_or_default();
         eprintln!(
-            "  stage {s}: busy {:.1} ms ({:.0}%), idle {:.1} ms, peak stashed activations {} ({:.1} MiB)",
+            "  stage {s}: busy {:.1} ms ({:.0}%), idle {:.1} ms, peak stashed activations {} ({:.1} MiB), \
+             receive buffers {} (allocated {}, reused {}, misses {})",
             busy * 1e3,
             if total > 0.0 { busy / total * 100.0 } else { 0.0 },
             idle * 1e3,
             report.peak_stashed[s],
-            report.peak_stash_bytes[s] as f64 / (1 << 20) as f64
+            report.peak_stash_bytes[s] as f64 / (1 << 20) as f64,
+            pool.capacity,
+            pool.allocations(),
+            pool.hits,
+            pool.misses
         );
     }
 }

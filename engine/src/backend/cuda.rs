@@ -1020,6 +1020,9 @@ impl Backend for Cuda {
     fn bytes(&self, buf: &CudaBuf) -> usize {
         buf.bytes()
     }
+    fn activation_elem_bytes(&self) -> usize {
+        self.precision.elem_bytes()
+    }
     fn duplicate(&self, buf: &CudaBuf) -> Result<CudaBuf> {
         Ok(CudaBuf::new(match &**buf {
             CudaData::F32(s) => CudaData::F32(self.dup(s)?),

@@ -46,6 +46,10 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros_state(&self, len: usize) -> Result<Self::Buf> {
         self.zeros(len)
     }
+    /// Bytes of one activation or gradient element as the model's ops store it (what a transfer moves).
+    fn activation_elem_bytes(&self) -> usize {
+        4
+    }
     /// Bytes the buffer occupies on its device (4 per element for fp32 storage).
     fn bytes(&self, buf: &Self::Buf) -> usize {
         self.len(buf) * 4
