@@ -58,7 +58,7 @@ impl Layer<Cpu> for NoOp {
     fn forward(&self, _be: &Cpu, _x: Option<CpuBuf>, _mb: &MicroBatch<Cpu>) -> Result<Forward<Cpu>> {
         Ok(Forward {
             out: (!self.last).then(|| CpuBuf::new(Vec::new())),
-            loss_sum: self.last.then_some(0.0),
+            losses: self.last.then(|| CpuBuf::new(vec![0.0])),
             saved: Saved::empty(),
         })
     }

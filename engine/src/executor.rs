@@ -514,7 +514,7 @@ pub fn run_step<B: Backend>(
 const WATCHDOG_POLL: Duration = Duration::from_millis(10);
 
 /// A part's forward: each layer's stash, the output activation, and the loss (head only).
-type PartForward<B> = (Vec<Saved<B>>, Option<<B as Backend>::Buf>, Option<f64>);
+type PartForward<B> = (Vec<Saved<B>>, Option<<B as Backend>::Buf>, Option<<B as Backend>::Buf>);
 
 struct Worker<B: Backend> {
     s: usize,
@@ -558,6 +558,7 @@ impl<B: Backend> Worker<B> {
         let m = self.schedule.microbatches as usize;
         let chunks = self.stage.parts.len();
         let mut act_stash: Vec<Option<PartStash<B>>> = (0..chunks * m).map(|_| None).collect();
+        let mut pending_losses: Vec<(usize, Action, B::Buf)> = Vec::new();
         let mut w_stash: Vec<Option<PartStash<B>>> = (0..chunks * m).map(|_| None).collect();
         let mut out = StageOutcome {
             spans: Vec::with_capacity(list.len()),
@@ -590,15 +591,12 @@ impl<B: Backend> Worker<B> {
             match action.op {
                 Op::F => {
                     debug_assert!(act_stash[slot].is_none(), "stash slot filled twice");
-                    let (stash, loss) = self.forward(action).map_err(fail)?;
-                    if let Some(mut loss) = loss {
+                    let (stash, losses) = self.forward(action).map_err(fail)?;
+                    if let Some(mut losses) = losses {
                         if self.poison {
-                            loss = f64::NAN;
+                            self.be().scale(&mut losses, f32::NAN).map_err(fail)?;
                         }
-                        if !loss.is_finite() {
-                            self.note_nonfinite(index, action);
-                        }
-                        out.losses.push((action.mb, loss));
+                        pending_losses.push((index, action, losses));
                     }
                     stashed += 1;
                     bytes += stash.bytes;
@@ -636,6 +634,20 @@ impl<B: Backend> Worker<B> {
             });
         }
         debug_assert_eq!(stashed, 0, "every activation stash was consumed");
+        // The micro-batch losses, read back once the stage has queued all its work (on a device: one wait at the
+        // end of the step instead of one per forward).
+        for (index, action, losses) in pending_losses {
+            let loss = self.be().sum(&losses).map_err(|e| WorkerError::Failed {
+                index,
+                action: action.to_string(),
+                cause: format!("reading the loss back: {e}"),
+            })?;
+            if !loss.is_finite() {
+                let at_s = out.spans.get(index).map_or(0.0, |s| s.end_s);
+                self.note_nonfinite_at(index, action, at_s);
+            }
+            out.losses.push((action.mb, loss));
+        }
         out.nonfinite = self.nonfinite.take();
         out.copies = self.copy_spans().map_err(|e| WorkerError::Failed {
             index: list.len(),
@@ -693,12 +705,14 @@ impl<B: Backend> Worker<B> {
 
     /// Remembers the first action whose output was not finite.
     fn note_nonfinite(&mut self, index: usize, action: Action) {
-        if self.nonfinite.is_none() {
-            self.nonfinite = Some(NonFinite {
-                at_s: self.t0.elapsed().as_secs_f64(),
-                index,
-                action,
-            });
+        let at_s = self.t0.elapsed().as_secs_f64();
+        self.note_nonfinite_at(index, action, at_s);
+    }
+
+    /// Records a non-finite output of action `index` (finished at `at_s`), keeping the earliest action.
+    fn note_nonfinite_at(&mut self, index: usize, action: Action, at_s: f64) {
+        if self.nonfinite.as_ref().is_none_or(|n| n.index > index) {
+            self.nonfinite = Some(NonFinite { at_s, index, action });
         }
     }
 
@@ -732,12 +746,12 @@ impl<B: Backend> Worker<B> {
             let f = layer.forward(be, x, mb)?;
             saved.push(f.saved);
             x = f.out;
-            loss = loss.or(f.loss_sum);
+            loss = loss.or(f.losses);
         }
         Ok((saved, x, loss))
     }
 
-    fn forward(&mut self, a: Action) -> Result<(PartStash<B>, Option<f64>)> {
+    fn forward(&mut self, a: Action) -> Result<(PartStash<B>, Option<B::Buf>)> {
         let part = self.part_index(a);
         let mbs = Arc::clone(&self.mbs);
         let mb = &mbs[a.mb as usize];

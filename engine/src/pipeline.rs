@@ -483,19 +483,26 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Global gradient norm: per-tensor sums of squares added in global (layer, parameter)
-    /// order, the tied LM head counted once (through `wte`) — the same for every split.
+    /// order, the tied LM head counted once (through `wte`) — the same for every split. One
+    /// read-back per stage.
     fn grad_norm(&self) -> Result<f32> {
         let mut squares: Vec<((usize, usize), f64)> = Vec::new();
         for (stage, be) in self.stages.iter().zip(self.backends.iter()) {
+            let mut keys = Vec::new();
+            let mut grads = Vec::new();
             for part in &stage.parts {
                 for (unit, layer) in part.units.clone().zip(&part.layers) {
                     for (pi, p) in layer.params().iter().enumerate() {
                         if p.tied_to.is_none() {
-                            squares.push(((unit, pi), be.sum_squares(&p.grad)?));
+                            keys.push((unit, pi));
+                            grads.push(&p.grad);
                         }
                     }
                 }
             }
+            let sums = be.sum_squares_many(&grads)?;
+            debug_assert_eq!(sums.len(), keys.len());
+            squares.extend(keys.into_iter().zip(sums));
         }
         squares.sort_by_key(|&(k, _)| k);
         Ok(squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt() as f32)
@@ -623,7 +630,9 @@ impl<B: Backend> Pipeline<B> {
                 |s| &mbs[s][i],
                 |layer, be, x, mb| {
                     let f = layer.forward(be, x, mb)?;
-                    total += f.loss_sum.unwrap_or(0.0);
+                    if let Some(losses) = &f.losses {
+                        total += be.sum(losses)?;
+                    }
                     Ok(f.out)
                 },
             )

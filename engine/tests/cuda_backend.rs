@@ -412,3 +412,38 @@ fn pooled_transfer_reuses_the_buffer_in_order() {
         consumer.synchronize().unwrap();
     }
 }
+
+/// The batched sums of squares (one read-back) equal the one-at-a-time ones bitwise, in both precisions.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sum_squares_many_equals_one_at_a_time() {
+    for precision in Precision::ALL {
+        let cuda = Cuda::with_precision(0, precision).unwrap();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let bufs: Vec<CudaBuf> = [1usize, 1000, 65_537, 3 << 20]
+            .iter()
+            .map(|&n| {
+                let data: Vec<f32> = (0..n)
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                    })
+                    .collect();
+                let mut b = cuda.zeros(n).unwrap();
+                cuda.copy(&mut b, &cuda.upload(&data).unwrap()).unwrap();
+                b
+            })
+            .collect();
+        let refs: Vec<&CudaBuf> = bufs.iter().collect();
+        let many = cuda.sum_squares_many(&refs).unwrap();
+        let one: Vec<f64> = bufs.iter().map(|b| cuda.sum_squares(b).unwrap()).collect();
+        assert_eq!(
+            many.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            one.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{precision}"
+        );
+        assert!(many.iter().all(|&x| x > 0.0), "{precision}: {many:?}");
+    }
+}

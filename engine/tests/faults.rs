@@ -81,6 +81,31 @@ fn nan_skips_the_step_and_names_the_stage() {
     assert!(!report.skipped && report.loss.is_finite());
 }
 
+/// The loss stays on the device until the stage's list is done: a NaN loss from the head's forward is still
+/// caught, and attributed to the last stage's forward, even though it is read back only after later actions.
+#[test]
+fn nan_loss_read_back_at_the_end_still_names_the_head_stage() {
+    let data = batches(2);
+    let mut p = pipeline(ScheduleKind::OneFOneB, 5_000);
+    p.train_step(&data[0]).unwrap();
+    let before = bits(&p);
+    // Stage 3 (the head) poisons its second forward: micro-batch 1's loss.
+    let index = p.schedule().actions[3]
+        .iter()
+        .position(|a| a.op == Op::F && a.mb == 1)
+        .unwrap();
+    p.set_failure(Some(FailurePoint {
+        stage: 3,
+        action: index,
+        kind: FailureKind::Nan,
+        step: None,
+    }));
+    let report = p.train_step(&data[1]).unwrap();
+    assert!(report.skipped && report.loss.is_nan(), "{report:?}");
+    assert_eq!(report.nonfinite_stage, Some(3));
+    assert_eq!(bits(&p), before, "a skipped step changes nothing");
+}
+
 #[test]
 fn nan_with_abort_policy_and_consecutive_skips_fail_clearly() {
     let data = batches(1);

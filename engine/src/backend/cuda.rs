@@ -1088,6 +1088,24 @@ impl Backend for Cuda {
         }
         .map_err(|e| self.err("sum_squares", e))
     }
+    fn sum_squares_many(&self, bufs: &[&CudaBuf]) -> Result<Vec<f64>> {
+        let op = "sum_squares_many";
+        if bufs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sums = self.dev.zeros::<f64>(bufs.len()).map_err(|e| self.err(op, e))?;
+        for (i, buf) in bufs.iter().enumerate() {
+            let mut slot = sums.slice_mut(i..i + 1);
+            match &***buf {
+                CudaData::F32(s) | CudaData::Param { master: s, .. } => {
+                    kc::norm::sum_squares_into(&self.dev, s, &mut slot)
+                }
+                CudaData::Bf16(s) => kc::norm::sum_squares_into(&self.dev, s, &mut slot),
+            }
+            .map_err(|e| self.err(op, e))?;
+        }
+        self.dev.download(&sums).map_err(|e| self.err(op, e))
+    }
     fn sum(&self, buf: &CudaBuf) -> Result<f64> {
         match &**buf {
             CudaData::F32(s) | CudaData::Param { master: s, .. } => kc::norm::sum(&self.dev, s),

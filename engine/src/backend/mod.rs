@@ -99,6 +99,11 @@ pub trait Backend: Send + Sync + 'static {
     fn scale(&self, buf: &mut Self::Buf, alpha: f32) -> Result<()>;
     /// Sum of squares in `f64`, in a fixed order (deterministic).
     fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;
+    /// [`Backend::sum_squares`] of each buffer, bitwise the same, in one read-back where the backend can (a
+    /// device queues every reduction and waits once).
+    fn sum_squares_many(&self, bufs: &[&Self::Buf]) -> Result<Vec<f64>> {
+        bufs.iter().map(|b| self.sum_squares(b)).collect()
+    }
     /// Sum in `f64`, in a fixed order; `Err` never hides a NaN (it is returned as the sum).
     fn sum(&self, buf: &Self::Buf) -> Result<f64>;
 

@@ -124,8 +124,9 @@ fn missing(layer: &str, slot: usize) -> crate::error::EngineError {
 pub struct Forward<B: Backend> {
     /// Output activation `(b, t, c)`.
     pub out: Option<B::Buf>,
-    /// Sum of the per-token losses of the micro-batch (head only).
-    pub loss_sum: Option<f64>,
+    /// The per-token losses of the micro-batch (head only), left on the device: the executor reads their sum
+    /// back once, after the stage's last action, so no forward waits on the host.
+    pub losses: Option<B::Buf>,
     /// What backward needs.
     pub saved: Saved<B>,
 }
@@ -224,7 +225,7 @@ impl<B: Backend> Layer<B> for Embedding<B> {
         )?;
         Ok(Forward {
             out: Some(out),
-            loss_sum: None,
+            losses: None,
             saved: Saved::with_slots(1),
         })
     }
@@ -415,7 +416,7 @@ impl<B: Backend> Layer<B> for Block<B> {
         }
         Ok(Forward {
             out: Some(out),
-            loss_sum: None,
+            losses: None,
             saved: s,
         })
     }
@@ -659,7 +660,6 @@ impl<B: Backend> Layer<B> for Head<B> {
         be.matmul_forward(&mut logits, &lnf, &self.params[H_WTE].value, None, n, c, v)?;
         let mut losses = be.zeros(n)?;
         be.cross_entropy_forward(&mut losses, &logits, targets, n, v)?;
-        let loss_sum = be.sum(&losses)?;
         let mut s = Saved::with_slots(HEAD_SLOTS);
         for (slot, buf) in [
             (HS_X, x),
@@ -672,7 +672,7 @@ impl<B: Backend> Layer<B> for Head<B> {
         }
         Ok(Forward {
             out: None,
-            loss_sum: Some(loss_sum),
+            losses: Some(losses),
             saved: s,
         })
     }
