@@ -844,14 +844,15 @@ impl<B: Backend> Worker<B> {
         }
         let (src_be, dst_be) = (&self.backends[self.s], &self.backends[dst]);
         // The copy can start once the producer's work is done (a mark on the source queue when it
-        // shares the destination's clock), and is done at a mark on the destination queue.
+        // shares the destination's clock; else the destination's copy queue as it was before the
+        // copy), and is done at a mark on the destination's copy queue behind it.
         let m0 = if src_be.shares_clock_with(dst_be) {
             src_be.mark()?
         } else {
-            dst_be.mark()?
+            dst_be.copy_mark()?
         };
         let buf = src_be.transfer_pooled(buf, dst_be, &self.pools[dst])?;
-        let m1 = dst_be.mark()?;
+        let m1 = dst_be.copy_mark()?;
         self.copies.push(PendingCopy {
             dst,
             start: m0,

@@ -447,3 +447,32 @@ fn sum_squares_many_equals_one_at_a_time() {
         assert!(many.iter().all(|&x| x > 0.0), "{precision}: {many:?}");
     }
 }
+
+/// Incoming transfers run on the receiving stage's copy stream: a copy into a stage whose compute stream is busy
+/// with a slow kernel completes before that kernel does (it does not queue behind the stage's compute), and the
+/// received data is right.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn transfers_do_not_wait_behind_the_consumers_compute() {
+    const N: usize = 1 << 20;
+    const CYCLES: u64 = 100_000_000; // ≈ 50 ms on an H200
+    let producer = Cuda::with_precision(0, Precision::F32).unwrap();
+    let consumer = producer.with_new_stream().unwrap();
+    let data: Vec<f32> = (0..N).map(|i| i as f32).collect();
+    let buf = producer.upload(&data).unwrap();
+    producer.synchronize().unwrap();
+    // Keep the consumer's compute stream busy.
+    let mut busy = CudaBuf::new(CudaData::F32(consumer.device().zeros::<f32>(N).unwrap()));
+    let CudaData::F32(slice) = &mut *busy else { unreachable!() };
+    baton_kernels::cuda::elementwise::slow_fill_f32(consumer.device(), slice, 1.0, CYCLES).unwrap();
+    let after_busy = consumer.mark().unwrap();
+    let moved = producer.transfer(buf, &consumer).unwrap();
+    let copied = consumer.copy_mark().unwrap();
+    copied.synchronize().unwrap();
+    assert!(
+        !after_busy.is_complete(),
+        "the copy finished only after the consumer's slow kernel: it queued behind the consumer's compute"
+    );
+    assert_eq!(consumer.download(&moved).unwrap(), data);
+    consumer.synchronize().unwrap();
+}

@@ -19,26 +19,32 @@
 //! `sum_squares` and `synchronize` wait. Buffers carry cudarc's read/write events, so a buffer used on another
 //! stream (another stage's `Cuda`) is waited for automatically.
 //!
-//! `transfer` to another `Cuda` takes the route `cuda_peer.rs` decides once per pair of devices ([`Transport`]):
-//! - **same device** (e.g. two stages sharing the one GPU): a device-to-device copy on the **destination's** stream,
-//!   after waiting on the source buffer's last write (cudarc's write event);
+//! Each `Cuda` has two streams: the **compute** stream every op runs on, and a **copy** stream that incoming
+//! transfers run on, so a copy neither queues behind the receiving stage's compute nor holds it up (a copy queued
+//! on the consumer's compute stream from the producer's thread would make the consumer's unrelated work wait for
+//! the producer). `transfer` to another `Cuda` takes the route `cuda_peer.rs` decides once per pair of devices
+//! ([`Transport`]):
+//! - **same device** (e.g. two stages sharing the one GPU): a device-to-device copy on the **destination's** copy
+//!   stream, after waiting on the source buffer's last write (cudarc's write event);
 //! - **peer** (different devices, peer access enabled once per pair with `cuCtxEnablePeerAccess` and the source
-//!   pool's `cuMemPoolSetAccess`): `cuMemcpyPeerAsync` on the destination's stream, after an event recorded on the
-//!   source stream;
-//! - **pinned host** (different devices without peer access): device→pinned on the **source** stream (after the
-//!   buffer's last write), pinned→device on the destination stream after an event recorded behind the first copy;
-//!   no host synchronisation in the steady state.
+//!   pool's `cuMemPoolSetAccess`): `cuMemcpyPeerAsync` on the destination's copy stream, after an event recorded on
+//!   the source stream;
+//! - **pinned host** (different devices without peer access): device→pinned on the **source's** copy stream (after
+//!   the buffer's last write), pinned→device on the destination's copy stream after an event recorded behind the
+//!   first copy; no host synchronisation in the steady state.
 //!
-//! On the first two routes the source stream then waits on an event recorded after the copy before the source
-//! buffer is freed, so the free cannot overtake the copy; on the third the source stream read the buffer itself.
-//! Every storage kind is copied as is (a parameter: both copies). The destination's consumers are ordered after
-//! the copy by the new buffer's write event.
+//! The source stream then waits on an event recorded after the copy before the source buffer is freed, so the
+//! free cannot overtake the copy. Every storage kind is copied as is (a parameter: both copies). The received
+//! buffer is allocated on the copy stream that writes it, and its write event (recorded after the copy) orders
+//! the destination's consumers after the copy; a pooled receive buffer's read events order the next copy into it
+//! after its last reader.
 //!
 //! **Memory.** Buffers come from the stream-ordered allocator (`cuMemAllocAsync` on the device's default memory
 //! pool) per op. At creation the backend sets that pool's release threshold to `u64::MAX` (`cuda_peer.rs`), so
 //! freed memory stays in the pool: after the first training step every allocation is served from memory the pool
 //! already holds, i.e. no `cuMemAlloc` / `cuMemFree` (no driver reservation or release) in the steady state. The
-//! per-op pool calls themselves remain; per-stage buffer pools sized from the schedule are not built.
+//! per-op pool calls themselves remain for scratch and stashes; received activations and gradients come from the
+//! stage's receive pool (`pool.rs`), filled on the first step.
 
 use std::sync::Arc;
 
@@ -46,7 +52,7 @@ use baton_kernels::cpu::AdamW;
 use baton_kernels::cuda::cudarc::cublas::sys::cublasOperation_t;
 use baton_kernels::cuda::cudarc::cublas::{CudaBlas, GemmConfig};
 use baton_kernels::cuda::cudarc::driver::sys::CUevent_flags;
-use baton_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DevicePtrMut};
+use baton_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use baton_kernels::cuda::{self as kc, attention::AttentionShape, cublas_available, CudaError, Device, Elem, Tokens};
 use half::bf16;
 
@@ -63,6 +69,9 @@ use crate::error::{EngineError, Result};
 pub struct Cuda {
     ordinal: usize,
     dev: Device,
+    /// The stage's copy stream: incoming transfers run here, so a copy neither waits behind the stage's compute
+    /// nor holds it up; the buffers' cudarc events order the copy before its readers.
+    copy: Arc<CudaStream>,
     blas: Arc<CudaBlas>,
     precision: Precision,
 }
@@ -150,9 +159,15 @@ impl Cuda {
         })?;
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| EngineError::NoCudaDevice(format!("cublasCreate: {e:?}")))?;
+        let copy = dev.context().new_stream().map_err(|e| EngineError::Backend {
+            backend: format!("cuda:{ordinal}"),
+            op: "copy stream",
+            reason: format!("creating the copy stream: {e}"),
+        })?;
         Ok(Cuda {
             ordinal,
             dev,
+            copy,
             blas: Arc::new(blas),
             precision,
         })
@@ -316,20 +331,24 @@ impl Cuda {
         .map_err(|e| self.err(op, e))
     }
 
-    /// A buffer of `len` elements on `dst`'s stream whose contents are not initialised: only for a copy's target.
+    /// A buffer of `len` elements on `dst`'s **copy** stream whose contents are not initialised: only for a
+    /// copy's target. Allocated on the stream that writes it, so the stream-ordered allocator never hands the copy
+    /// memory that another stream's pending work still uses.
     fn uninit<T: Elem>(&self, op: &'static str, dst: &Cuda, len: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every caller overwrites the whole buffer with a copy queued on `dst`'s stream (or ordered before
-        // it by the buffer's write event) before anything reads it.
-        unsafe { dst.dev.stream().alloc::<T>(len) }
+        // SAFETY: every caller overwrites the whole buffer with a copy queued on `dst`'s copy stream before
+        // anything reads it (readers wait on the buffer's write event, recorded after the copy).
+        unsafe { dst.copy.alloc::<T>(len) }
             .map_err(|e| self.err(op, CudaError::driver(format!("allocating {len} elements"), e)))
     }
 
-    /// `src` copied into `out` (a buffer of `dst`) by `route`, on `dst`'s stream:
+    /// `src` copied into `out` (a buffer of `dst`) by `route`, on `dst`'s copy stream:
     /// - same device or peer access: a device-to-device copy (`cuMemcpyPeerAsync` when the devices differ), after
     ///   `src`'s last write (same context: src's write event; other device: an event recorded on src's stream);
-    /// - pinned host: device→pinned on this stream, pinned→device on `dst`'s, ordered by events (`cuda_peer.rs`).
+    /// - pinned host: device→pinned on this backend's copy stream (after `src`'s last write), pinned→device on
+    ///   `dst`'s copy stream, ordered by events (`cuda_peer.rs`).
     ///
-    /// `out` may be a reused receive buffer: its own read/write events make the copy wait for its last readers.
+    /// `out` may be a reused receive buffer: its own read/write events make the copy wait for its last readers,
+    /// and its write event, recorded after the copy, makes every later reader wait for the copy.
     fn copy_by<T: Elem>(
         &self,
         op: &'static str,
@@ -343,16 +362,16 @@ impl Cuda {
         }
         match route {
             Transport::SameDevice | Transport::Peer => dst
-                .dev
-                .stream()
+                .copy
                 .memcpy_dtod(src, out)
                 .map_err(|e| self.err(op, CudaError::driver("memcpy_dtod (peer)", e))),
             Transport::PinnedHost => {
-                let (src_stream, dst_stream) = (self.dev.stream(), dst.dev.stream());
+                let (src_stream, dst_stream) = (&self.copy, &dst.copy);
                 let bytes = src.num_bytes();
-                // `device_ptr` makes this stream wait on `src`'s last write and records its read event here when
-                // the guard drops (after the device→pinned copy is queued); `device_ptr_mut` makes dst's stream
-                // wait on `out`'s events and records its write event there after the pinned→device copy.
+                // `device_ptr` makes this copy stream wait on `src`'s last write and records its read event here
+                // when the guard drops (after the device→pinned copy is queued), so `src`'s free waits for it;
+                // `device_ptr_mut` makes dst's copy stream wait on `out`'s events and records its write event there
+                // after the pinned→device copy.
                 let (src_ptr, _read) = src.device_ptr(src_stream);
                 let (dst_ptr, _write) = out.device_ptr_mut(dst_stream);
                 peer::copy_via_pinned_host(src_ptr, src_stream, dst_ptr, dst_stream, bytes)
@@ -408,11 +427,12 @@ impl Cuda {
             }
         }
         if route != Transport::PinnedHost {
-            // `buf` is freed on its own stream when dropped: make that stream wait for the copy first. (The pinned
-            // route read `buf` on this stream itself, so its free is already ordered after the read.)
+            // `buf` is freed on its own stream when dropped: make that stream wait for the copy first (across
+            // devices cudarc records `buf`'s read event on the source stream, before the copy has run). The pinned
+            // route's read event is recorded on this backend's copy stream after the device→pinned copy, and the
+            // free waits on it.
             let copied = dst
-                .dev
-                .stream()
+                .copy
                 .record_event(None)
                 .map_err(|e| self.err(op, CudaError::driver("recording the copy's event", e)))?;
             self.dev
@@ -1050,6 +1070,16 @@ impl Backend for Cuda {
             .stream()
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| self.err("mark", CudaError::driver("recording a timing event", e)))
+    }
+    fn copy_mark(&self) -> Result<CudaEvent> {
+        self.copy
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| {
+                self.err(
+                    "copy_mark",
+                    CudaError::driver("recording a timing event on the copy stream", e),
+                )
+            })
     }
     fn shares_clock_with(&self, other: &Self) -> bool {
         self.ordinal == other.ordinal

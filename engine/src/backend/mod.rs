@@ -75,6 +75,11 @@ pub trait Backend: Send + Sync + 'static {
     type Mark: Send + Sync + 'static;
     /// Marks the current end of the backend's queue (does not wait).
     fn mark(&self) -> Result<Self::Mark>;
+    /// Marks the current end of the queue that incoming transfers run on (a GPU stage's copy stream; the same
+    /// queue as [`Backend::mark`] where there is one queue).
+    fn copy_mark(&self) -> Result<Self::Mark> {
+        self.mark()
+    }
     /// Seconds from `from` to `to` on this backend's queue (may wait until `to` is reached).
     fn seconds_between(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
     /// True when marks of `self` and `other` share one clock (same device), so a span may start
