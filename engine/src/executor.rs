@@ -147,10 +147,14 @@ pub struct NonFinite {
 pub struct ActionSpan {
     /// The action.
     pub action: Action,
-    /// Start, seconds since the step began.
+    /// When the stage's queue started computing it (after its inputs arrived), seconds since the
+    /// step began on that queue's clock: device time on a GPU (timing events), wall-clock on the CPU.
     pub start_s: f64,
-    /// End, seconds since the step began.
+    /// When the queue finished it, likewise.
     pub end_s: f64,
+    /// Host time the stage thread spent on the action, excluding waits for its inputs: on a GPU
+    /// the cost of queueing its work (the host overhead per action); on the CPU the compute itself.
+    pub host_s: f64,
 }
 
 /// When one activation or gradient moved between stages, in seconds since the step began, on
@@ -301,7 +305,8 @@ pub fn run_step<B: Backend>(
     let abort = Arc::new(AtomicBool::new(false));
     let progress: Vec<Arc<Progress>> = (0..p).map(|_| Arc::new(Progress::default())).collect();
     let t0 = Instant::now();
-    // Each queue's clock at the start of the step, for copy spans.
+    // Each clock's start of the step, for action and copy spans: one mark per clock (the first
+    // stage's queue on it), so stages sharing a device share a time origin.
     let base: Arc<Vec<B::Mark>> = match backends.iter().map(Backend::mark).collect::<Result<Vec<_>>>() {
         Ok(marks) => Arc::new(marks),
         Err(e) => {
@@ -335,6 +340,10 @@ pub fn run_step<B: Backend>(
             nonfinite: None,
             base: Arc::clone(&base),
             copies: Vec::new(),
+            started: None,
+            host_busy: 0.0,
+            host_since: t0,
+            done: Vec::new(),
         };
         let done_tx = done_tx.clone();
         let spawned = std::thread::Builder::new()
@@ -539,6 +548,21 @@ struct Worker<B: Backend> {
     base: Arc<Vec<B::Mark>>,
     /// Transfers sent, resolved into [`CopySpan`]s at the end of the step.
     copies: Vec<PendingCopy<B>>,
+    /// The current action's start mark (taken once its inputs have arrived) and host time spent on
+    /// it before the current wait.
+    started: Option<B::Mark>,
+    host_busy: f64,
+    host_since: Instant,
+    /// Actions done, resolved into [`ActionSpan`]s at the end of the step.
+    done: Vec<PendingSpan<B>>,
+}
+
+/// An action whose marks are not resolved yet.
+struct PendingSpan<B: Backend> {
+    action: Action,
+    start: B::Mark,
+    end: B::Mark,
+    host_s: f64,
 }
 
 /// A transfer whose marks are not resolved yet.
@@ -586,7 +610,9 @@ impl<B: Backend> Worker<B> {
                     cause: other.to_string(),
                 },
             };
-            let start = self.t0.elapsed().as_secs_f64();
+            self.started = None;
+            self.host_busy = 0.0;
+            self.host_since = Instant::now();
             let slot = action.chunk as usize * m + action.mb as usize;
             match action.op {
                 Op::F => {
@@ -627,13 +653,14 @@ impl<B: Backend> Worker<B> {
             }
             out.peak_stashed = out.peak_stashed.max(stashed);
             out.peak_stash_bytes = out.peak_stash_bytes.max(bytes);
-            out.spans.push(ActionSpan {
-                action,
-                start_s: start,
-                end_s: self.t0.elapsed().as_secs_f64(),
-            });
+            self.finish_action(action).map_err(fail)?;
         }
         debug_assert_eq!(stashed, 0, "every activation stash was consumed");
+        out.spans = self.action_spans().map_err(|e| WorkerError::Failed {
+            index: list.len(),
+            action: String::new(),
+            cause: format!("timing the actions: {e}"),
+        })?;
         // The micro-batch losses, read back once the stage has queued all its work (on a device: one wait at the
         // end of the step instead of one per forward).
         for (index, action, losses) in pending_losses {
@@ -657,12 +684,63 @@ impl<B: Backend> Worker<B> {
         Ok(out)
     }
 
+    /// The step's start mark on stage `s`'s clock: the first stage's that shares it.
+    fn base_of(&self, s: usize) -> &B::Mark {
+        let r = (0..s)
+            .find(|&r| self.backends[r].shares_clock_with(&self.backends[s]))
+            .unwrap_or(s);
+        &self.base[r]
+    }
+
+    /// Marks the start of the current action's work on the stage's queue, once: called after its
+    /// inputs arrived (and the queue was told to wait for them), so waiting is not counted as busy.
+    fn begin(&mut self) -> Result<()> {
+        if self.started.is_none() {
+            let be = &self.backends[self.s];
+            self.started = Some(be.mark()?);
+        }
+        Ok(())
+    }
+
+    /// Ends the current action: its end mark and host time.
+    fn finish_action(&mut self, action: Action) -> Result<()> {
+        self.begin()?;
+        let end = self.backends[self.s].mark()?;
+        let host_s = self.host_busy + self.host_since.elapsed().as_secs_f64();
+        let start = self.started.take().expect("begin() set it");
+        self.done.push(PendingSpan {
+            action,
+            start,
+            end,
+            host_s,
+        });
+        Ok(())
+    }
+
+    /// Resolves the action marks into spans on the stage's clock.
+    fn action_spans(&mut self) -> Result<Vec<ActionSpan>> {
+        let be = &self.backends[self.s];
+        let base = self.base_of(self.s);
+        self.done
+            .iter()
+            .map(|d| {
+                Ok(ActionSpan {
+                    action: d.action,
+                    start_s: be.seconds_between(base, &d.start)?,
+                    end_s: be.seconds_between(base, &d.end)?,
+                    host_s: d.host_s,
+                })
+            })
+            .collect()
+    }
+
     /// Resolves the transfer marks into spans on the destinations' clocks.
     fn copy_spans(&mut self) -> Result<Vec<CopySpan>> {
         let mut spans = Vec::with_capacity(self.copies.len());
-        for c in self.copies.drain(..) {
+        let copies = std::mem::take(&mut self.copies);
+        for c in copies {
             let be = &self.backends[c.dst];
-            let base = &self.base[c.dst];
+            let base = self.base_of(c.dst);
             spans.push(CopySpan {
                 to_stage: c.dst as u32,
                 part: c.part,
@@ -760,6 +838,10 @@ impl<B: Backend> Worker<B> {
         } else {
             Some(self.recv(Kind::Activation, part, a.mb)?)
         };
+        if let Some(x) = &x {
+            self.be().await_ready(x)?;
+        }
+        self.begin()?;
         let be = self.be();
         let input = match (&x, self.cfg.recompute) {
             (Some(x), true) => Some(be.duplicate(x)?),
@@ -800,6 +882,10 @@ impl<B: Backend> Worker<B> {
         } else {
             Some(self.recv(Kind::Gradient, part, a.mb)?)
         };
+        if let Some(d) = &dout {
+            self.be().await_ready(d)?;
+        }
+        self.begin()?;
         if self.cfg.recompute {
             let (saved, _, _) = self.run_forward(a.chunk as usize, stash.input.take(), mb)?;
             stash.saved = saved;
@@ -824,6 +910,7 @@ impl<B: Backend> Worker<B> {
     }
 
     fn backward_weight(&mut self, a: Action, stash: PartStash<B>) -> Result<()> {
+        self.begin()?;
         let be = &self.backends[self.s];
         let mbs = Arc::clone(&self.mbs);
         let mb = &mbs[a.mb as usize];
@@ -870,10 +957,19 @@ impl<B: Backend> Worker<B> {
         })
     }
 
+    /// The (kind, part, mb) message: from the mailbox, else waiting on the inbox. The host time
+    /// spent waiting is not counted in the action's host time.
     fn recv(&mut self, kind: Kind, part: u32, mb: u32) -> Result<B::Buf> {
         if let Some(buf) = self.mailbox.remove(&(kind, part, mb)) {
             return Ok(buf);
         }
+        self.host_busy += self.host_since.elapsed().as_secs_f64();
+        let got = self.recv_wait(kind, part, mb);
+        self.host_since = Instant::now();
+        got
+    }
+
+    fn recv_wait(&mut self, kind: Kind, part: u32, mb: u32) -> Result<B::Buf> {
         // The executor's watchdog enforces `recv_timeout`; this backstop only matters if it is gone.
         let deadline = Instant::now() + self.cfg.recv_timeout * 4 + ABORT_GRACE;
         self.progress.set(WAITING, self.t0);

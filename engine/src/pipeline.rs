@@ -130,6 +130,9 @@ pub struct StepReport {
     pub idle_s: Vec<f64>,
     /// Measured bubble: idle / (stages × pipeline_s).
     pub bubble: f64,
+    /// Per stage: mean host time per action, excluding waits for inputs (on a GPU: the host
+    /// overhead of queueing an action's work; on the CPU: the action's compute).
+    pub host_per_action_s: Vec<f64>,
     /// Per stage: most activation stashes held at once.
     pub peak_stashed: Vec<u32>,
     /// Per stage: most stash bytes held at once.
@@ -473,6 +476,10 @@ impl<B: Backend> Pipeline<B> {
             busy_s,
             idle_s,
             bubble,
+            host_per_action_s: outcomes
+                .iter()
+                .map(|o| o.spans.iter().map(|s| s.host_s).sum::<f64>() / o.spans.len().max(1) as f64)
+                .collect(),
             peak_stashed: outcomes.iter().map(|o| o.peak_stashed).collect(),
             peak_stash_bytes: outcomes.iter().map(|o| o.peak_stash_bytes).collect(),
             copies: outcomes.iter().flat_map(|o| o.copies.iter().copied()).collect(),

@@ -463,7 +463,9 @@ fn transfers_do_not_wait_behind_the_consumers_compute() {
     producer.synchronize().unwrap();
     // Keep the consumer's compute stream busy.
     let mut busy = CudaBuf::new(CudaData::F32(consumer.device().zeros::<f32>(N).unwrap()));
-    let CudaData::F32(slice) = &mut *busy else { unreachable!() };
+    let CudaData::F32(slice) = &mut *busy else {
+        unreachable!()
+    };
     baton_kernels::cuda::elementwise::slow_fill_f32(consumer.device(), slice, 1.0, CYCLES).unwrap();
     let after_busy = consumer.mark().unwrap();
     let moved = producer.transfer(buf, &consumer).unwrap();

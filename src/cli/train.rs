@@ -538,6 +538,11 @@ fn start<B: Backend>(
     Ok((pipeline, loader))
 }
 
+/// Weight of the newest step in the moving average of busy shares the straggler warning reads.
+const BUSY_AVG_WEIGHT: f64 = 0.1;
+/// Steps averaged before the straggler warning may fire.
+const BUSY_AVG_STEPS: u32 = 20;
+
 /// Stages whose busy share is 20% below the mean of the others (they wait on a straggler).
 pub fn lagging_stages(busy_fraction: &[f64]) -> Vec<usize> {
     let p = busy_fraction.len();
@@ -712,6 +717,9 @@ fn train_on<B: Backend>(
     let (mut restarts, mut skipped_total) = (0u32, 0u64);
     let mut stalls: Vec<f64> = Vec::new();
     let mut straggler_warned_at: Vec<Option<u64>> = vec![None; c.stages as usize];
+    // Busy shares averaged over recent steps (one step's shares are noisy), and how many steps fed them.
+    let mut busy_avg: Vec<f64> = vec![0.0; c.stages as usize];
+    let mut busy_steps = 0u32;
     let flops_per_token = pipeline.config().model.flops_per_token(c.seq);
     let stop = c.stop_at.map_or(c.steps, |s| s.min(c.steps));
     while pipeline.step() < stop {
@@ -793,6 +801,7 @@ fn train_on<B: Backend>(
             "bubble": report.bubble,
             "step_s": report.elapsed_s,
             "busy": busy,
+            "host_us_per_action": report.host_per_action_s.iter().map(|h| h * 1e6).collect::<Vec<_>>(),
             "peak_mem_bytes": report.peak_stash_bytes,
             "skipped": report.skipped,
             "skipped_total": skipped_total,
@@ -803,15 +812,28 @@ fn train_on<B: Backend>(
         if let Some(mfu) = mfu {
             line["mfu"] = serde_json::json!(mfu);
         }
-        for s in lagging_stages(&busy) {
+        for (avg, b) in busy_avg.iter_mut().zip(&busy) {
+            *avg = if busy_steps == 0 {
+                *b
+            } else {
+                (1.0 - BUSY_AVG_WEIGHT) * *avg + BUSY_AVG_WEIGHT * b
+            };
+        }
+        busy_steps += 1;
+        let lagging = if busy_steps >= BUSY_AVG_STEPS {
+            lagging_stages(&busy_avg)
+        } else {
+            Vec::new()
+        };
+        for s in lagging {
             if straggler_warned_at[s].is_none_or(|at| step >= at + 50) {
                 straggler_warned_at[s] = Some(step);
                 say(
                     &bar,
                     format!(
-                        "warning: stage {s} busy {:.0}% vs {:.0}% on the others: a neighbour is straggling",
-                        busy[s] * 100.0,
-                        (busy.iter().sum::<f64>() - busy[s]) / (busy.len() - 1) as f64 * 100.0
+                        "warning: stage {s} busy {:.0}% vs {:.0}% on the others (recent steps): a neighbour is straggling",
+                        busy_avg[s] * 100.0,
+                        (busy_avg.iter().sum::<f64>() - busy_avg[s]) / (busy_avg.len() - 1) as f64 * 100.0
                     ),
                 );
             }
@@ -1023,11 +1045,12 @@ fn summary<B: Backend>(
         let total = busy + idle;
         let pool = pools.get(s).copied().unwrap_or_default();
         eprintln!(
-            "  stage {s}: busy {:.1} ms ({:.0}%), idle {:.1} ms, peak stashed activations {} ({:.1} MiB), \
-             receive buffers {} (allocated {}, reused {}, misses {})",
+            "  stage {s}: busy {:.1} ms ({:.0}%), idle {:.1} ms, host {:.1} µs/action, peak stashed activations {} \
+             ({:.1} MiB), receive buffers {} (allocated {}, reused {}, misses {})",
             busy * 1e3,
             if total > 0.0 { busy / total * 100.0 } else { 0.0 },
             idle * 1e3,
+            report.host_per_action_s.get(s).copied().unwrap_or(0.0) * 1e6,
             report.peak_stashed[s],
             report.peak_stash_bytes[s] as f64 / (1 << 20) as f64,
             pool.capacity,

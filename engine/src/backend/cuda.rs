@@ -1071,6 +1071,24 @@ impl Backend for Cuda {
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| self.err("mark", CudaError::driver("recording a timing event", e)))
     }
+    fn await_ready(&self, buf: &CudaBuf) -> Result<()> {
+        // `device_ptr` makes the compute stream wait on the slice's last write event (and records a read event
+        // here, which only orders a later write of the buffer after this point: harmless).
+        let stream = self.dev.stream();
+        self.dev
+            .context()
+            .bind_to_thread()
+            .map_err(|e| self.err("await_ready", CudaError::driver("binding", e)))?;
+        match &**buf {
+            CudaData::F32(s) => drop(s.device_ptr(stream)),
+            CudaData::Bf16(s) => drop(s.device_ptr(stream)),
+            CudaData::Param { master, working } => {
+                drop(master.device_ptr(stream));
+                drop(working.device_ptr(stream));
+            }
+        }
+        Ok(())
+    }
     fn copy_mark(&self) -> Result<CudaEvent> {
         self.copy
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))

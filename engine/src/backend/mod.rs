@@ -75,6 +75,14 @@ pub trait Backend: Send + Sync + 'static {
     type Mark: Send + Sync + 'static;
     /// Marks the current end of the backend's queue (does not wait).
     fn mark(&self) -> Result<Self::Mark>;
+    /// Makes the queue wait (on the device, not the host) until `buf` has been written, e.g. by a
+    /// transfer on another queue: ops queued afterwards start only then. A no-op where every op has
+    /// finished when it returns (the CPU). Ops order themselves on their operands anyway; the
+    /// executor calls this right after receiving an input so the action's start mark, taken next,
+    /// excludes the wait.
+    fn await_ready(&self, _buf: &Self::Buf) -> Result<()> {
+        Ok(())
+    }
     /// Marks the current end of the queue that incoming transfers run on (a GPU stage's copy stream; the same
     /// queue as [`Backend::mark`] where there is one queue).
     fn copy_mark(&self) -> Result<Self::Mark> {
