@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use baton::schedules::{generate, simulate, validate, Costs, ScheduleKind};
+use baton::schedules::{generate, peak_receive_buffers, simulate, validate, Costs, ScheduleKind};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn bench_pipeline_of_schedule_work(c: &mut Criterion) {
@@ -36,5 +36,22 @@ fn bench_pipeline_of_schedule_work(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_pipeline_of_schedule_work);
+/// `peak_receive_buffers` (once per pipeline): `O(stages · actions)`.
+fn bench_receive_buffers(c: &mut Criterion) {
+    let mut group = c.benchmark_group("peak_receive_buffers");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    for (p, m) in [(4u32, 8u32), (8, 64), (64, 1024)] {
+        let s = generate(ScheduleKind::OneFOneB, p, m, 1).expect("valid shape");
+        group.throughput(Throughput::Elements(s.num_actions() as u64));
+        group.bench_function(BenchmarkId::new("1f1b", format!("p{p}_m{m}")), |bench| {
+            bench.iter(|| peak_receive_buffers(&s).expect("valid schedule"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_pipeline_of_schedule_work, bench_receive_buffers);
 criterion_main!(benches);

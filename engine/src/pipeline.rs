@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use baton_kernels::cpu::AdamW;
-use baton_schedules::{generate, validate, Schedule, ScheduleKind, Validation};
+use baton_schedules::{generate, peak_receive_buffers, validate, Schedule, ScheduleKind, Validation};
 
 use crate::backend::{Backend, PoolStats, RecvPool};
 use crate::data::Batch;
@@ -157,8 +157,9 @@ pub struct Pipeline<B: Backend> {
     ranges: Vec<std::ops::Range<usize>>,
     backends: Arc<Vec<B>>,
     /// Per stage: the pool its received activations and gradients land in, sized from
-    /// [`Validation::peak_receive_buffers`].
+    /// [`peak_receive_buffers`].
     pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
+    receive_buffers: Vec<u32>,
     stages: Vec<Stage<B>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
@@ -212,8 +213,8 @@ impl<B: Backend> Pipeline<B> {
                 parts: chunk_parts,
             });
         }
-        let pools = validation
-            .peak_receive_buffers
+        let receive_buffers = peak_receive_buffers(&schedule)?;
+        let pools = receive_buffers
             .iter()
             .map(|&n| {
                 let pool = RecvPool::new();
@@ -226,6 +227,7 @@ impl<B: Backend> Pipeline<B> {
             schedule: Arc::new(schedule),
             validation,
             pools: Arc::new(pools),
+            receive_buffers,
             ranges,
             backends: Arc::new(backends),
             stages,
@@ -249,6 +251,11 @@ impl<B: Backend> Pipeline<B> {
     /// What the validator predicted (peak stashed activations per stage).
     pub fn validation(&self) -> &Validation {
         &self.validation
+    }
+
+    /// Per stage: the receive buffers the schedule needs ([`peak_receive_buffers`]), the capacity of its pool.
+    pub fn receive_buffers(&self) -> &[u32] {
+        &self.receive_buffers
     }
 
     /// The backends, one per stage.

@@ -44,7 +44,7 @@ fn train(kind: ScheduleKind, p: u32, m: u32, chunks: u32, recompute: bool) -> Ru
         // Receive pools: sized from the schedule, never short, filled on the first step, no allocation after.
         let pools = pipe.receive_pools();
         for (s, pool) in pools.iter().enumerate() {
-            let want = pipe.validation().peak_receive_buffers[s] as usize;
+            let want = pipe.receive_buffers()[s] as usize;
             assert_eq!(pool.capacity, want, "{kind} p={p} m={m} stage {s}");
             assert_eq!(
                 pool.misses, 0,

@@ -26,6 +26,9 @@ use crate::ir::{Op, Schedule};
 /// Per stage: the receive buffers the stage needs so that no execution of `schedule` ever finds them all in use
 /// (see the module docs). Zero for a stage that receives nothing from another stage.
 ///
+/// `O(stages · actions)`, so it is not part of [`crate::validate`] (linear); the engine calls it once per
+/// pipeline.
+///
 /// # Errors
 /// Whatever [`crate::validate`] reports for an invalid schedule.
 pub fn peak_receive_buffers(schedule: &Schedule) -> Result<Vec<u32>, ScheduleError> {
@@ -35,7 +38,7 @@ pub fn peak_receive_buffers(schedule: &Schedule) -> Result<Vec<u32>, ScheduleErr
 }
 
 /// [`peak_receive_buffers`] on an already built and checked graph (`order` is a topological order of it).
-pub(crate) fn receive_peaks(schedule: &Schedule, graph: &DepGraph, order: &[u32]) -> Vec<u32> {
+fn receive_peaks(schedule: &Schedule, graph: &DepGraph, order: &[u32]) -> Vec<u32> {
     let stages = schedule.actions.len();
     let m = schedule.microbatches as usize;
     let slots = schedule.placement.num_parts() as usize * m;

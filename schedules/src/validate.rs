@@ -15,9 +15,6 @@ pub struct Validation {
     pub peak_inflight: Vec<u32>,
     /// Per stage: the most weight-gradient stashes held at once (+1 at I, -1 at W).
     pub peak_weight_stash: Vec<u32>,
-    /// Per stage: the receive buffers (activations and gradients from other stages) that can be alive at once in
-    /// any execution of the schedule; see [`crate::peak_receive_buffers`].
-    pub peak_receive_buffers: Vec<u32>,
     /// Total compute actions.
     pub actions: usize,
 }
@@ -25,11 +22,10 @@ pub struct Validation {
 /// Validates a schedule; see the module doc. A deadlock is reported with the cycle of actions.
 pub fn validate(schedule: &Schedule) -> Result<Validation, ScheduleError> {
     let graph = DepGraph::build(schedule)?;
-    let order = graph.run_order()?;
+    graph.run_order()?;
     Ok(Validation {
         peak_inflight: peak_inflight(schedule),
         peak_weight_stash: peak_weight_stash(schedule),
-        peak_receive_buffers: crate::buffers::receive_peaks(schedule, &graph, &order),
         actions: graph.nodes.len(),
     })
 }

