@@ -25,7 +25,7 @@ fn label(schedule: &Schedule, op: Op, mb: u32, chunk: u32) -> String {
 }
 
 /// The JSON document: `{"schedule", "stages", "microbatches", "chunks", "placement",
-/// "actions", "sim": {"makespan", "bubble", "idle", "peak_inflight"}}`. `actions` lists compute
+/// "actions", "sim": {"makespan", "bubble", "idle", "peak_inflight", "peak_receive_buffers"}}`. `actions` lists compute
 /// actions only; `placement[s][c]` is the part held by chunk c of stage s.
 pub fn to_json(schedule: &Schedule, sim: &SimReport) -> Value {
     let actions: Vec<Value> = schedule
@@ -50,6 +50,7 @@ pub fn to_json(schedule: &Schedule, sim: &SimReport) -> Value {
             "bubble": round4(sim.bubble),
             "idle": sim.idle.iter().map(|&x| round4(x)).collect::<Vec<_>>(),
             "peak_inflight": sim.peak_inflight,
+            "peak_receive_buffers": crate::peak_receive_buffers(schedule).unwrap_or_default(),
         }
     })
 }
@@ -107,16 +108,18 @@ pub fn to_text(schedule: &Schedule, sim: &SimReport) -> String {
         let _ = writeln!(out, "{:>tag_width$} |{}|", format!("stage {s}"), row.trim_end());
     }
     let _ = writeln!(out, "makespan {:.4}, bubble {:.2}%", sim.makespan, sim.bubble * 100.0);
+    let receive = crate::peak_receive_buffers(schedule).unwrap_or_default();
     for s in 0..sim.busy.len() {
-        let _ =
-            writeln!(
+        let _ = writeln!(
             out,
-            "  stage {s}: busy {:.4}, idle {:.4} ({:.1}%), peak stashed activations {}, peak weight-grad stashes {}",
+            "  stage {s}: busy {:.4}, idle {:.4} ({:.1}%), peak stashed activations {}, peak weight-grad stashes {}, \
+             receive buffers {}",
             sim.busy[s],
             sim.idle[s],
             if sim.makespan > 0.0 { sim.idle[s] / sim.makespan * 100.0 } else { 0.0 },
             sim.peak_inflight[s],
-            sim.peak_weight_stash[s]
+            sim.peak_weight_stash[s],
+            receive.get(s).copied().unwrap_or(0)
         );
     }
     out
