@@ -478,3 +478,15 @@ fn transfers_do_not_wait_behind_the_consumers_compute() {
     assert_eq!(consumer.download(&moved).unwrap(), data);
     consumer.synchronize().unwrap();
 }
+
+/// The measured bf16 GEMM rate MFU is reported against is a plausible figure for a current GPU (an H200 gives
+/// about 790 TFLOP/s on random data), and the CPU has none.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn measured_peak_is_plausible() {
+    let cuda = Cuda::with_precision(0, Precision::Bf16).unwrap();
+    let t = cuda.measure_peak_tflops().unwrap().expect("a GPU has a peak");
+    println!("measured bf16 GEMM rate: {t:.1} TFLOP/s");
+    assert!((20.0..5000.0).contains(&t), "{t} TFLOP/s");
+    assert_eq!(Cpu.measure_peak_tflops().unwrap(), None);
+}

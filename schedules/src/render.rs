@@ -110,7 +110,8 @@ pub fn to_text(schedule: &Schedule, sim: &SimReport) -> String {
     let _ = writeln!(out, "makespan {:.4}, bubble {:.2}%", sim.makespan, sim.bubble * 100.0);
     let receive = crate::peak_receive_buffers(schedule).unwrap_or_default();
     for s in 0..sim.busy.len() {
-        let _ = writeln!(
+        let _ =
+            writeln!(
             out,
             "  stage {s}: busy {:.4}, idle {:.4} ({:.1}%), peak stashed activations {}, peak weight-grad stashes {}, \
              receive buffers {}",

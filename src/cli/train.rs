@@ -248,7 +248,8 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) at this step although --steps is the run's total.
     #[arg(long, value_name = "STEP")]
     pub stop_at: Option<u64>,
-    /// Device peak in TFLOP/s for MFU (FLOPs per token = 6N + 6·L·C·T).
+    /// Device peak in TFLOP/s for MFU (FLOPs per token = 6N + 6·L·C·T). Default on a GPU: its bf16 GEMM rate,
+    /// measured at start (an 8192³ cuBLASLt GEMM); on the CPU MFU is not reported without it.
     #[arg(long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
     /// GPU precision: bf16 (fp32 master weights), f32, or auto (bf16 on a GPU).
@@ -700,6 +701,22 @@ fn train_on<B: Backend>(
         setup.tokenizer.name(),
         setup.resume.as_ref().map_or(String::new(), |ck| format!(", resuming {} at step {}", ck.dir.display(), ck.manifest.step))
     );
+    // MFU is against the device's measured bf16 GEMM rate: measured here unless given.
+    let peak_tflops = if c.peak_tflops > 0.0 {
+        c.peak_tflops
+    } else {
+        match pipeline.backends().first().map(Backend::measure_peak_tflops) {
+            Some(Ok(Some(t))) => {
+                eprintln!("MFU against the measured bf16 GEMM rate of stage 0's device: {t:.0} TFLOP/s");
+                t
+            }
+            Some(Err(e)) => {
+                eprintln!("warning: measuring the bf16 GEMM rate failed ({e}); MFU not reported");
+                0.0
+            }
+            _ => 0.0,
+        }
+    };
     let first_step = pipeline.step();
     let bar = ProgressBar::new(c.steps);
     bar.set_position(first_step);
@@ -808,7 +825,7 @@ fn train_on<B: Backend>(
             "restarts": restarts,
             "flops_per_token": flops_per_token,
         });
-        let mfu = (c.peak_tflops > 0.0).then(|| tokens_per_s * flops_per_token / (c.peak_tflops * 1e12));
+        let mfu = (peak_tflops > 0.0).then(|| tokens_per_s * flops_per_token / (peak_tflops * 1e12));
         if let Some(mfu) = mfu {
             line["mfu"] = serde_json::json!(mfu);
         }

@@ -1071,6 +1071,11 @@ impl Backend for Cuda {
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| self.err("mark", CudaError::driver("recording a timing event", e)))
     }
+    fn measure_peak_tflops(&self) -> Result<Option<f64>> {
+        kc::peak::measure_bf16_gemm_tflops(&self.dev, kc::peak::PEAK_GEMM_SIDE, 10)
+            .map(Some)
+            .map_err(|e| self.err("measure_peak_tflops", e))
+    }
     fn await_ready(&self, buf: &CudaBuf) -> Result<()> {
         // `device_ptr` makes the compute stream wait on the slice's last write event (and records a read event
         // here, which only orders a later write of the buffer after this point: harmless).

@@ -75,6 +75,11 @@ pub trait Backend: Send + Sync + 'static {
     type Mark: Send + Sync + 'static;
     /// Marks the current end of the backend's queue (does not wait).
     fn mark(&self) -> Result<Self::Mark>;
+    /// The device's measured bf16 matrix-product rate in TFLOP/s, the ceiling MFU is reported against; `None`
+    /// where there is no such figure (the CPU). Takes a moment (times a large GEMM) and waits for the device.
+    fn measure_peak_tflops(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
     /// Makes the queue wait (on the device, not the host) until `buf` has been written, e.g. by a
     /// transfer on another queue: ops queued afterwards start only then. A no-op where every op has
     /// finished when it returns (the CPU). Ops order themselves on their operands anyway; the

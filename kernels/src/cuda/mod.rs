@@ -25,6 +25,7 @@ pub mod gemm;
 pub mod layernorm;
 pub mod norm;
 pub mod nvrtc;
+pub mod peak;
 pub mod registry;
 
 pub use cudarc;
