@@ -238,6 +238,7 @@ impl Backend for Cpu {
         dqkv: &mut CpuBuf,
         dout: &CpuBuf,
         qkv: &CpuBuf,
+        _out: &CpuBuf,
         att: &CpuBuf,
         b: usize,
         t: usize,

@@ -1,6 +1,8 @@
-//! The CUDA backend: [`CudaBuf`] buffers on one device and one stream, the kernels of `baton_kernels::cuda`, and
-//! cuBLAS for the matrix products (the simple attention path: permute, strided batched GEMM, causal softmax, GEMM,
-//! unpermute), in one of two [`Precision`]s:
+//! The CUDA backend: [`CudaBuf`] buffers on one device with a compute and a copy stream, the kernels of
+//! `baton_kernels::cuda`, and cuBLAS for the matrix products. Attention runs the fused **flash** kernels in bf16
+//! when the head size is 64 or 128 (stash: the row logsumexp, (b, nh, t) fp32; deterministic backward), and
+//! otherwise (fp32, other head sizes, or `BATON_CUDA_ATTENTION=simple`) the materialised path: permute, strided
+//! batched GEMM, causal softmax, GEMM, unpermute (stash: the (b, nh, t, t) attention matrix). Two [`Precision`]s:
 //! - **fp32** ([`Cuda::new`]): every buffer fp32, fp32 kernels, `cublasSgemm`; tracks the CPU within 1e-4.
 //! - **bf16 mixed precision** ([`Cuda::with_precision`]): activations, weights and gradients bf16 (bf16 kernels,
 //!   fp32 math inside them); parameters keep an fp32 master copy beside the bf16 working copy the ops read
@@ -53,6 +55,7 @@ use baton_kernels::cuda::cudarc::cublas::sys::cublasOperation_t;
 use baton_kernels::cuda::cudarc::cublas::{CudaBlas, GemmConfig};
 use baton_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use baton_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use baton_kernels::cuda::flash_attention::AttentionDims;
 use baton_kernels::cuda::{self as kc, attention::AttentionShape, cublas_available, CudaError, Device, Elem, Tokens};
 use half::bf16;
 
@@ -72,6 +75,8 @@ pub struct Cuda {
     /// The stage's copy stream: incoming transfers run here, so a copy neither waits behind the stage's compute
     /// nor holds it up; the buffers' cudarc events order the copy before its readers.
     copy: Arc<CudaStream>,
+    /// Attention runs the fused flash kernels where they apply (see [`Cuda::uses_flash`]).
+    flash: bool,
     blas: Arc<CudaBlas>,
     precision: Precision,
 }
@@ -85,6 +90,10 @@ impl std::fmt::Debug for Cuda {
             .finish_non_exhaustive()
     }
 }
+
+/// Environment variable that selects the attention path: `simple` for the materialised one (permute, GEMM,
+/// softmax, GEMM), anything else or unset for the fused flash kernels where they apply.
+pub const ATTENTION_ENV: &str = "BATON_CUDA_ATTENTION";
 
 const T_OP: cublasOperation_t = cublasOperation_t::CUBLAS_OP_T;
 const N_OP: cublasOperation_t = cublasOperation_t::CUBLAS_OP_N;
@@ -164,13 +173,23 @@ impl Cuda {
             op: "copy stream",
             reason: format!("creating the copy stream: {e}"),
         })?;
+        // `BATON_CUDA_ATTENTION=simple` keeps the materialised attention path (to compare the two).
+        let flash = !std::env::var(ATTENTION_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("simple"));
         Ok(Cuda {
             ordinal,
             dev,
             copy,
+            flash,
             blas: Arc::new(blas),
             precision,
         })
+    }
+
+    /// This backend with the fused flash-attention kernels on (the default, where they apply: bf16, head size 64
+    /// or 128) or off (the materialised path: permute, GEMM, softmax, GEMM).
+    pub fn with_flash_attention(mut self, on: bool) -> Cuda {
+        self.flash = on;
+        self
     }
 
     /// The precision of this backend's activations, weights and gradients.
@@ -755,6 +774,106 @@ impl Cuda {
         Ok(())
     }
 
+    /// Whether attention runs the fused flash kernels: bf16 precision, head size 64 or 128, and not switched
+    /// off (`BATON_CUDA_ATTENTION=simple` keeps the materialised path, e.g. to compare the two).
+    fn uses_flash(&self, c: usize, nh: usize) -> bool {
+        self.flash && self.precision == Precision::Bf16 && nh > 0 && c % nh == 0 && matches!(c / nh, 64 | 128)
+    }
+
+    fn flash_dims(&self, op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<AttentionDims> {
+        let s = self.attention_shape(op, b, t, c, nh)?;
+        Ok(AttentionDims {
+            b: s.b,
+            nh: s.nh,
+            t: s.t,
+            hs: s.hs,
+        })
+    }
+
+    /// Flash attention forward (bf16): `out` and the row logsumexp as the stash (`att`, retyped to fp32).
+    #[allow(clippy::too_many_arguments)]
+    fn flash_forward(
+        &self,
+        out: &mut CudaBuf,
+        att: &mut CudaBuf,
+        qkv: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let op = "attention_forward (flash)";
+        let s = self.attention_shape(op, b, t, c, nh)?;
+        let dims = self.flash_dims(op, b, t, c, nh)?;
+        self.check(op, "out", out.len(), b * t * c)?;
+        self.check(op, "att", att.len(), dims.rows_len())?;
+        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
+        if s.head_elems() == 0 {
+            return Ok(());
+        }
+        let qkv = self.read::<bf16>(op, qkv)?;
+        let mut out = self.write::<bf16>(op, out, Mode::Overwrite)?;
+        let mut lse = self.write::<f32>(op, att, Mode::Overwrite)?;
+        let heads = || self.scratch::<bf16>(op, s.head_elems());
+        let (mut q, mut k, mut v, mut y) = (heads()?, heads()?, heads()?, heads()?);
+        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
+        kc::flash_attention::flash_attention_forward(&self.dev, &mut y, lse.slice(), &q, &k, &v, dims)
+            .map_err(|e| self.err(op, e))?;
+        kc::attention::attention_unpermute(&self.dev, out.slice(), &y, s).map_err(|e| self.err(op, e))?;
+        self.finish(op, out)?;
+        self.finish(op, lse)
+    }
+
+    /// Flash attention backward (bf16, deterministic): `dqkv += ∂L/∂qkv` from the forward's `out` and logsumexp.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        out: &CudaBuf,
+        att: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let op = "attention_backward (flash)";
+        let s = self.attention_shape(op, b, t, c, nh)?;
+        let dims = self.flash_dims(op, b, t, c, nh)?;
+        self.check(op, "dqkv", dqkv.len(), 3 * b * t * c)?;
+        self.check(op, "dout", dout.len(), b * t * c)?;
+        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
+        self.check(op, "out", out.len(), b * t * c)?;
+        self.check(op, "att", att.len(), dims.rows_len())?;
+        if s.head_elems() == 0 {
+            return Ok(());
+        }
+        let (dout, qkv, out) = (
+            self.read::<bf16>(op, dout)?,
+            self.read::<bf16>(op, qkv)?,
+            self.read::<bf16>(op, out)?,
+        );
+        let lse = self.read::<f32>(op, att)?;
+        let mut dqkv = self.write::<bf16>(op, dqkv, Mode::Accumulate)?;
+        let heads = || self.scratch::<bf16>(op, s.head_elems());
+        let (mut q, mut k, mut v) = (heads()?, heads()?, heads()?);
+        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
+        // The forward's output and the incoming gradient in head layout (b, nh, t, hs).
+        let (mut o, mut dy) = (heads()?, heads()?);
+        kc::attention::attention_unpermute_backward(&self.dev, &mut o, &out, s).map_err(|e| self.err(op, e))?;
+        kc::attention::attention_unpermute_backward(&self.dev, &mut dy, &dout, s).map_err(|e| self.err(op, e))?;
+        let (mut dq, mut dk, mut dv) = (heads()?, heads()?, heads()?);
+        let mut delta = self.scratch::<f32>(op, dims.rows_len())?;
+        kc::flash_attention::flash_attention_backward(
+            &self.dev, &mut dq, &mut dk, &mut dv, &mut delta, &dy, &q, &k, &v, &o, &lse, dims,
+        )
+        .map_err(|e| self.err(op, e))?;
+        kc::attention::attention_permute_backward(&self.dev, dqkv.slice(), &dq, &dk, &dv, s)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, dqkv)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention_forward_t<T: Stored>(
         &self,
@@ -1283,6 +1402,13 @@ impl Backend for Cuda {
             self.matmul_backward_weight_t(dweight, dbias, dout, inp, n, c, oc)
         )
     }
+    fn attention_stash_len(&self, b: usize, t: usize, c: usize, nh: usize) -> usize {
+        if self.uses_flash(c, nh) {
+            b * nh * t
+        } else {
+            b * nh * t * t
+        }
+    }
     fn attention_forward(
         &self,
         out: &mut CudaBuf,
@@ -1293,6 +1419,9 @@ impl Backend for Cuda {
         c: usize,
         nh: usize,
     ) -> Result<()> {
+        if self.uses_flash(c, nh) {
+            return self.flash_forward(out, att, qkv, b, t, c, nh);
+        }
         dispatch!(self.precision, self.attention_forward_t(out, att, qkv, b, t, c, nh))
     }
     fn attention_backward(
@@ -1300,12 +1429,16 @@ impl Backend for Cuda {
         dqkv: &mut CudaBuf,
         dout: &CudaBuf,
         qkv: &CudaBuf,
+        out: &CudaBuf,
         att: &CudaBuf,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
+        if self.uses_flash(c, nh) {
+            return self.flash_backward(dqkv, dout, qkv, out, att, b, t, c, nh);
+        }
         dispatch!(
             self.precision,
             self.attention_backward_t(dqkv, dout, qkv, att, b, t, c, nh)

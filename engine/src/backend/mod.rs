@@ -222,7 +222,13 @@ pub trait Backend: Send + Sync + 'static {
         c: usize,
         oc: usize,
     ) -> Result<()>;
-    /// Causal multi-head attention: `qkv (b,t,3c)` → `out (b,t,c)`, stashing `att (b,nh,t,t)`.
+    /// Elements of the stash [`Backend::attention_forward`] writes for [`Backend::attention_backward`]: by
+    /// default the attention matrix `(b, nh, t, t)`; a fused (flash) kernel keeps only per-row statistics.
+    fn attention_stash_len(&self, b: usize, t: usize, _c: usize, nh: usize) -> usize {
+        b * nh * t * t
+    }
+    /// Causal multi-head attention: `qkv (b,t,3c)` → `out (b,t,c)`, writing the stash `att`
+    /// ([`Backend::attention_stash_len`] elements).
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
@@ -234,13 +240,14 @@ pub trait Backend: Send + Sync + 'static {
         c: usize,
         nh: usize,
     ) -> Result<()>;
-    /// `dqkv += ∂L/∂qkv`.
+    /// `dqkv += ∂L/∂qkv`, given the forward's input `qkv`, output `out` and stash `att`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dqkv: &mut Self::Buf,
         dout: &Self::Buf,
         qkv: &Self::Buf,
+        out: &Self::Buf,
         att: &Self::Buf,
         b: usize,
         t: usize,

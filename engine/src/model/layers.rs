@@ -372,7 +372,7 @@ impl<B: Backend> Layer<B> for Block<B> {
         be.layernorm_forward(&mut ln1, &mut mean1, &mut rstd1, &x, self.w(LN1_W), self.w(LN1_B), n, c)?;
         let mut qkv = be.zeros(n * 3 * c)?;
         be.matmul_forward(&mut qkv, &ln1, self.w(QKV_W), Some(self.w(QKV_B)), n, c, 3 * c)?;
-        let (mut atty, mut att) = (be.zeros(n * c)?, be.zeros(b * nh * t * t)?);
+        let (mut atty, mut att) = (be.zeros(n * c)?, be.zeros(be.attention_stash_len(b, t, c, nh))?);
         be.attention_forward(&mut atty, &mut att, &qkv, b, t, c, nh)?;
         let mut proj = be.zeros(n * c)?;
         be.matmul_forward(&mut proj, &atty, self.w(PROJ_W), Some(self.w(PROJ_B)), n, c, c)?;
@@ -458,6 +458,7 @@ impl<B: Backend> Layer<B> for Block<B> {
             &mut dqkv,
             &datty,
             s.get(S_QKV, &name)?,
+            s.get(S_ATTY, &name)?,
             s.get(S_ATT, &name)?,
             b,
             t,
