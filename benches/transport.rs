@@ -1,22 +1,24 @@
-//! Transport bench: `Cuda::transfer` between two backends on device 0 (two streams: two pipeline stages sharing
-//! one GPU) against a raw `cuMemcpyDtoDAsync` of the same size on one stream, at 1, 16 and 256 MiB; and the
+//! Transport bench: `Cuda::transfer` between two backends on device 0 (two pipeline stages sharing one GPU,
+//! each with its compute and copy stream) against a raw `cuMemcpyDtoDAsync` of the same size on one stream, at
+//! 1, 16 and 256 MiB; the executor's pooled path (`transfer_pooled` into each side's receive pool); and the
 //! pinned-host fallback route (`Cuda::transfer_via_pinned_host`, the path taken between GPUs without peer
 //! access) at the same sizes.
 //!
-//! Each timed unit moves the buffer there and back (A → B → A: two transfers, each allocating its destination
-//! from the memory pool and freeing its source, as in a training step); the raw copy does two copies between
-//! two preallocated buffers. Timing: CUDA events on stream A around `iters` units, synchronised inside
+//! Each timed unit moves the buffer there and back (A → B → A: two transfers; `transfer_d2d` allocates each
+//! destination from the memory pool and frees its source, `transfer_pooled` reuses the receivers' buffers);
+//! the raw copy does two copies between two preallocated buffers. Timing: CUDA events on stream A around `iters` units, synchronised inside
 //! criterion's `iter_custom`; the SUMMARY line reports the median of 20 units, per transfer:
 //!
-//! `SUMMARY kernel=<transfer_d2d|transfer_pinned_host|raw_memcpy_dtod> shape=<size> time_us=<one copy>
+//! `SUMMARY kernel=<transfer_d2d|transfer_pooled|transfer_pinned_host|raw_memcpy_dtod> shape=<size> time_us=<one copy>
 //!  tflops=- gbs=<payload GB/s> pct_ceiling=<% of the raw copy's GB/s>`
 //!
 //! `gbs` counts the payload once (bytes moved, not read + written, unlike `kernels`' copy ceiling). Without a
 //! CUDA device (CI, `cargo test --all-targets`) it prints why and exits successfully.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use baton_engine::backend::{Cuda, CudaBuf, Precision};
+use baton_engine::backend::{Cuda, CudaBuf, CudaData, Precision, RecvPool};
 use baton_engine::Backend;
 use baton_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -107,6 +109,17 @@ impl Bench {
     }
 }
 
+/// How a case moves its buffer.
+#[derive(Clone, Copy)]
+enum Route {
+    /// `transfer`: a new destination buffer per copy (stream-ordered allocator).
+    Allocating,
+    /// `transfer_pooled`: into the receiver's pool (what the executor does).
+    Pooled,
+    /// `transfer_via_pinned_host`: the fallback between GPUs without peer access.
+    PinnedHost,
+}
+
 fn run(c: &mut Criterion, summarise: bool) -> BenchResult<()> {
     let a = Cuda::with_precision(0, Precision::Bf16).map_err(|e| e.to_string())?;
     let b = a.with_new_stream().map_err(|e| e.to_string())?;
@@ -135,24 +148,42 @@ fn run(c: &mut Criterion, summarise: bool) -> BenchResult<()> {
         };
         // bf16 buffers of `bytes`: an activation as the pipeline moves it.
         let elems = bytes / 2;
-        for (kernel, pinned) in [("transfer_d2d", false), ("transfer_pinned_host", true)] {
+        // The executor's path: each side lands transfers in its receive pool (capacity 1: one buffer in flight).
+        let pools = (RecvPool::new(), RecvPool::new());
+        pools.0.set_capacity(1);
+        pools.1.set_capacity(1);
+        for (kernel, route) in [
+            ("transfer_d2d", Route::Allocating),
+            ("transfer_pooled", Route::Pooled),
+            ("transfer_pinned_host", Route::PinnedHost),
+        ] {
             let mut held = Some(bench.a.zeros(elems).map_err(s)?);
             let (a, b) = (&bench.a, &bench.b);
-            let hop = |buf: CudaBuf, from: &Cuda, to: &Cuda| {
-                if pinned {
-                    from.transfer_via_pinned_host(buf, to)
-                } else {
-                    from.transfer(buf, to)
-                }
+            let hop = |buf: CudaBuf, from: &Cuda, to: &Cuda, pool: &Arc<RecvPool<CudaData>>| match route {
+                Route::PinnedHost => from.transfer_via_pinned_host(buf, to),
+                Route::Allocating => from.transfer(buf, to),
+                Route::Pooled => from.transfer_pooled(buf, to, pool),
             };
             let mut unit = || {
                 let buf = held.take().ok_or("the buffer was lost by a failed transfer")?;
-                let there = hop(buf, a, b).map_err(s)?;
-                held = Some(hop(there, b, a).map_err(s)?);
+                let there = hop(buf, a, b, &pools.1).map_err(s)?;
+                let back = hop(there, b, a, &pools.0).map_err(s)?;
+                // Transfers run on the receiver's copy stream: order A's compute stream (where the timing events
+                // are recorded) after the copy back.
+                a.await_ready(&back).map_err(s)?;
+                held = Some(back);
                 Ok(())
             };
             bench.case(c, kernel, bytes, ceiling, &mut unit)?;
         }
+        let (pa, pb) = (pools.0.stats(), pools.1.stats());
+        println!(
+            "transport bench: {mib} MiB pooled receives: A {} allocations / {} reuses, B {} / {}",
+            pa.allocations(),
+            pa.hits,
+            pb.allocations(),
+            pb.hits
+        );
     }
     Ok(())
 }
