@@ -553,3 +553,58 @@ fn flash_attention_path_matches_the_cpu() {
         }
     }
 }
+
+/// The forward matrix product on cuBLASLt (bias in the epilogue) and on cuBLAS + the bias kernel agree with the
+/// CPU on fresh random inputs with odd sizes, in both precisions, and overwrite a poisoned output.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn matmul_forward_on_cublaslt_and_cublas_matches_the_cpu() {
+    let (n, c, oc) = (333usize, 96usize, 160usize);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("seed {seed}");
+    let mut rng = seed | 1;
+    let mut random = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
+    let (x, w, bias) = (random(n * c), random(oc * c), random(oc));
+    let cpu = Cpu;
+    let mut want = cpu.zeros(n * oc).unwrap();
+    let (cx, cw, cb) = (
+        cpu.upload(&x).unwrap(),
+        cpu.upload(&w).unwrap(),
+        cpu.upload(&bias).unwrap(),
+    );
+    cpu.matmul_forward(&mut want, &cx, &cw, Some(&cb), n, c, oc).unwrap();
+    let want = cpu.download(&want).unwrap();
+    for precision in Precision::ALL {
+        for lt in [true, false] {
+            let cuda = Cuda::with_precision(0, precision).unwrap().with_cublaslt(lt).unwrap();
+            assert_eq!(cuda.uses_cublaslt(), lt);
+            let (gx, gw, gb) = (
+                cuda.upload(&x).unwrap(),
+                cuda.upload_param(&w).unwrap(),
+                cuda.upload_param(&bias).unwrap(),
+            );
+            let mut out = cuda.zeros(n * oc).unwrap();
+            cuda.scale(&mut out, f32::NAN).unwrap();
+            cuda.matmul_forward(&mut out, &gx, &gw, Some(&gb), n, c, oc).unwrap();
+            let got = cuda.download(&out).unwrap();
+            let num: f64 = got.iter().zip(&want).map(|(g, w)| f64::from(g - w).powi(2)).sum();
+            let den: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
+            let rel = (num / den).sqrt();
+            println!("{precision} cublaslt {lt}: rel err {rel:.2e}");
+            let tol = if precision == Precision::F32 { 1e-5 } else { 1e-2 };
+            assert!(rel < tol, "{precision} cublaslt {lt}: {rel}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The CUDA backend: [`CudaBuf`] buffers on one device with a compute and a copy stream, the kernels of
-//! `baton_kernels::cuda`, and cuBLAS for the matrix products. Attention runs the fused **flash** kernels in bf16
+//! `baton_kernels::cuda`, cuBLASLt for the forward matrix products (bias fused into the epilogue;
+//! `BATON_CUDA_GEMM=cublas` or a missing libcublasLt: cuBLAS + a bias kernel) and cuBLAS for the backward ones. Attention runs the fused **flash** kernels in bf16
 //! when the head size is 64 or 128 (stash: the row logsumexp, (b, nh, t) fp32; deterministic backward), and
 //! otherwise (fp32, other head sizes, or `BATON_CUDA_ATTENTION=simple`) the materialised path: permute, strided
 //! batched GEMM, causal softmax, GEMM, unpermute (stash: the (b, nh, t, t) attention matrix). Two [`Precision`]s:
@@ -48,9 +49,10 @@
 //! per-op pool calls themselves remain for scratch and stashes; received activations and gradients come from the
 //! stage's receive pool (`pool.rs`), filled on the first step.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use baton_kernels::cpu::AdamW;
+use baton_kernels::cuda::blaslt::Blaslt;
 use baton_kernels::cuda::cudarc::cublas::sys::cublasOperation_t;
 use baton_kernels::cuda::cudarc::cublas::{CudaBlas, GemmConfig};
 use baton_kernels::cuda::cudarc::driver::sys::CUevent_flags;
@@ -77,6 +79,10 @@ pub struct Cuda {
     copy: Arc<CudaStream>,
     /// Attention runs the fused flash kernels where they apply (see [`Cuda::uses_flash`]).
     flash: bool,
+    /// cuBLASLt for the forward matrix products (bias fused into the epilogue); `None` where libcublasLt is
+    /// missing or it is switched off (then cuBLAS and a bias kernel). A lock because a handle is not `Sync`
+    /// (one stage thread uses it; uncontended).
+    lt: Option<Arc<Mutex<Blaslt>>>,
     blas: Arc<CudaBlas>,
     precision: Precision,
 }
@@ -94,6 +100,10 @@ impl std::fmt::Debug for Cuda {
 /// Environment variable that selects the attention path: `simple` for the materialised one (permute, GEMM,
 /// softmax, GEMM), anything else or unset for the fused flash kernels where they apply.
 pub const ATTENTION_ENV: &str = "BATON_CUDA_ATTENTION";
+
+/// Environment variable that selects the forward matrix products: `cublas` for cuBLAS + a bias kernel, anything
+/// else or unset for cuBLASLt with the bias fused into its epilogue (where libcublasLt loads).
+pub const GEMM_ENV: &str = "BATON_CUDA_GEMM";
 
 const T_OP: cublasOperation_t = cublasOperation_t::CUBLAS_OP_T;
 const N_OP: cublasOperation_t = cublasOperation_t::CUBLAS_OP_N;
@@ -175,11 +185,18 @@ impl Cuda {
         })?;
         // `BATON_CUDA_ATTENTION=simple` keeps the materialised attention path (to compare the two).
         let flash = !std::env::var(ATTENTION_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("simple"));
+        // `BATON_CUDA_GEMM=cublas` keeps the forward products on cuBLAS + the bias kernel.
+        let lt = if std::env::var(GEMM_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("cublas")) {
+            None
+        } else {
+            Blaslt::new(&dev).ok().map(|lt| Arc::new(Mutex::new(lt)))
+        };
         Ok(Cuda {
             ordinal,
             dev,
             copy,
             flash,
+            lt,
             blas: Arc::new(blas),
             precision,
         })
@@ -190,6 +207,23 @@ impl Cuda {
     pub fn with_flash_attention(mut self, on: bool) -> Cuda {
         self.flash = on;
         self
+    }
+
+    /// This backend with its forward matrix products on cuBLASLt (bias in the epilogue; the default where
+    /// libcublasLt loads) or on cuBLAS + a bias kernel.
+    pub fn with_cublaslt(mut self, on: bool) -> Result<Cuda> {
+        self.lt = if on {
+            let lt = Blaslt::new(&self.dev).map_err(|e| self.err("with_cublaslt", e))?;
+            Some(Arc::new(Mutex::new(lt)))
+        } else {
+            None
+        };
+        Ok(self)
+    }
+
+    /// Whether the forward matrix products run on cuBLASLt.
+    pub fn uses_cublaslt(&self) -> bool {
+        self.lt.is_some()
     }
 
     /// The precision of this backend's activations, weights and gradients.
@@ -678,6 +712,13 @@ impl Cuda {
         let (inp, weight) = (self.read::<T>(op, inp)?, self.read::<T>(op, weight)?);
         let bias = bias.map(|b| self.read::<T>(op, b)).transpose()?;
         let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
+        if let Some(lt) = &self.lt {
+            // The same column-major problem as below, with the bias added in cuBLASLt's epilogue.
+            let lt = lt.lock().unwrap_or_else(|e| e.into_inner());
+            lt.matmul_forward::<T>(o.slice(), None, &inp, &weight, bias.as_deref(), false, n, c, oc)
+                .map_err(|e| self.err(op, e))?;
+            return self.finish(op, o);
+        }
         // Row-major out (n, oc) is column-major (oc, n) = Wᵀ-view · inp-view: W row-major (oc, c) read as
         // column-major (c, oc) and transposed; inp row-major (n, c) is column-major (c, n).
         let g = Gemm3 {

@@ -15,9 +15,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use baton_kernels::cuda::blaslt::BlasElem;
 use baton_kernels::cuda::cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use baton_kernels::cuda::cudarc::driver::CudaSlice;
-use baton_kernels::cuda::{self as kc, Device, Elem};
+use baton_kernels::cuda::{self as kc, Device};
 use half::bf16;
 
 use super::pool::{Homed, Pooled};
@@ -239,7 +240,7 @@ impl CudaData {
 pub(crate) type ViewMut<'a, T> = (&'a mut CudaSlice<T>, Option<&'a mut CudaSlice<<T as Stored>::Other>>);
 
 /// The two element types of the backend, with their access to a [`CudaBuf`] and their GEMM.
-pub(crate) trait Stored: Elem {
+pub(crate) trait Stored: BlasElem {
     /// The other element type.
     type Other: Stored<Other = Self>;
     /// The precision of this element type.
