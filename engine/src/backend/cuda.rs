@@ -1,6 +1,7 @@
 //! The CUDA backend: [`CudaBuf`] buffers on one device with a compute and a copy stream, the kernels of
-//! `baton_kernels::cuda`, cuBLASLt for the forward matrix products (bias fused into the epilogue;
-//! `BATON_CUDA_GEMM=cublas` or a missing libcublasLt: cuBLAS + a bias kernel) and cuBLAS for the backward ones. Attention runs the fused **flash** kernels in bf16
+//! `baton_kernels::cuda`, cuBLASLt for the forward matrix products (bias fused into the epilogue; in bf16 the
+//! MLP's GELU too, forward and backward: GELU_AUX_BIAS / DGELU; `BATON_CUDA_GEMM=cublas` or a missing libcublasLt:
+//! cuBLAS + separate bias and GELU kernels) and cuBLAS for the other backward products. Attention runs the fused **flash** kernels in bf16
 //! when the head size is 64 or 128 (stash: the row logsumexp, (b, nh, t) fp32; deterministic backward), and
 //! otherwise (fp32, other head sizes, or `BATON_CUDA_ATTENTION=simple`) the materialised path: permute, strided
 //! batched GEMM, causal softmax, GEMM, unpermute (stash: the (b, nh, t, t) attention matrix). Two [`Precision`]s:
@@ -52,7 +53,7 @@
 use std::sync::{Arc, Mutex};
 
 use baton_kernels::cpu::AdamW;
-use baton_kernels::cuda::blaslt::Blaslt;
+use baton_kernels::cuda::blaslt::{Accumulate, Blaslt};
 use baton_kernels::cuda::cudarc::cublas::sys::cublasOperation_t;
 use baton_kernels::cuda::cudarc::cublas::{CudaBlas, GemmConfig};
 use baton_kernels::cuda::cudarc::driver::sys::CUevent_flags;
@@ -65,7 +66,7 @@ use super::cuda_buf::{read_plan, write_plan, In, Mode, Out, ReadPlan, Stored, Wr
 use super::cuda_buf::{CudaBuf, CudaData, Precision};
 use super::cuda_peer::{self as peer, Transport};
 use super::pool::RecvPool;
-use super::Backend;
+use super::{unfused, Backend};
 use crate::error::{EngineError, Result};
 
 /// The CUDA backend on one device: its context, a compute stream, the loaded kernel library, a cuBLAS handle
@@ -741,6 +742,74 @@ impl Cuda {
         self.finish(op, o)
     }
 
+    /// [`Backend::matmul_gelu_forward`] through cuBLASLt's GELU_AUX_BIAS epilogue (one pass).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_gelu_forward_t<T: Stored>(
+        &self,
+        lt: &Blaslt,
+        out: &mut CudaBuf,
+        pre: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "matmul_gelu_forward";
+        self.check(op, "out", out.len(), n * oc)?;
+        self.check(op, "pre", pre.len(), n * oc)?;
+        self.check(op, "inp", inp.len(), n * c)?;
+        self.check(op, "weight", weight.len(), oc * c)?;
+        let (inp, weight) = (self.read::<T>(op, inp)?, self.read::<T>(op, weight)?);
+        let bias = bias.map(|b| self.read::<T>(op, b)).transpose()?;
+        let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
+        let mut p = self.write::<T>(op, pre, Mode::Overwrite)?;
+        lt.matmul_forward::<T>(
+            o.slice(),
+            Some(p.slice()),
+            &inp,
+            &weight,
+            bias.as_deref(),
+            true,
+            n,
+            c,
+            oc,
+        )
+        .map_err(|e| self.err(op, e))?;
+        self.finish(op, o)?;
+        self.finish(op, p)
+    }
+
+    /// [`Backend::matmul_backward_input_gelu`] through cuBLASLt's DGELU epilogue (one pass).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_input_gelu_t<T: Stored>(
+        &self,
+        lt: &Blaslt,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        weight: &CudaBuf,
+        pre: &CudaBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "matmul_backward_input_gelu";
+        self.check(op, "dinp", dinp.len(), n * c)?;
+        self.check(op, "pre", pre.len(), n * c)?;
+        self.check(op, "dout", dout.len(), n * oc)?;
+        self.check(op, "weight", weight.len(), oc * c)?;
+        let (dout, weight, pre) = (
+            self.read::<T>(op, dout)?,
+            self.read::<T>(op, weight)?,
+            self.read::<T>(op, pre)?,
+        );
+        let mut d = self.write::<T>(op, dinp, Mode::Overwrite)?;
+        lt.matmul_backward_input::<T>(d.slice(), &dout, &weight, Some(&pre), Accumulate::Overwrite, n, c, oc)
+            .map_err(|e| self.err(op, e))?;
+        self.finish(op, d)
+    }
+
     fn matmul_backward_input_t<T: Stored>(
         &self,
         dinp: &mut CudaBuf,
@@ -1413,6 +1482,42 @@ impl Backend for Cuda {
         oc: usize,
     ) -> Result<()> {
         dispatch!(self.precision, self.matmul_forward_t(out, inp, weight, bias, n, c, oc))
+    }
+    fn matmul_gelu_forward(
+        &self,
+        out: &mut CudaBuf,
+        pre: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        // Fused in bf16 only: cuBLASLt's GELU epilogue may evaluate tanh approximately (≈1e-3 in fp32), above the
+        // fp32 mode's 1e-4 parity bar.
+        let (Some(lt), Precision::Bf16) = (&self.lt, self.precision) else {
+            return unfused::matmul_gelu_forward(self, out, pre, inp, weight, bias, n, c, oc);
+        };
+        let lt = lt.lock().unwrap_or_else(|e| e.into_inner());
+        self.matmul_gelu_forward_t::<bf16>(&lt, out, pre, inp, weight, bias, n, c, oc)
+    }
+    fn matmul_backward_input_gelu(
+        &self,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        weight: &CudaBuf,
+        pre: &CudaBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        // Fused in bf16 only, as `matmul_gelu_forward`.
+        let (Some(lt), Precision::Bf16) = (&self.lt, self.precision) else {
+            return unfused::matmul_backward_input_gelu(self, dinp, dout, weight, pre, n, c, oc);
+        };
+        let lt = lt.lock().unwrap_or_else(|e| e.into_inner());
+        self.matmul_backward_input_gelu_t::<bf16>(&lt, dinp, dout, weight, pre, n, c, oc)
     }
     fn matmul_backward_input(
         &self,

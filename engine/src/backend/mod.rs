@@ -200,6 +200,38 @@ pub trait Backend: Send + Sync + 'static {
         c: usize,
         oc: usize,
     ) -> Result<()>;
+    /// `out = gelu(inp · weightᵀ + bias)`, keeping the GELU's input in `pre` (both `(n, oc)`, overwritten): an
+    /// MLP up-projection. A backend may fuse the GELU into the product; by default the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_gelu_forward(
+        &self,
+        out: &mut Self::Buf,
+        pre: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        unfused::matmul_gelu_forward(self, out, pre, inp, weight, bias, n, c, oc)
+    }
+    /// `dinp = gelu'(pre) ∘ (dout · weight)`, **overwriting** `dinp` `(n, c)`, where `pre` `(n, c)` is the GELU
+    /// input whose output this product consumed: the input gradient of an MLP down-projection taken through its
+    /// GELU. A backend may fuse the GELU backward into the product; by default the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_input_gelu(
+        &self,
+        dinp: &mut Self::Buf,
+        dout: &Self::Buf,
+        weight: &Self::Buf,
+        pre: &Self::Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        unfused::matmul_backward_input_gelu(self, dinp, dout, weight, pre, n, c, oc)
+    }
     /// `dinp += dout · weight`.
     fn matmul_backward_input(
         &self,
@@ -291,4 +323,46 @@ pub trait Backend: Send + Sync + 'static {
         v: &mut Self::Buf,
         step: u32,
     ) -> Result<()>;
+}
+
+/// The unfused forms of the composite ops: the trait's defaults, and what a backend falls back to when its fused
+/// path is unavailable.
+pub(crate) mod unfused {
+    use super::Backend;
+    use crate::error::Result;
+
+    /// [`Backend::matmul_gelu_forward`] as a product then a GELU.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_gelu_forward<B: Backend + ?Sized>(
+        be: &B,
+        out: &mut B::Buf,
+        pre: &mut B::Buf,
+        inp: &B::Buf,
+        weight: &B::Buf,
+        bias: Option<&B::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        be.matmul_forward(pre, inp, weight, bias, n, c, oc)?;
+        be.gelu_forward(out, pre)
+    }
+
+    /// [`Backend::matmul_backward_input_gelu`] as a product into a fresh buffer then a GELU backward.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_backward_input_gelu<B: Backend + ?Sized>(
+        be: &B,
+        dinp: &mut B::Buf,
+        dout: &B::Buf,
+        weight: &B::Buf,
+        pre: &B::Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let mut dact = be.zeros(n * c)?;
+        be.matmul_backward_input(&mut dact, dout, weight, n, c, oc)?;
+        be.fill_zero(dinp)?;
+        be.gelu_backward(dinp, pre, &dact)
+    }
 }

@@ -389,10 +389,8 @@ impl<B: Backend> Layer<B> for Block<B> {
             n,
             c,
         )?;
-        let mut fc = be.zeros(n * 4 * c)?;
-        be.matmul_forward(&mut fc, &ln2, self.w(FC_W), Some(self.w(FC_B)), n, c, 4 * c)?;
-        let mut gelu = be.zeros(n * 4 * c)?;
-        be.gelu_forward(&mut gelu, &fc)?;
+        let (mut fc, mut gelu) = (be.zeros(n * 4 * c)?, be.zeros(n * 4 * c)?);
+        be.matmul_gelu_forward(&mut gelu, &mut fc, &ln2, self.w(FC_W), Some(self.w(FC_B)), n, c, 4 * c)?;
         let mut mlp = be.zeros(n * c)?;
         be.matmul_forward(&mut mlp, &gelu, self.w(FCPROJ_W), Some(self.w(FCPROJ_B)), n, 4 * c, c)?;
         let mut out = be.zeros(n * c)?;
@@ -433,10 +431,8 @@ impl<B: Backend> Layer<B> for Block<B> {
         let (b, t, c, nh) = (mb.b, mb.t, self.c, self.nh);
         let n = b * t;
         // MLP branch.
-        let mut dgelu = be.zeros(n * 4 * c)?;
-        be.matmul_backward_input(&mut dgelu, &dout, self.w(FCPROJ_W), n, 4 * c, c)?;
         let mut dfc = be.zeros(n * 4 * c)?;
-        be.gelu_backward(&mut dfc, s.get(S_FC, &name)?, &dgelu)?;
+        be.matmul_backward_input_gelu(&mut dfc, &dout, self.w(FCPROJ_W), s.get(S_FC, &name)?, n, 4 * c, c)?;
         let mut dln2 = be.zeros(n * c)?;
         be.matmul_backward_input(&mut dln2, &dfc, self.w(FC_W), n, c, 4 * c)?;
         let mut dx2 = be.duplicate(&dout)?;
