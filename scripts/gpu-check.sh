@@ -105,7 +105,7 @@ run_step() {
 run_step parity 150 "$BIN/gpu_parity" --ignored --test-threads 1 --nocapture
 run_step parity_attention 60 "$BIN/gpu_parity_attention" --ignored --test-threads 1 --nocapture
 run_step parity_gemm 60 "$BIN/gpu_parity_gemm" --ignored --test-threads 1 --nocapture
-run_step engine 90 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
+run_step engine 150 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
 run_step bench 240 "$BIN/kernels_bench" --bench
 if [[ -x "$BIN/transport_bench" ]]; then
   run_step transport 90 "$BIN/transport_bench" --bench
