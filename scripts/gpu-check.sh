@@ -200,4 +200,13 @@ if [[ -n "$TORCH_TPS" && -n "$BATON_TPS" ]]; then
 else
   echo "pytorch: ${TORCH_NOTE:-no TORCH_REFERENCE line (see $OUT/torch_reference.log)}" | tee -a "$OUT/summary.txt"
 fi
+# The device tool brings back at most 8 files from $OUT: pack the per-step logs and e2e metrics into one archive,
+# keeping gpu-check.log and summary.txt beside it.
+(
+  cd "$OUT" &&
+    find . -mindepth 1 -maxdepth 1 ! -name gpu-check.log ! -name summary.txt ! -name logs.tar.gz -print0 |
+    xargs -0 tar czf logs.tar.gz &&
+    find . -mindepth 1 -maxdepth 1 ! -name gpu-check.log ! -name summary.txt ! -name logs.tar.gz -exec rm -rf {} +
+) || echo "gpu-check: packing the logs failed; they stay under $OUT"
+echo "logs: $OUT/logs.tar.gz (per-step logs, e2e metrics), $OUT/gpu-check.log, $OUT/summary.txt"
 exit $STATUS
