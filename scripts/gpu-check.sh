@@ -57,10 +57,13 @@ START=$(date +%s)
 # --- Where are the CUDA libraries? (the image may hold them in its toolkit or inside Python packages) ---------
 echo "== libraries"
 declare -a LIBDIRS=()
+# One walk of the file system for every library and the bf16 header (each walk of a large image takes a while).
+FOUND_ALL=$(timeout 90 find / \( -path /proc -o -path /sys -o -path /dev -o -path "$ROOT" \) -prune -o \
+  \( -name 'libcuda.so*' -o -name 'libnvrtc.so*' -o -name 'libcublasLt.so*' -o -name 'libcublas.so*' \
+  -o -name 'libnccl.so*' -o -name cuda_bf16.h \) -print 2>/dev/null | grep -v -e '\.alt\.' -e 'stubs' | sort || true)
 for lib in libcuda.so libnvrtc.so libcublasLt.so libcublas.so libnccl.so; do
   sys=$(ldconfig -p 2>/dev/null | grep -m1 "$lib" | awk '{print $NF}' || true)
-  found=$(timeout 60 find / \( -path /proc -o -path /sys -o -path "$ROOT" \) -prune -o -name "$lib*" -print \
-    2>/dev/null | grep -v -e '\.alt\.' -e 'stubs' | sort | head -5 || true)
+  found=$(echo "$FOUND_ALL" | grep "/$lib" | head -5 || true)
   echo "$lib: ldconfig: ${sys:-none}"
   if [[ -n "$found" ]]; then
     echo "$found" | sed 's/^/    found: /'
@@ -76,8 +79,7 @@ for d in "${LIBDIRS[@]}"; do
 done
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 if [[ -z "${BATON_CUDA_INCLUDE:-}" ]]; then
-  hdr=$(timeout 60 find / \( -path /proc -o -path /sys \) -prune -o -name cuda_bf16.h -print 2>/dev/null |
-    grep -m1 -e cu13 -e 'cuda-13' -e '/usr/local/cuda/' || true)
+  hdr=$(echo "$FOUND_ALL" | grep '/cuda_bf16\.h$' | grep -m1 -e cu13 -e 'cuda-13' -e '/usr/local/cuda/' || true)
   [[ -n "$hdr" ]] && export BATON_CUDA_INCLUDE="$(dirname "$hdr")"
 fi
 echo "BATON_CUDA_INCLUDE=${BATON_CUDA_INCLUDE:-unset}"
