@@ -169,3 +169,75 @@ fn known_figures() {
     }
     assert!(peaks.iter().sum::<u32>() < g8.iter().sum::<u32>());
 }
+
+/// Random legal orders, not just the generators': a random topological order of the whole dependency graph
+/// (linear placement; full backward or split I/W), projected onto the stages, is a valid schedule. The fast pass
+/// must equal the brute force on every one.
+#[test]
+fn matches_the_brute_force_on_random_orders() {
+    use baton_schedules::{Action, Placement};
+    let mut rng = 0x853c_49e6_748f_ea9bu64;
+    let mut next = move |n: usize| -> usize {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let mut checked = 0;
+    for case in 0..300 {
+        let p = 2 + case % 2; // 2 or 3 stages
+        let m = 1 + (case / 2) % 3; // 1..=3 micro-batches
+        let split = case % 5 == 0;
+        // Nodes: (op, part, mb); dependencies as the validator defines them.
+        let mut nodes: Vec<(Op, u32, u32)> = Vec::new();
+        for part in 0..p as u32 {
+            for mb in 0..m as u32 {
+                nodes.push((Op::F, part, mb));
+                if split {
+                    nodes.push((Op::I, part, mb));
+                    nodes.push((Op::W, part, mb));
+                } else {
+                    nodes.push((Op::B, part, mb));
+                }
+            }
+        }
+        let back = if split { Op::I } else { Op::B };
+        let deps = |&(op, part, mb): &(Op, u32, u32)| -> Vec<(Op, u32, u32)> {
+            match op {
+                Op::F if part > 0 => vec![(Op::F, part - 1, mb)],
+                Op::F => vec![],
+                Op::B | Op::I if part + 1 < p as u32 => vec![(Op::F, part, mb), (back, part + 1, mb)],
+                Op::B | Op::I => vec![(Op::F, part, mb)],
+                Op::W => vec![(Op::I, part, mb)],
+            }
+        };
+        let mut done: HashSet<(Op, u32, u32)> = HashSet::new();
+        let mut actions: Vec<Vec<Action>> = vec![Vec::new(); p];
+        while done.len() < nodes.len() {
+            let ready: Vec<_> = nodes
+                .iter()
+                .filter(|n| !done.contains(n) && deps(n).iter().all(|d| done.contains(d)))
+                .copied()
+                .collect();
+            let (op, part, mb) = ready[next(ready.len())];
+            actions[part as usize].push(Action::new(op, mb, 0));
+            done.insert((op, part, mb));
+        }
+        let s = Schedule {
+            kind: ScheduleKind::Custom,
+            microbatches: m as u32,
+            placement: Placement::linear(p as u32),
+            actions,
+        };
+        validate(&s).unwrap_or_else(|e| panic!("case {case}: a topological order is valid: {e}"));
+        let (slow, states) = brute_force(&s);
+        assert_eq!(
+            peak_receive_buffers(&s).unwrap(),
+            slow,
+            "case {case} ({states} states): {:?}",
+            s.actions
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 300);
+}
