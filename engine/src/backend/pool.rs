@@ -11,9 +11,10 @@
 //! (served by a plain allocation, counted, never an error): a correct capacity makes misses impossible, which
 //! the tests assert.
 //!
-//! Stream order on a GPU: a returned buffer may still be read by queued kernels of the consuming stream; the next
-//! lease writes it from a copy queued on the same stream (transfers write on the destination's stream), and the
-//! buffers carry cudarc's read/write events besides, so reuse never races a pending read.
+//! Stream order on a GPU: a returned buffer may still be read by queued kernels of the consuming stage's compute
+//! stream. The next lease writes it from a copy on that stage's copy stream, which first waits on the buffer's
+//! read events (cudarc's events on buffers, recorded by every kernel that read it), so reuse never races a
+//! pending read; the buffer was allocated on the copy stream, so its memory is never another stream's.
 
 use std::fmt;
 use std::mem::ManuallyDrop;
