@@ -522,7 +522,7 @@ pub fn run_step<B: Backend>(
 /// How often the executor's watchdog looks at the stages.
 const WATCHDOG_POLL: Duration = Duration::from_millis(10);
 
-/// A part's forward: each layer's stash, the output activation, and the loss (head only).
+/// A part's forward: each layer's stash, the output activation, and the per-token losses (head only).
 type PartForward<B> = (Vec<Saved<B>>, Option<<B as Backend>::Buf>, Option<<B as Backend>::Buf>);
 
 struct Worker<B: Backend> {
