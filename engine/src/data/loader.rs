@@ -325,7 +325,9 @@ impl Split {
 
     /// Splits `tokens`: validation is the last `round(len * val_fraction)` tokens, training the
     /// rest. Both must hold at least one batch of `batch` rows of `seq` tokens
-    /// (`batch * seq + 1` tokens).
+    /// (`batch * seq + 1` tokens); when the fraction leaves validation short of one batch but the
+    /// tokens hold a batch for each part, validation takes exactly one batch's worth instead (large
+    /// batches on a small corpus).
     ///
     /// Errors if `val_fraction` is not strictly between 0 and 1, if `batch` or `seq` is zero, or
     /// if either part is too short (saying how many tokens it needs and has).
@@ -333,7 +335,11 @@ impl Split {
         if !(val_fraction > 0.0 && val_fraction < 1.0) {
             return Err(DataError::InvalidValFraction { value: val_fraction });
         }
-        let val_len = ((tokens.len() as f64) * val_fraction).round() as usize;
+        let one_batch = batch.saturating_mul(seq).saturating_add(1);
+        let mut val_len = ((tokens.len() as f64) * val_fraction).round() as usize;
+        if val_len < one_batch && tokens.len() >= one_batch.saturating_mul(2) {
+            val_len = one_batch;
+        }
         let (train, val) = tokens.split_at(tokens.len() - val_len.min(tokens.len()));
         count_windows(train.len(), batch, seq, "training")?;
         count_windows(val.len(), batch, seq, "validation")?;
@@ -680,15 +686,19 @@ mod tests {
             let err = Split::new(&tokens, bad, 2, 8).unwrap_err();
             assert!(matches!(err, DataError::InvalidValFraction { .. }), "{bad}: {err:?}");
         }
-        // Validation gets 100 tokens; one batch of 4 x 32 needs 129.
-        let err = Split::new(&tokens, 0.1, 4, 32).unwrap_err();
+        // 10% is 100 tokens, short of one batch of 4 x 32 (129): validation takes 129, training the rest.
+        let split = Split::new(&tokens, 0.1, 4, 32).unwrap();
+        assert_eq!((split.val().len(), split.train().len()), (129, 871));
+        assert_eq!(split.val()[0], 871, "validation is still the tail");
+        // 200 tokens cannot hold a batch for each part: validation (20 tokens) is reported short.
+        let err = Split::new(&ramp(200), 0.1, 4, 32).unwrap_err();
         assert!(
             matches!(
                 err,
                 DataError::TooFewTokens {
                     part: "validation",
                     needed: 129,
-                    have: 100,
+                    have: 20,
                     ..
                 }
             ),
