@@ -104,11 +104,7 @@ fn bench_executor_overhead(c: &mut Criterion) {
             baton::schedules::peak_receive_buffers(&schedule)
                 .expect("valid schedule")
                 .into_iter()
-                .map(|n| {
-                    let pool = RecvPool::new();
-                    pool.set_capacity(n as usize);
-                    pool
-                })
+                .map(|n| RecvPool::with_capacity(n as usize))
                 .collect::<Vec<_>>(),
         );
         let schedule = std::sync::Arc::new(schedule);

@@ -149,9 +149,7 @@ fn run(c: &mut Criterion, summarise: bool) -> BenchResult<()> {
         // bf16 buffers of `bytes`: an activation as the pipeline moves it.
         let elems = bytes / 2;
         // The executor's path: each side lands transfers in its receive pool (capacity 1: one buffer in flight).
-        let pools = (RecvPool::new(), RecvPool::new());
-        pools.0.set_capacity(1);
-        pools.1.set_capacity(1);
+        let pools = (RecvPool::with_capacity(1), RecvPool::with_capacity(1));
         for (kernel, route) in [
             ("transfer_d2d", Route::Allocating),
             ("transfer_pooled", Route::Pooled),

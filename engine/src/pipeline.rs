@@ -159,7 +159,6 @@ pub struct Pipeline<B: Backend> {
     /// Per stage: the pool its received activations and gradients land in, sized from
     /// [`peak_receive_buffers`].
     pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
-    receive_buffers: Vec<u32>,
     stages: Vec<Stage<B>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
@@ -213,21 +212,15 @@ impl<B: Backend> Pipeline<B> {
                 parts: chunk_parts,
             });
         }
-        let receive_buffers = peak_receive_buffers(&schedule)?;
-        let pools = receive_buffers
-            .iter()
-            .map(|&n| {
-                let pool = RecvPool::new();
-                pool.set_capacity(n as usize);
-                pool
-            })
+        let pools = peak_receive_buffers(&schedule)?
+            .into_iter()
+            .map(|n| RecvPool::with_capacity(n as usize))
             .collect();
         Ok(Pipeline {
             config,
             schedule: Arc::new(schedule),
             validation,
             pools: Arc::new(pools),
-            receive_buffers,
             ranges,
             backends: Arc::new(backends),
             stages,
@@ -251,11 +244,6 @@ impl<B: Backend> Pipeline<B> {
     /// What the validator predicted (peak stashed activations per stage).
     pub fn validation(&self) -> &Validation {
         &self.validation
-    }
-
-    /// Per stage: the receive buffers the schedule needs ([`peak_receive_buffers`]), the capacity of its pool.
-    pub fn receive_buffers(&self) -> &[u32] {
-        &self.receive_buffers
     }
 
     /// The backends, one per stage.

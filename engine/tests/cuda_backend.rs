@@ -388,8 +388,7 @@ fn pooled_transfer_reuses_the_buffer_in_order() {
     for precision in Precision::ALL {
         let producer = Cuda::with_precision(0, precision).unwrap();
         let consumer = producer.with_new_stream().unwrap();
-        let pool = RecvPool::new();
-        pool.set_capacity(1);
+        let pool = RecvPool::with_capacity(1);
         for round in 0..4 {
             let value = 3.0 + round as f32;
             let mut buf = CudaBuf::new(CudaData::F32(producer.device().zeros::<f32>(N).unwrap()));

@@ -43,8 +43,9 @@ fn train(kind: ScheduleKind, p: u32, m: u32, chunks: u32, recompute: bool) -> Ru
         assert!(report.loss.is_finite());
         // Receive pools: sized from the schedule, never short, filled on the first step, no allocation after.
         let pools = pipe.receive_pools();
+        let needed = baton_schedules::peak_receive_buffers(pipe.schedule()).unwrap();
         for (s, pool) in pools.iter().enumerate() {
-            let want = pipe.receive_buffers()[s] as usize;
+            let want = needed[s] as usize;
             assert_eq!(pool.capacity, want, "{kind} p={p} m={m} stage {s}");
             assert_eq!(
                 pool.misses, 0,

@@ -97,6 +97,13 @@ impl<T: Pooled> RecvPool<T> {
         Arc::new(Self::default())
     }
 
+    /// An empty pool that may own `capacity` buffers (filled on the first lease).
+    pub fn with_capacity(capacity: usize) -> Arc<Self> {
+        let pool = Self::new();
+        pool.set_capacity(capacity);
+        pool
+    }
+
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // A panic while the lock is held leaves the counters and the free list consistent (every update is one
         // statement), so a poisoned lock is still usable.
@@ -294,8 +301,7 @@ mod tests {
 
     #[test]
     fn grows_to_capacity_then_reuses() {
-        let pool = RecvPool::<Vec<f32>>::new();
-        pool.set_capacity(2);
+        let pool = RecvPool::<Vec<f32>>::with_capacity(2);
         let a = pool.lease(4, alloc(4)).unwrap();
         // The first lease filled the pool to capacity.
         assert_eq!((pool.stats().owned, pool.stats().free, pool.stats().grown), (2, 1, 2));
@@ -318,8 +324,7 @@ mod tests {
 
     #[test]
     fn wrong_shape_is_replaced_and_lowering_capacity_frees() {
-        let pool = RecvPool::<Vec<f32>>::new();
-        pool.set_capacity(1);
+        let pool = RecvPool::<Vec<f32>>::with_capacity(1);
         drop(pool.lease(4, alloc(4)).unwrap());
         let big = pool.lease(8, alloc(8)).unwrap();
         assert_eq!(big.len(), 8);
@@ -334,8 +339,7 @@ mod tests {
 
     #[test]
     fn failed_allocation_is_not_counted_as_owned() {
-        let pool = RecvPool::<Vec<f32>>::new();
-        pool.set_capacity(1);
+        let pool = RecvPool::<Vec<f32>>::with_capacity(1);
         let e = pool.lease(4, || Err::<Vec<f32>, _>("out of memory")).unwrap_err();
         assert_eq!(e, "out of memory");
         assert_eq!(pool.stats().owned, 0);
