@@ -6,7 +6,7 @@ use baton_kernels::cpu as k;
 
 use std::sync::Arc;
 
-use super::pool::{Homed, RecvPool};
+use super::pool::{Homed, Pooled, RecvPool};
 use super::Backend;
 use crate::error::{EngineError, Result};
 
@@ -61,7 +61,7 @@ impl Backend for Cpu {
     fn transfer_pooled(&self, buf: CpuBuf, _dst: &Self, pool: &Arc<RecvPool<Vec<f32>>>) -> Result<CpuBuf> {
         // A copy into the receiving stage's buffer, as on a device (a move would make the pool pointless here and
         // leave its sizing untested); bitwise exact.
-        let mut out = pool.lease(buf.len(), || Ok::<_, EngineError>(vec![0.0; buf.len()]))?;
+        let mut out = pool.lease(buf.key(), || Ok::<_, EngineError>(vec![0.0; buf.len()]))?;
         out.copy_from_slice(&buf);
         Ok(out)
     }
