@@ -1,10 +1,11 @@
 //! The CUDA backend: [`CudaBuf`] buffers on one device with a compute and a copy stream, the kernels of
 //! `baton_kernels::cuda`, cuBLASLt for the forward matrix products (bias fused into the epilogue; in bf16 the
 //! MLP's GELU too, forward and backward: GELU_AUX_BIAS / DGELU; `BATON_CUDA_GEMM=cublas` or a missing libcublasLt:
-//! cuBLAS + separate bias and GELU kernels) and cuBLAS for the other backward products. Attention runs the fused **flash** kernels in bf16
-//! when the head size is 64 or 128 (stash: the row logsumexp, (b, nh, t) fp32; deterministic backward), and
-//! otherwise (fp32, other head sizes, or `BATON_CUDA_ATTENTION=simple`) the materialised path: permute, strided
-//! batched GEMM, causal softmax, GEMM, unpermute (stash: the (b, nh, t, t) attention matrix). Two [`Precision`]s:
+//! cuBLAS + separate bias and GELU kernels) and cuBLAS for the other backward products. Attention runs the fused
+//! **flash** kernels in bf16 when the head size is 64 or 128 (stash: the row logsumexp, (b, nh, t) fp32;
+//! deterministic backward), and otherwise (fp32, other head sizes, or `BATON_CUDA_ATTENTION=simple`) the
+//! materialised path: permute, strided batched GEMM, causal softmax, GEMM, unpermute (stash: the (b, nh, t, t)
+//! attention matrix); either way the stash has [`Backend::attention_stash_len`] elements. Two [`Precision`]s:
 //! - **fp32** ([`Cuda::new`]): every buffer fp32, fp32 kernels, `cublasSgemm`; tracks the CPU within 1e-4.
 //! - **bf16 mixed precision** ([`Cuda::with_precision`]): activations, weights and gradients bf16 (bf16 kernels,
 //!   fp32 math inside them); parameters keep an fp32 master copy beside the bf16 working copy the ops read
@@ -65,7 +66,7 @@ use half::bf16;
 use super::cuda_buf::{read_plan, write_plan, In, Mode, Out, ReadPlan, Stored, WritePlan};
 use super::cuda_buf::{CudaBuf, CudaData, Precision};
 use super::cuda_peer::{self as peer, Transport};
-use super::pool::RecvPool;
+use super::pool::{Pooled, RecvPool};
 use super::{unfused, Backend};
 use crate::error::{EngineError, Result};
 
@@ -457,7 +458,7 @@ impl Cuda {
         let op = "transfer";
         let alloc = || self.alloc_like(op, &buf, dst);
         let mut out = match pool {
-            Some(pool) => pool.lease((buf.storage(), buf.len()), alloc)?,
+            Some(pool) => pool.lease(buf.key(), alloc)?,
             None => CudaBuf::new(alloc()?),
         };
         match (&*buf, &mut *out) {
@@ -890,14 +891,74 @@ impl Cuda {
         self.flash && self.precision == Precision::Bf16 && nh > 0 && c % nh == 0 && matches!(c / nh, 64 | 128)
     }
 
-    fn flash_dims(&self, op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<AttentionDims> {
+    /// The shape of an attention forward, with its operands' lengths checked (`att` against the stash this
+    /// backend keeps for that shape, [`Backend::attention_stash_len`]).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward_shape(
+        &self,
+        op: &'static str,
+        out: &CudaBuf,
+        att: &CudaBuf,
+        qkv: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<AttentionShape> {
         let s = self.attention_shape(op, b, t, c, nh)?;
-        Ok(AttentionDims {
+        self.check(op, "out", out.len(), b * t * c)?;
+        self.check(op, "att", att.len(), self.attention_stash_len(b, t, c, nh))?;
+        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
+        Ok(s)
+    }
+
+    /// The shape of an attention backward, with its operands' lengths checked as in
+    /// [`Cuda::attention_forward_shape`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_shape(
+        &self,
+        op: &'static str,
+        dqkv: &CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        att: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<AttentionShape> {
+        let s = self.attention_shape(op, b, t, c, nh)?;
+        self.check(op, "dqkv", dqkv.len(), 3 * b * t * c)?;
+        self.check(op, "dout", dout.len(), b * t * c)?;
+        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
+        self.check(op, "att", att.len(), self.attention_stash_len(b, t, c, nh))?;
+        Ok(s)
+    }
+
+    /// `qkv (b, t, 3c)` split into `q`, `k`, `v` in head layout `(b, nh, t, hs)`.
+    fn split_heads<T: Elem>(
+        &self,
+        op: &'static str,
+        qkv: &CudaSlice<T>,
+        s: AttentionShape,
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)> {
+        let (mut q, mut k, mut v) = (
+            self.scratch::<T>(op, s.head_elems())?,
+            self.scratch::<T>(op, s.head_elems())?,
+            self.scratch::<T>(op, s.head_elems())?,
+        );
+        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, qkv, s).map_err(|e| self.err(op, e))?;
+        Ok((q, k, v))
+    }
+
+    /// The flash kernels' view of an attention shape.
+    fn flash_dims(s: AttentionShape) -> AttentionDims {
+        AttentionDims {
             b: s.b,
             nh: s.nh,
             t: s.t,
             hs: s.hs,
-        })
+        }
     }
 
     /// Flash attention forward (bf16): `out` and the row logsumexp as the stash (`att`, retyped to fp32).
@@ -913,21 +974,16 @@ impl Cuda {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_forward (flash)";
-        let s = self.attention_shape(op, b, t, c, nh)?;
-        let dims = self.flash_dims(op, b, t, c, nh)?;
-        self.check(op, "out", out.len(), b * t * c)?;
-        self.check(op, "att", att.len(), dims.rows_len())?;
-        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
+        let s = self.attention_forward_shape(op, out, att, qkv, b, t, c, nh)?;
         if s.head_elems() == 0 {
             return Ok(());
         }
         let qkv = self.read::<bf16>(op, qkv)?;
         let mut out = self.write::<bf16>(op, out, Mode::Overwrite)?;
         let mut lse = self.write::<f32>(op, att, Mode::Overwrite)?;
-        let heads = || self.scratch::<bf16>(op, s.head_elems());
-        let (mut q, mut k, mut v, mut y) = (heads()?, heads()?, heads()?, heads()?);
-        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
-        kc::flash_attention::flash_attention_forward(&self.dev, &mut y, lse.slice(), &q, &k, &v, dims)
+        let (q, k, v) = self.split_heads(op, &qkv, s)?;
+        let mut y = self.scratch::<bf16>(op, s.head_elems())?;
+        kc::flash_attention::flash_attention_forward(&self.dev, &mut y, lse.slice(), &q, &k, &v, Self::flash_dims(s))
             .map_err(|e| self.err(op, e))?;
         kc::attention::attention_unpermute(&self.dev, out.slice(), &y, s).map_err(|e| self.err(op, e))?;
         self.finish(op, out)?;
@@ -949,13 +1005,9 @@ impl Cuda {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_backward (flash)";
-        let s = self.attention_shape(op, b, t, c, nh)?;
-        let dims = self.flash_dims(op, b, t, c, nh)?;
-        self.check(op, "dqkv", dqkv.len(), 3 * b * t * c)?;
-        self.check(op, "dout", dout.len(), b * t * c)?;
-        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
+        let s = self.attention_backward_shape(op, dqkv, dout, qkv, att, b, t, c, nh)?;
         self.check(op, "out", out.len(), b * t * c)?;
-        self.check(op, "att", att.len(), dims.rows_len())?;
+        let dims = Self::flash_dims(s);
         if s.head_elems() == 0 {
             return Ok(());
         }
@@ -966,9 +1018,8 @@ impl Cuda {
         );
         let lse = self.read::<f32>(op, att)?;
         let mut dqkv = self.write::<bf16>(op, dqkv, Mode::Accumulate)?;
+        let (q, k, v) = self.split_heads(op, &qkv, s)?;
         let heads = || self.scratch::<bf16>(op, s.head_elems());
-        let (mut q, mut k, mut v) = (heads()?, heads()?, heads()?);
-        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
         // The forward's output and the incoming gradient in head layout (b, nh, t, hs).
         let (mut o, mut dy) = (heads()?, heads()?);
         kc::attention::attention_unpermute_backward(&self.dev, &mut o, &out, s).map_err(|e| self.err(op, e))?;
@@ -996,10 +1047,7 @@ impl Cuda {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_forward";
-        let s = self.attention_shape(op, b, t, c, nh)?;
-        self.check(op, "out", out.len(), b * t * c)?;
-        self.check(op, "att", att.len(), s.score_elems())?;
-        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
+        let s = self.attention_forward_shape(op, out, att, qkv, b, t, c, nh)?;
         if s.head_elems() == 0 {
             return Ok(());
         }
@@ -1007,10 +1055,7 @@ impl Cuda {
         let mut out = self.write::<T>(op, out, Mode::Overwrite)?;
         let mut att = self.write::<T>(op, att, Mode::Overwrite)?;
         let (hs, bh) = (s.hs, b * nh);
-        let mut q = self.scratch::<T>(op, s.head_elems())?;
-        let mut k = self.scratch::<T>(op, s.head_elems())?;
-        let mut v = self.scratch::<T>(op, s.head_elems())?;
-        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
+        let (q, k, v) = self.split_heads(op, &qkv, s)?;
         // preatt[t1][t2] = q[t1] · k[t2]: column-major (t2, t1) = kᵀ-view · q-view, per (b, h).
         let mut preatt = self.scratch::<T>(op, s.score_elems())?;
         let scores = Gemm3 {
@@ -1064,11 +1109,7 @@ impl Cuda {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_backward";
-        let s = self.attention_shape(op, b, t, c, nh)?;
-        self.check(op, "dqkv", dqkv.len(), 3 * b * t * c)?;
-        self.check(op, "dout", dout.len(), b * t * c)?;
-        self.check(op, "qkv", qkv.len(), 3 * b * t * c)?;
-        self.check(op, "att", att.len(), s.score_elems())?;
+        let s = self.attention_backward_shape(op, dqkv, dout, qkv, att, b, t, c, nh)?;
         if s.head_elems() == 0 {
             return Ok(());
         }
@@ -1080,8 +1121,7 @@ impl Cuda {
         let mut dqkv = self.write::<T>(op, dqkv, Mode::Accumulate)?;
         let (hs, bh) = (s.hs, b * nh);
         let heads = |o: &'static str| self.scratch::<T>(o, s.head_elems());
-        let (mut q, mut k, mut v) = (heads(op)?, heads(op)?, heads(op)?);
-        kc::attention::attention_permute(&self.dev, &mut q, &mut k, &mut v, &qkv, s).map_err(|e| self.err(op, e))?;
+        let (q, k, v) = self.split_heads(op, &qkv, s)?;
         let mut dy = heads(op)?;
         kc::attention::attention_unpermute_backward(&self.dev, &mut dy, &dout, s).map_err(|e| self.err(op, e))?;
         // datt[t1][t2] = dy[t1] · v[t2]: column-major (t2, t1) = vᵀ-view · dy-view.
