@@ -838,9 +838,6 @@ impl<B: Backend> Worker<B> {
         } else {
             Some(self.recv(Kind::Activation, part, a.mb)?)
         };
-        if let Some(x) = &x {
-            self.be().await_ready(x)?;
-        }
         self.begin()?;
         let be = self.be();
         let input = match (&x, self.cfg.recompute) {
@@ -882,9 +879,6 @@ impl<B: Backend> Worker<B> {
         } else {
             Some(self.recv(Kind::Gradient, part, a.mb)?)
         };
-        if let Some(d) = &dout {
-            self.be().await_ready(d)?;
-        }
         self.begin()?;
         if self.cfg.recompute {
             let (saved, _, _) = self.run_forward(a.chunk as usize, stash.input.take(), mb)?;
@@ -957,16 +951,22 @@ impl<B: Backend> Worker<B> {
         })
     }
 
-    /// The (kind, part, mb) message: from the mailbox, else waiting on the inbox. The host time
-    /// spent waiting is not counted in the action's host time.
+    /// The (kind, part, mb) message: from the mailbox, else waiting on the inbox; the stage's
+    /// queue is then told to wait for it ([`Backend::await_ready`]), so the action's start mark,
+    /// taken next, excludes the wait. The host time spent waiting is not counted in the action's
+    /// host time.
     fn recv(&mut self, kind: Kind, part: u32, mb: u32) -> Result<B::Buf> {
-        if let Some(buf) = self.mailbox.remove(&(kind, part, mb)) {
-            return Ok(buf);
-        }
-        self.host_busy += self.host_since.elapsed().as_secs_f64();
-        let got = self.recv_wait(kind, part, mb);
-        self.host_since = Instant::now();
-        got
+        let buf = match self.mailbox.remove(&(kind, part, mb)) {
+            Some(buf) => buf,
+            None => {
+                self.host_busy += self.host_since.elapsed().as_secs_f64();
+                let got = self.recv_wait(kind, part, mb);
+                self.host_since = Instant::now();
+                got?
+            }
+        };
+        self.be().await_ready(&buf)?;
+        Ok(buf)
     }
 
     fn recv_wait(&mut self, kind: Kind, part: u32, mb: u32) -> Result<B::Buf> {
