@@ -33,6 +33,40 @@ fn batches() -> Vec<Batch> {
     common::batches_with(STEPS, BATCH, SEQ, VOCAB, 0x2545_f491_4f6c_dd1d)
 }
 
+/// Fresh pseudo-random values in [-1, 1) (xorshift) from a seed drawn from the clock and printed, so that a
+/// failure can be replayed.
+struct Fresh(u64);
+
+impl Fresh {
+    fn new(what: &str) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        println!("seed {seed} {what}");
+        Fresh(seed | 1)
+    }
+
+    fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+}
+
+/// Relative L2 error of `got` against `want`.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "rel_err: lengths differ");
+    let num: f64 = got.iter().zip(want).map(|(g, w)| f64::from(g - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
+    (num / den).sqrt()
+}
+
 fn losses<B: baton_engine::Backend>(backends: Vec<B>) -> Vec<f32> {
     let mut cfg = PipelineConfig::new(model(), 2, ScheduleKind::OneFOneB, 2);
     cfg.optimizer.warmup_steps = 1;
@@ -419,18 +453,11 @@ fn pooled_transfer_reuses_the_buffer_in_order() {
 fn sum_squares_many_equals_one_at_a_time() {
     for precision in Precision::ALL {
         let cuda = Cuda::with_precision(0, precision).unwrap();
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = Fresh::new(&format!("{precision}"));
         let bufs: Vec<CudaBuf> = [1usize, 1000, 65_537, 3 << 20]
             .iter()
             .map(|&n| {
-                let data: Vec<f32> = (0..n)
-                    .map(|_| {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                    })
-                    .collect();
+                let data = random.values(n);
                 let mut b = cuda.zeros(n).unwrap();
                 cuda.copy(&mut b, &cuda.upload(&data).unwrap()).unwrap();
                 b
@@ -500,23 +527,8 @@ fn flash_attention_path_matches_the_cpu() {
     let (b, t, nh) = (2usize, 200usize, 2usize);
     for hs in [64usize, 128] {
         let c = nh * hs;
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        println!("seed {seed} hs {hs}");
-        let mut rng = seed | 1;
-        let mut random = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    (rng >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
-        };
-        let (qkv, dout) = (random(b * t * 3 * c), random(b * t * c));
+        let mut random = Fresh::new(&format!("hs {hs}"));
+        let (qkv, dout) = (random.values(b * t * 3 * c), random.values(b * t * c));
         // CPU reference.
         let cpu = Cpu;
         let (cq, cd) = (cpu.upload(&qkv).unwrap(), cpu.upload(&dout).unwrap());
@@ -541,12 +553,7 @@ fn flash_attention_path_matches_the_cpu() {
             cuda.attention_backward(&mut gdqkv, &gd, &gq, &gout, &gatt, b, t, c, nh)
                 .unwrap();
             let (got_out, got_dqkv) = (cuda.download(&gout).unwrap(), cuda.download(&gdqkv).unwrap());
-            let rel = |got: &[f32], want: &[f32]| {
-                let num: f64 = got.iter().zip(want).map(|(g, w)| f64::from(g - w).powi(2)).sum();
-                let den: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
-                (num / den).sqrt()
-            };
-            let (e_out, e_dqkv) = (rel(&got_out, &want_out), rel(&got_dqkv, &want_dqkv));
+            let (e_out, e_dqkv) = (rel_err(&got_out, &want_out), rel_err(&got_dqkv, &want_dqkv));
             println!("hs {hs} flash {flash}: out rel err {e_out:.2e}, dqkv rel err {e_dqkv:.2e}");
             assert!(e_out < 2e-2 && e_dqkv < 3e-2, "hs {hs} flash {flash}: {e_out} {e_dqkv}");
         }
@@ -559,23 +566,8 @@ fn flash_attention_path_matches_the_cpu() {
 #[ignore = "needs a CUDA device"]
 fn matmul_forward_on_cublaslt_and_cublas_matches_the_cpu() {
     let (n, c, oc) = (333usize, 96usize, 160usize);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    println!("seed {seed}");
-    let mut rng = seed | 1;
-    let mut random = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                (rng >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    };
-    let (x, w, bias) = (random(n * c), random(oc * c), random(oc));
+    let mut random = Fresh::new("");
+    let (x, w, bias) = (random.values(n * c), random.values(oc * c), random.values(oc));
     let cpu = Cpu;
     let mut want = cpu.zeros(n * oc).unwrap();
     let (cx, cw, cb) = (
@@ -598,9 +590,7 @@ fn matmul_forward_on_cublaslt_and_cublas_matches_the_cpu() {
             cuda.scale(&mut out, f32::NAN).unwrap();
             cuda.matmul_forward(&mut out, &gx, &gw, Some(&gb), n, c, oc).unwrap();
             let got = cuda.download(&out).unwrap();
-            let num: f64 = got.iter().zip(&want).map(|(g, w)| f64::from(g - w).powi(2)).sum();
-            let den: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
-            let rel = (num / den).sqrt();
+            let rel = rel_err(&got, &want);
             println!("{precision} cublaslt {lt}: rel err {rel:.2e}");
             let tol = if precision == Precision::F32 { 1e-5 } else { 1e-2 };
             assert!(rel < tol, "{precision} cublaslt {lt}: {rel}");
@@ -614,24 +604,15 @@ fn matmul_forward_on_cublaslt_and_cublas_matches_the_cpu() {
 #[ignore = "needs a CUDA device"]
 fn fused_mlp_ops_match_the_cpu() {
     let (n, c, oc) = (257usize, 64usize, 256usize);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    println!("seed {seed}");
-    let mut rng = seed | 1;
-    let mut random = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                (rng >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    };
+    let mut random = Fresh::new("");
     // Up-projection (n, c) -> (n, oc) with GELU; down-projection's input gradient back through it.
-    let (x, w_up, b_up, w_down, dout) = (random(n * c), random(oc * c), random(oc), random(c * oc), random(n * c));
+    let (x, w_up, b_up, w_down, dout) = (
+        random.values(n * c),
+        random.values(oc * c),
+        random.values(oc),
+        random.values(c * oc),
+        random.values(n * c),
+    );
     let cpu = Cpu;
     let up = |be: &Cpu| {
         let (mut out, mut pre) = (be.zeros(n * oc).unwrap(), be.zeros(n * oc).unwrap());
@@ -677,12 +658,11 @@ fn fused_mlp_ops_match_the_cpu() {
                 cuda.download(&pre).unwrap(),
                 cuda.download(&dinp).unwrap(),
             );
-            let rel = |g: &[f32], w: &[f32]| {
-                let num: f64 = g.iter().zip(w).map(|(a, b)| f64::from(a - b).powi(2)).sum();
-                let den: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum();
-                (num / den).sqrt()
-            };
-            let errs = [rel(&got.0, &want.0), rel(&got.1, &want.1), rel(&got.2, &want.2)];
+            let errs = [
+                rel_err(&got.0, &want.0),
+                rel_err(&got.1, &want.1),
+                rel_err(&got.2, &want.2),
+            ];
             println!(
                 "{precision} cublaslt {lt}: out / pre / dinp rel err {:.2e} {:.2e} {:.2e}",
                 errs[0], errs[1], errs[2]
