@@ -241,3 +241,17 @@ fn matches_the_brute_force_on_random_orders() {
     }
     assert_eq!(checked, 300);
 }
+
+/// An invalid schedule gets the validator's error, never a figure or a panic.
+#[test]
+fn invalid_schedules_are_errors() {
+    let mut s = generate(ScheduleKind::OneFOneB, 2, 2, 1).unwrap();
+    s.actions[1].retain(|a| !(a.op == Op::B && a.mb == 1));
+    let e = peak_receive_buffers(&s).unwrap_err();
+    assert!(e.to_string().contains("no backward"), "{e}");
+    // Stage 1's list reversed: its backwards come before the forwards they need, a deadlock.
+    let mut s = generate(ScheduleKind::GPipe, 2, 2, 1).unwrap();
+    s.actions[1].reverse();
+    let e = peak_receive_buffers(&s).unwrap_err();
+    assert!(matches!(e, baton_schedules::ScheduleError::Deadlock { .. }), "{e}");
+}
