@@ -1,6 +1,7 @@
 //! Pipeline schedules for Baton: the IR, generators (GPipe, 1F1B, interleaved 1F1B, ZB-H1,
-//! ZB-V), a validator, a discrete-event simulator, PyTorch-compatible text formats and
-//! renderers. Pure Rust: no device, no threads.
+//! ZB-V), a validator, a discrete-event simulator, PyTorch-compatible text formats (schedule
+//! interchange with PyTorch 2.15's `torch.distributed.pipelining`, both ways) and renderers.
+//! Pure Rust: no device, no threads.
 
 #![warn(missing_docs)]
 
@@ -12,6 +13,7 @@ mod ir;
 mod render;
 mod simulate;
 mod text;
+mod torch;
 mod validate;
 
 pub use buffers::peak_receive_buffers;
@@ -21,7 +23,8 @@ pub use ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBAT
 pub use render::{to_json, to_svg, to_text, TEXT_COLUMNS_MAX};
 pub use simulate::{simulate, Costs, SimReport, Span};
 pub use text::{
-    check_comms, from_csv, lower_with_comms, schedule_from_rank_actions, to_csv, to_rank_actions, CommOp, PipeAction,
+    check_comms, from_csv, schedule_from_rank_actions, to_csv, to_rank_actions, CommOp, ParamOp, PipeAction,
     CSV_CELLS_MAX,
 };
+pub use torch::{lower_with_comms, schedule_from_csv};
 pub use validate::{peak_inflight, peak_weight_stash, validate, Validation};

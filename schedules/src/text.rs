@@ -1,16 +1,25 @@
-//! PyTorch pipelining's text formats, both ways: action strings (`0F3`, `1I0`, `2W5`, `3B1`,
-//! `1RECV_F3`, `0SEND_B2`) and the per-rank CSV layout (one row per rank, one action per cell,
-//! empty cell = idle), plus the pass that lowers a compute-only schedule to compute + comm.
+//! PyTorch pipelining's text formats, both ways: action strings and the per-rank CSV layout
+//! (one row per rank, one action per cell, empty cell = idle).
+//!
+//! Every action PyTorch 2.15's `_Action.from_str` reads is understood: compute (`0F3`, `1I0`,
+//! `2W5`, `3B1`: `B` is PyTorch's full backward), transfers (`1RECV_F3`, `0SEND_B2`), the waits
+//! that retire a send (`0WAIT_SEND_F3`), FSDP and data-parallel housekeeping (`0UNSHARD`,
+//! `0RESHARD`, `0REDUCE_GRAD`, `0WAIT_REDUCE_GRAD`) and the overlapped pair
+//! `(0F1;3I0)OVERLAP_F_B`.
 //!
 //! In an action string the leading number is the *model part* (PyTorch calls it the stage
 //! index; with one chunk per stage it equals our stage). For a comm action it is the local
 //! part: `1RECV_F3` is part 1 receiving micro-batch 3's activation from part 0.
+//!
+//! [`schedule_from_csv`](crate::schedule_from_csv) and
+//! [`lower_with_comms`](crate::lower_with_comms) (in `torch.rs`) turn these rows into a
+//! [`Schedule`] and back.
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::error::ScheduleError;
-use crate::ir::{Action, Op, Placement, Schedule, ScheduleKind};
+use crate::ir::{Op, Placement, Schedule};
 use crate::simulate::{simulate, Costs};
 
 /// Most cells a CSV row may hold (a limit on what an import will allocate).
@@ -59,6 +68,42 @@ impl CommOp {
     }
 }
 
+/// Parameter and gradient housekeeping that PyTorch's runtime runs around the compute: FSDP's
+/// all-gather and release of a part's weights, and the data-parallel gradient reduction once a
+/// part's last backward is done. Baton's executor needs none of them: an import accepts and
+/// ignores them, the comms export writes them where PyTorch's own lowering would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamOp {
+    /// `UNSHARD`: gather the part's FSDP-sharded weights.
+    Unshard,
+    /// `RESHARD`: release the gathered weights.
+    Reshard,
+    /// `REDUCE_GRAD`: start the reduction of the part's accumulated gradients.
+    ReduceGrad,
+    /// `WAIT_REDUCE_GRAD`: wait for that reduction.
+    WaitReduceGrad,
+}
+
+impl ParamOp {
+    /// Every housekeeping op.
+    pub const ALL: [ParamOp; 4] = [
+        ParamOp::Unshard,
+        ParamOp::Reshard,
+        ParamOp::ReduceGrad,
+        ParamOp::WaitReduceGrad,
+    ];
+
+    /// PyTorch's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamOp::Unshard => "UNSHARD",
+            ParamOp::Reshard => "RESHARD",
+            ParamOp::ReduceGrad => "REDUCE_GRAD",
+            ParamOp::WaitReduceGrad => "WAIT_REDUCE_GRAD",
+        }
+    }
+}
+
 /// One cell of a PyTorch-style per-rank schedule.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PipeAction {
@@ -80,9 +125,25 @@ pub enum PipeAction {
         /// Micro-batch.
         mb: u32,
     },
-    /// A PyTorch action Baton does not run (`UNSHARD`, `RESHARD`, `REDUCE_GRAD`); kept so a
-    /// file round-trips, ignored when a schedule is built from it.
-    Other(String),
+    /// `WAIT_SEND_F` / `WAIT_SEND_B`: wait until the earlier send of `part`'s micro-batch `mb`
+    /// has gone (PyTorch's runtime retires a send only here).
+    WaitSend {
+        /// The send waited for: [`CommOp::SendF`] or [`CommOp::SendB`].
+        send: CommOp,
+        /// The sending part.
+        part: u32,
+        /// Micro-batch.
+        mb: u32,
+    },
+    /// FSDP / data-parallel housekeeping on `part` (no micro-batch).
+    Param {
+        /// Which one.
+        op: ParamOp,
+        /// The part it applies to.
+        part: u32,
+    },
+    /// `(a;b)OVERLAP_F_B`: actions PyTorch runs as one step, in this order.
+    Overlap(Vec<PipeAction>),
 }
 
 impl fmt::Display for PipeAction {
@@ -90,62 +151,110 @@ impl fmt::Display for PipeAction {
         match self {
             PipeAction::Compute { part, op, mb } => write!(f, "{part}{op}{mb}"),
             PipeAction::Comm { op, part, mb } => write!(f, "{part}{}{mb}", op.name()),
-            PipeAction::Other(s) => f.write_str(s),
+            PipeAction::WaitSend { send, part, mb } => write!(f, "{part}WAIT_{}{mb}", send.name()),
+            PipeAction::Param { op, part } => write!(f, "{part}{}", op.name()),
+            PipeAction::Overlap(subs) => {
+                f.write_str("(")?;
+                for (i, sub) in subs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(";")?;
+                    }
+                    write!(f, "{sub}")?;
+                }
+                f.write_str(")OVERLAP_F_B")
+            }
         }
     }
 }
+
+/// Every action name PyTorch 2.15 writes after the part number, for error messages.
+const ACTION_NAMES: &str = "F, I, W, B, SEND_F, RECV_F, SEND_B, RECV_B, WAIT_SEND_F, WAIT_SEND_B, \
+                            UNSHARD, RESHARD, REDUCE_GRAD, WAIT_REDUCE_GRAD, or `(a;b)OVERLAP_F_B`";
 
 impl FromStr for PipeAction {
     type Err = ScheduleError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let s = text.trim();
-        let fail = |reason: &str| ScheduleError::Parse {
+        let fail = |reason: String| ScheduleError::Parse {
             location: format!("`{s}`"),
-            reason: reason.into(),
+            reason,
         };
-        let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(fail("an action starts with the part (stage index) number, as in `0F3`"));
-        }
-        let part: u32 = s[..digits]
-            .parse()
-            .map_err(|_| fail("part number does not fit in 32 bits"))?;
-        let rest = &s[digits..];
-        let name_len = rest.bytes().take_while(|b| !b.is_ascii_digit()).count();
-        let (name, mb_text) = rest.split_at(name_len);
-        for other in ["UNSHARD", "RESHARD", "REDUCE_GRAD"] {
-            if name == other && mb_text.is_empty() {
-                return Ok(PipeAction::Other(s.to_string()));
-            }
-        }
-        if mb_text.is_empty() {
-            return Err(fail("missing micro-batch number after the action name"));
-        }
-        let mb: u32 = mb_text
-            .parse()
-            .map_err(|_| fail("micro-batch must be a 32-bit number"))?;
-        if let Some(op) = name
-            .chars()
-            .next()
-            .filter(|_| name.len() == 1)
-            .and_then(Op::from_letter)
-        {
-            return Ok(PipeAction::Compute { part, op, mb });
-        }
-        let op = match name {
-            "SEND_F" => CommOp::SendF,
-            "RECV_F" => CommOp::RecvF,
-            "SEND_B" => CommOp::SendB,
-            "RECV_B" => CommOp::RecvB,
-            _ => {
-                return Err(fail(
-                    "unknown action: expected F, B, I, W, SEND_F, RECV_F, SEND_B or RECV_B",
-                ))
-            }
+        let Some(inner) = s.strip_prefix('(') else {
+            return parse_single(s).map_err(fail);
         };
-        Ok(PipeAction::Comm { op, part, mb })
+        let Some((list, tail)) = inner.split_once(')') else {
+            return Err(fail("an overlapped action list `(a;b)` is missing its `)`".into()));
+        };
+        if tail != "OVERLAP_F_B" {
+            return Err(fail(format!(
+                "a bracketed action list must be followed by OVERLAP_F_B, not `{tail}`"
+            )));
+        }
+        let subs = list
+            .split(';')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| parse_single(t).map_err(|reason| fail(format!("in `{t}`: {reason}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        if subs.is_empty() {
+            return Err(fail("OVERLAP_F_B holds no action".into()));
+        }
+        Ok(PipeAction::Overlap(subs))
     }
+}
+
+/// Parses one action without brackets; the error is the reason only.
+fn parse_single(s: &str) -> Result<PipeAction, String> {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err("an action starts with the part (stage index) number, as in `0F3`".into());
+    }
+    let part: u32 = s[..digits]
+        .parse()
+        .map_err(|_| "part number does not fit in 32 bits".to_string())?;
+    let rest = &s[digits..];
+    let name_len = rest.bytes().take_while(|b| !b.is_ascii_digit()).count();
+    let (name, mb_text) = rest.split_at(name_len);
+    if let Some(op) = ParamOp::ALL.into_iter().find(|op| op.name() == name) {
+        if !mb_text.is_empty() {
+            return Err(format!("{name} applies to a whole part and takes no micro-batch"));
+        }
+        return Ok(PipeAction::Param { op, part });
+    }
+    enum Kind {
+        Compute(Op),
+        Comm(CommOp),
+        Wait(CommOp),
+    }
+    let kind = match name {
+        "F" => Kind::Compute(Op::F),
+        "I" => Kind::Compute(Op::I),
+        "W" => Kind::Compute(Op::W),
+        "B" => Kind::Compute(Op::B),
+        "SEND_F" => Kind::Comm(CommOp::SendF),
+        "RECV_F" => Kind::Comm(CommOp::RecvF),
+        "SEND_B" => Kind::Comm(CommOp::SendB),
+        "RECV_B" => Kind::Comm(CommOp::RecvB),
+        "WAIT_SEND_F" => Kind::Wait(CommOp::SendF),
+        "WAIT_SEND_B" => Kind::Wait(CommOp::SendB),
+        "" => return Err("missing action name after the part number".into()),
+        other => return Err(format!("unknown action `{other}`: expected {ACTION_NAMES}")),
+    };
+    if mb_text.is_empty() {
+        return Err(format!("missing micro-batch number after the action name {name}"));
+    }
+    if let Some(bad) = mb_text.chars().find(|c| !c.is_ascii_digit()) {
+        return Err(format!("unexpected `{bad}` in the micro-batch number `{mb_text}`"));
+    }
+    let mb: u32 = mb_text
+        .parse()
+        .map_err(|_| "micro-batch must be a 32-bit number".to_string())?;
+    Ok(match kind {
+        Kind::Compute(op) => PipeAction::Compute { part, op, mb },
+        Kind::Comm(op) => PipeAction::Comm { op, part, mb },
+        Kind::Wait(send) => PipeAction::WaitSend { send, part, mb },
+    })
 }
 
 /// Writes per-rank rows as PyTorch's CSV: one row per rank, one action per cell, empty = idle.
@@ -223,10 +332,9 @@ pub fn to_rank_actions(schedule: &Schedule) -> Result<Vec<Vec<Option<PipeAction>
         .collect())
 }
 
-/// Builds a schedule from per-rank PyTorch actions (compute-only or with comms). Idle cells and
-/// `UNSHARD`/`RESHARD`/`REDUCE_GRAD` are skipped; comm actions, if present, must pair up (see
-/// [`check_comms`]). The placement is inferred: each rank's parts in ascending order are its
-/// chunks. The result is validated.
+/// Builds a schedule from per-rank PyTorch actions, checking that there are `stages` rows;
+/// otherwise the same as [`schedule_from_csv`](crate::schedule_from_csv) on parsed rows
+/// (compute-only or lowered, placement inferred, validated).
 pub fn schedule_from_rank_actions(rows: &[Vec<Option<PipeAction>>], stages: u32) -> Result<Schedule, ScheduleError> {
     if rows.len() != stages as usize {
         return Err(ScheduleError::Parse {
@@ -234,136 +342,14 @@ pub fn schedule_from_rank_actions(rows: &[Vec<Option<PipeAction>>], stages: u32)
             reason: format!("{} rank rows, but --stages is {stages}", rows.len()),
         });
     }
-    let mut parts: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
-    let mut max_mb = None::<u32>;
-    let mut has_comms = false;
-    for (s, row) in rows.iter().enumerate() {
-        for cell in row.iter().flatten() {
-            match cell {
-                PipeAction::Compute { part, mb, .. } => {
-                    if !parts[s].contains(part) {
-                        parts[s].push(*part);
-                    }
-                    max_mb = Some(max_mb.map_or(*mb, |x| x.max(*mb)));
-                }
-                PipeAction::Comm { .. } => has_comms = true,
-                PipeAction::Other(_) => {}
-            }
-        }
-        parts[s].sort_unstable();
-    }
-    let Some(max_mb) = max_mb else {
-        return Err(ScheduleError::Parse {
-            location: "file".into(),
-            reason: "no compute action".into(),
-        });
-    };
-    if let Some(s) = parts.iter().position(Vec::is_empty) {
-        return Err(ScheduleError::Placement(format!("rank {s} computes nothing")));
-    }
-    let placement = Placement::new(parts)?;
-    let mut actions = Vec::with_capacity(rows.len());
-    for (s, row) in rows.iter().enumerate() {
-        let mut list = Vec::new();
-        for cell in row.iter().flatten() {
-            if let PipeAction::Compute { part, op, mb } = cell {
-                let (owner, chunk) = placement.owner(*part).expect("part was collected from this row");
-                debug_assert_eq!(owner as usize, s);
-                list.push(Action::new(*op, *mb, chunk));
-            }
-        }
-        actions.push(list);
-    }
-    let schedule = Schedule {
-        kind: ScheduleKind::Custom,
-        microbatches: max_mb + 1,
-        placement,
-        actions,
-    };
-    if has_comms {
-        check_comms(&schedule.placement, rows)?;
-    }
-    crate::validate::validate(&schedule)?;
-    Ok(schedule)
+    crate::torch::schedule_from_rows(rows)
 }
 
-/// Lowers a compute-only schedule to compute + comm per rank: after each F whose next part lives
-/// on another stage, a `SEND_F`; before each F whose input comes from another stage, a `RECV_F`;
-/// likewise `SEND_B` after and `RECV_B` before the B or I that produce or consume gradients
-/// crossing stages. Neighbouring parts on the same stage (the turn of a V) exchange nothing.
-pub fn lower_with_comms(schedule: &Schedule) -> Result<Vec<Vec<PipeAction>>, ScheduleError> {
-    crate::validate::validate(schedule)?;
-    let placement = &schedule.placement;
-    let parts = placement.num_parts();
-    let stage_of = |part: u32| placement.owner(part).map(|(s, _)| s);
-    let mut rows = Vec::with_capacity(schedule.actions.len());
-    for (s, list) in schedule.actions.iter().enumerate() {
-        let s = s as u32;
-        let mut row = Vec::with_capacity(list.len() * 3);
-        for a in list {
-            let part = schedule.part_of(s, a).expect("validated");
-            let remote = |peer: Option<u32>| peer.and_then(stage_of).is_some_and(|ps| ps != s);
-            let comm = |op, mb| PipeAction::Comm { op, part, mb };
-            match a.op {
-                Op::F if part > 0 && remote(Some(part - 1)) => row.push(comm(CommOp::RecvF, a.mb)),
-                Op::B | Op::I if part + 1 < parts && remote(Some(part + 1)) => row.push(comm(CommOp::RecvB, a.mb)),
-                _ => {}
-            }
-            row.push(PipeAction::Compute {
-                part,
-                op: a.op,
-                mb: a.mb,
-            });
-            match a.op {
-                Op::F if part + 1 < parts && remote(Some(part + 1)) => row.push(comm(CommOp::SendF, a.mb)),
-                Op::B | Op::I if part > 0 && remote(Some(part - 1)) => row.push(comm(CommOp::SendB, a.mb)),
-                _ => {}
-            }
-        }
-        rows.push(row);
-    }
-    Ok(rows)
-}
-
-/// Checks that comm actions pair up: every send has exactly one matching receive on the stage
-/// holding the peer part, each comm names a part its rank holds, and each (part, micro-batch)
-/// transfer appears once.
+/// Checks lowered rows' comm actions against their compute actions under `placement`: every
+/// cross-rank activation or gradient has exactly one send on the rank holding the sending part,
+/// after the action producing it, and one receive on the rank holding the peer part, before the
+/// action consuming it; waits (if any) follow their sends; receives between two ranks follow the
+/// sends' order; and the rows run without a deadlock. See the `torch` module doc.
 pub fn check_comms(placement: &Placement, rows: &[Vec<Option<PipeAction>>]) -> Result<(), ScheduleError> {
-    use std::collections::HashMap;
-    let mut seen: HashMap<(u32, u32, CommOp), u32> = HashMap::new();
-    for (s, row) in rows.iter().enumerate() {
-        for cell in row.iter().flatten() {
-            let PipeAction::Comm { op, part, mb } = cell else {
-                continue;
-            };
-            let owner = placement.owner(*part).map(|(st, _)| st);
-            if owner != Some(s as u32) {
-                return Err(ScheduleError::Comm(format!(
-                    "rank {s} runs `{cell}` but does not hold part {part}"
-                )));
-            }
-            let Some(peer) = op.peer_part(*part).filter(|&p| p < placement.num_parts()) else {
-                return Err(ScheduleError::Comm(format!(
-                    "rank {s} runs `{cell}` but part {part} has no such neighbour"
-                )));
-            };
-            if seen.insert((*part, *mb, *op), peer).is_some() {
-                return Err(ScheduleError::Comm(format!("`{cell}` appears twice")));
-            }
-        }
-    }
-    for (&(part, mb, op), &peer) in &seen {
-        if !seen.contains_key(&(peer, mb, op.matching())) {
-            let other = PipeAction::Comm {
-                op: op.matching(),
-                part: peer,
-                mb,
-            };
-            return Err(ScheduleError::Comm(format!(
-                "`{}` has no matching `{other}`",
-                PipeAction::Comm { op, part, mb }
-            )));
-        }
-    }
-    Ok(())
+    crate::torch::check_lowered_rows(placement, rows)
 }

@@ -8,7 +8,22 @@ use baton_schedules::{
 #[test]
 fn action_strings_round_trip() {
     for text in [
-        "0F3", "1I0", "2W5", "3B1", "12F104", "1RECV_F3", "0SEND_F3", "2SEND_B7", "3RECV_B0", "0UNSHARD",
+        "0F3",
+        "1I0",
+        "2W5",
+        "3B1",
+        "12F104",
+        "1RECV_F3",
+        "0SEND_F3",
+        "2SEND_B7",
+        "3RECV_B0",
+        "0UNSHARD",
+        "4RESHARD",
+        "2REDUCE_GRAD",
+        "2WAIT_REDUCE_GRAD",
+        "0WAIT_SEND_F3",
+        "5WAIT_SEND_B0",
+        "(0F1;3I0)OVERLAP_F_B",
     ] {
         let action: PipeAction = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(action.to_string(), text);
@@ -81,7 +96,15 @@ fn lowering_adds_matching_sends_and_receives() {
         .iter()
         .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "))
         .collect();
-    assert_eq!(text, ["0F0 0SEND_F0 0RECV_B0 0B0", "1RECV_F0 1F0 1B0 1SEND_B0"]);
+    // PyTorch's own lowering: UNSHARD/RESHARD around the compute, the gradient reduction after the
+    // last backward, each forward send waited for after the local backward, the rest at the end.
+    assert_eq!(
+        text,
+        [
+            "0UNSHARD 0F0 0SEND_F0 0RECV_B0 0B0 0WAIT_SEND_F0 0REDUCE_GRAD 0WAIT_REDUCE_GRAD 0RESHARD",
+            "1UNSHARD 1RECV_F0 1F0 1B0 1SEND_B0 1REDUCE_GRAD 1WAIT_REDUCE_GRAD 1RESHARD 1WAIT_SEND_B0"
+        ]
+    );
     for kind in ScheduleKind::GENERATED {
         let v = if matches!(kind, ScheduleKind::Interleaved | ScheduleKind::ZbV) {
             2
