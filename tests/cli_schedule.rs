@@ -116,6 +116,96 @@ fn csv_export_imports_back_and_simulates_the_same() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn torch_golden(stem: &str) -> String {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("schedules/tests/golden/torch/{stem}.csv"));
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn pytorch_dumps_import_without_stages() {
+    let generated: serde_json::Value = serde_json::from_str(&stdout(&baton(&[
+        "schedule",
+        "--schedule",
+        "zb-v",
+        "--stages",
+        "4",
+        "--microbatches",
+        "8",
+        "--format",
+        "json",
+    ])))
+    .unwrap();
+    for format in ["compute", "comms"] {
+        let file = torch_golden(&format!("zbv_p4_m8_v2.{format}"));
+        let j: serde_json::Value =
+            serde_json::from_str(&stdout(&baton(&["schedule", "--from-csv", &file, "--format", "json"]))).unwrap();
+        assert_eq!(j["schedule"], "custom", "{format}");
+        assert_eq!(
+            (j["stages"].as_u64(), j["chunks"].as_u64(), j["microbatches"].as_u64()),
+            (Some(4), Some(2), Some(8))
+        );
+        assert_eq!(
+            j["placement"],
+            serde_json::json!([[0, 7], [1, 6], [2, 5], [3, 4]]),
+            "{format}"
+        );
+        // PyTorch's ZBV is Baton's zb-v order.
+        assert_eq!(j["actions"], generated["actions"], "{format}");
+        assert_eq!(j["sim"], generated["sim"], "{format}");
+    }
+    // --stages, if given, must match the file.
+    let out = baton(&[
+        "schedule",
+        "--from-csv",
+        &torch_golden("zbv_p4_m8_v2.comms"),
+        "--stages",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("holds 4 rank rows but --stages is 2") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn comms_export_is_what_pytorch_lowers() {
+    // PyTorch's ScheduleInterleaved1F1B for 2 ranks is Baton's interleaved order; Baton's --comms
+    // file is the one PyTorch dumps for it (PyTorch writes CRLF).
+    let ours = stdout(&baton(&[
+        "schedule",
+        "--schedule",
+        "interleaved",
+        "--stages",
+        "2",
+        "--microbatches",
+        "8",
+        "--format",
+        "csv",
+        "--comms",
+    ]));
+    let theirs = std::fs::read_to_string(torch_golden("interleaved-1f1b_p2_m8_v2.comms")).unwrap();
+    assert_eq!(ours, theirs.replace("\r\n", "\n"));
+}
+
+#[test]
+fn a_bad_lowered_file_is_one_line_naming_the_cell() {
+    let path = std::env::temp_dir().join(format!("baton-cli-bad-comms-{}.csv", std::process::id()));
+    let golden = std::fs::read_to_string(torch_golden("interleaved-1f1b_p2_m8_v2.comms")).unwrap();
+    std::fs::write(&path, golden.replacen(",2RECV_F0,", ",", 1)).unwrap();
+    let out = baton(&["schedule", "--from-csv", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("`1SEND_F0` at rank 1 (row 2), column 5 has no matching `2RECV_F0`: rank 0 never receives it"),
+        "{err}"
+    );
+}
+
 #[test]
 fn svg_goes_to_a_file() {
     let path = std::env::temp_dir().join(format!("baton-cli-{}.svg", std::process::id()));

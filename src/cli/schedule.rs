@@ -6,8 +6,8 @@ use clap::{Args, ValueEnum};
 
 use super::{write_output, CliError};
 use crate::schedules::{
-    from_csv, generate, lower_with_comms, schedule_from_rank_actions, simulate, to_csv, to_json, to_rank_actions,
-    to_svg, to_text, Costs, Schedule, ScheduleKind,
+    generate, lower_with_comms, schedule_from_csv, simulate, to_csv, to_json, to_rank_actions, to_svg, to_text, Costs,
+    Schedule, ScheduleKind,
 };
 
 /// Arguments of `baton schedule`.
@@ -16,12 +16,14 @@ pub struct ScheduleArgs {
     /// Schedule family to generate.
     #[arg(long, value_enum, required_unless_present = "from_csv", conflicts_with = "from_csv")]
     pub schedule: Option<KindArg>,
-    /// Import a PyTorch-pipelining per-rank CSV instead of generating.
+    /// Import a per-rank CSV instead of generating: PyTorch pipelining's `_dump_csv`, compute-only
+    /// or lowered (`compute_comms`), or Baton's own `--format csv` (with or without `--comms`).
     #[arg(long, value_name = "FILE")]
     pub from_csv: Option<PathBuf>,
-    /// Number of pipeline stages (ranks).
-    #[arg(long, value_name = "P")]
-    pub stages: u32,
+    /// Number of pipeline stages (ranks). With --from-csv it is the file's row count; if given, it
+    /// must match.
+    #[arg(long, value_name = "P", required_unless_present = "from_csv")]
+    pub stages: Option<u32>,
     /// Micro-batches per step.
     #[arg(long, value_name = "M", required_unless_present = "from_csv")]
     pub microbatches: Option<u32>,
@@ -34,7 +36,8 @@ pub struct ScheduleArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// With `--format csv`: include SEND_F / RECV_F / SEND_B / RECV_B actions.
+    /// With `--format csv`: write the lowered schedule PyTorch's `_load_csv(format="compute_comms")`
+    /// reads (SEND / RECV, WAIT_SEND, UNSHARD / RESHARD, REDUCE_GRAD), as PyTorch lowers it.
     #[arg(long)]
     pub comms: bool,
     /// Write to this file instead of stdout.
@@ -143,9 +146,14 @@ fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
     if let Some(path) = &args.from_csv {
         let text =
             std::fs::read_to_string(path).map_err(|e| CliError::failure(format!("reading {}: {e}", path.display())))?;
-        let rows = from_csv(&text).map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
-        let schedule = schedule_from_rank_actions(&rows, args.stages)
-            .map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
+        let schedule = schedule_from_csv(&text).map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
+        if let Some(p) = args.stages.filter(|&p| p != schedule.stages()) {
+            return Err(CliError::failure(format!(
+                "{}: the file holds {} rank rows but --stages is {p}",
+                path.display(),
+                schedule.stages()
+            )));
+        }
         if let Some(m) = args.microbatches.filter(|&m| m != schedule.microbatches) {
             return Err(CliError::failure(format!(
                 "{}: the file holds {} micro-batches but --microbatches is {m}",
@@ -159,6 +167,9 @@ fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
         .schedule
         .expect("clap requires --schedule without --from-csv")
         .into();
+    let Some(p) = args.stages else {
+        return Err(CliError::usage("--stages is required unless --from-csv is given"));
+    };
     let m = args
         .microbatches
         .expect("clap requires --microbatches without --from-csv");
@@ -166,5 +177,5 @@ fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
         ScheduleKind::Interleaved | ScheduleKind::ZbV => 2,
         _ => 1,
     });
-    generate(kind, args.stages, m, v).map_err(|e| CliError::usage(e.to_string()))
+    generate(kind, p, m, v).map_err(|e| CliError::usage(e.to_string()))
 }
