@@ -1,12 +1,13 @@
 //! Training-step throughput of the default model on the CPU backend (p = 1 and p = 4), and the
-//! executor's own overhead per action with layers that do no work.
+//! executor's own overhead per action with layers that do no work (a whole `train_step` of a model of no-op
+//! units: the executor, its transport and an empty optimizer phase).
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use baton::engine::backend::{Backend, CpuBuf, RecvPool};
+use baton::engine::backend::CpuBuf;
 use baton::engine::data::{default_corpus, Batch, Split, Tokenizer};
-use baton::engine::executor::{run_step, ExecConfig, Part, Stage};
-use baton::engine::model::{Forward, Layer, MicroBatch, Param, Saved};
+use baton::engine::model::{Forward, Layer, MicroBatch, Model, Param, Saved};
 use baton::engine::{Cpu, GptConfig, Pipeline, PipelineConfig, Result};
 use baton::schedules::{generate, ScheduleKind};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -76,6 +77,37 @@ impl Layer<Cpu> for NoOp {
     }
 }
 
+/// `units` no-op units: a model whose step costs only the executor (and an empty optimizer phase).
+struct NoOpModel {
+    units: usize,
+}
+
+impl Model<Cpu> for NoOpModel {
+    fn kind(&self) -> String {
+        "no-op".into()
+    }
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "units": self.units })
+    }
+    fn num_units(&self) -> usize {
+        self.units
+    }
+    fn unit_name(&self, unit: usize) -> String {
+        format!("noop.{unit}")
+    }
+    fn build_unit(&self, unit: usize, _be: &Cpu) -> Result<Box<dyn Layer<Cpu>>> {
+        Ok(Box::new(NoOp {
+            last: unit + 1 == self.units,
+        }))
+    }
+    fn vocab_size(&self) -> usize {
+        2
+    }
+    fn max_seq(&self) -> usize {
+        1
+    }
+}
+
 fn bench_executor_overhead(c: &mut Criterion) {
     let mut group = c.benchmark_group("executor_overhead_noop");
     group
@@ -89,74 +121,21 @@ fn bench_executor_overhead(c: &mut Criterion) {
     ] {
         let schedule = generate(kind, p, m, 1).expect("valid shape");
         let actions = schedule.num_actions() as u64;
-        let mut stages: Vec<Stage<Cpu>> = (0..p)
-            .map(|s| Stage {
-                index: s,
-                parts: vec![Part {
-                    index: s,
-                    units: s as usize..s as usize + 1,
-                    layers: vec![Box::new(NoOp { last: s == p - 1 })],
-                }],
-            })
-            .collect();
-        let backends = std::sync::Arc::new(vec![Cpu; p as usize]);
-        let pools = std::sync::Arc::new(
-            baton::schedules::peak_receive_buffers(&schedule)
-                .expect("valid schedule")
-                .into_iter()
-                .map(|n| RecvPool::with_capacity(n as usize))
-                .collect::<Vec<_>>(),
-        );
-        let schedule = std::sync::Arc::new(schedule);
-        let micro_batches = || -> Vec<Vec<MicroBatch<Cpu>>> {
-            (0..p)
-                .map(|_| {
-                    (0..m)
-                        .map(|_| MicroBatch {
-                            inputs: None,
-                            targets: None,
-                            b: 1,
-                            t: 1,
-                            loss_scale: 1.0,
-                        })
-                        .collect()
-                })
-                .collect()
-        };
-        let cfg = ExecConfig {
-            recompute: false,
-            recv_timeout: Duration::from_secs(10),
-            fail: None,
+        let mut pipe = Pipeline::builder(Arc::new(NoOpModel { units: p as usize }))
+            .schedule(schedule)
+            .build(vec![Cpu; p as usize])
+            .expect("valid pipeline");
+        // One token per micro-batch.
+        let batch = Batch {
+            inputs: vec![0; m as usize],
+            targets: vec![1; m as usize],
+            batch: m as usize,
+            seq: 1,
         };
         group.throughput(Throughput::Elements(actions));
         group.bench_function(
             BenchmarkId::new(kind.name(), format!("p{p}_m{m}_{actions}actions")),
-            |b| {
-                b.iter_custom(|iters| {
-                    let mut elapsed = Duration::ZERO;
-                    for _ in 0..iters {
-                        let mbs = micro_batches();
-                        let start = Instant::now();
-                        let run = run_step(
-                            std::mem::take(&mut stages),
-                            backends.clone(),
-                            schedule.clone(),
-                            pools.clone(),
-                            mbs,
-                            &cfg,
-                        );
-                        let _ = Cpu.synchronize();
-                        elapsed += start.elapsed();
-                        run.result.expect("runs");
-                        stages = run
-                            .stages
-                            .into_iter()
-                            .map(|s| s.expect("every stage comes back"))
-                            .collect();
-                    }
-                    elapsed
-                })
-            },
+            |b| b.iter(|| pipe.train_step(&batch).expect("runs").loss),
         );
     }
     group.finish();

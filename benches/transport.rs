@@ -128,7 +128,7 @@ fn run(c: &mut Criterion, summarise: bool) -> BenchResult<()> {
         a.name(),
         b.name(),
         a.device().arch(),
-        a.transport_to(&b).map_err(|e| e.to_string())?.name()
+        a.route_to(&b).map_err(|e| e.to_string())?.name()
     );
     let bench = Bench { a, b, summarise };
     let s = |e: baton_engine::error::EngineError| e.to_string();

@@ -6,9 +6,10 @@
 //!   global names (`h.3.attn.c_attn.weight`), and their AdamW moments under `{name}.adam_m` and
 //!   `{name}.adam_v`. Because the names are global, a checkpoint saved with one split, stage
 //!   count or schedule loads into any other: [`load`] merges every stage file into one map.
-//! - `manifest.json`: the format version, the pipeline config, the parts' layer ranges, the
-//!   optimizer step, the tokenizer, the data loader's position, and the size and SHA-256 of every
-//!   stage file.
+//! - `manifest.json`: the format version, the model (its kind, configuration and every parameter's name and
+//!   shape), the schedule, the training options, the parts' unit ranges, the optimizer step, the tokenizer, the
+//!   data loader's position, and the size and SHA-256 of every stage file. Version 1 manifests (GPT-2 only, with
+//!   the pipeline config inline) are still read.
 //!
 //! Crash safety: everything is written (and fsynced) into `root/.tmp-step-{step:08}`, the manifest
 //! last, and that directory is then renamed to `step-{step:08}`. A directory without a valid
@@ -27,11 +28,12 @@ use sha2::{Digest, Sha256};
 use crate::backend::Backend;
 use crate::data::{LoaderState, TokenizerKind};
 use crate::error::{EngineError, Result};
-use crate::model::GptConfig;
-use crate::pipeline::{HostTensor, Pipeline, PipelineConfig, TensorMap};
+use crate::model::{Gpt2, GptConfig};
+use crate::pipeline::{HostTensor, Pipeline, PipelineConfig, TensorMap, TrainOptions};
+use baton_schedules::ScheduleKind;
 
-/// The checkpoint format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The checkpoint format this build writes (it also reads version 1).
+pub const FORMAT_VERSION: u32 = 2;
 /// The manifest's file name inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Suffix of a parameter's first AdamW moment in a stage file.
@@ -42,13 +44,50 @@ pub const ADAM_V_SUFFIX: &str = ".adam_v";
 const STEP_PREFIX: &str = "step-";
 const TMP_PREFIX: &str = ".tmp-";
 
+/// The model a checkpoint holds, as [`crate::Model::kind`] and [`crate::Model::describe`] gave it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelRecord {
+    /// The architecture (`gpt2`).
+    pub kind: String,
+    /// Its configuration (for `gpt2`: `{"config": GptConfig, "seed": u64}`).
+    pub config: serde_json::Value,
+}
+
+/// One parameter of the saved model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ParamRecord {
+    /// Global name.
+    pub name: String,
+    /// Shape, row-major.
+    pub shape: Vec<usize>,
+}
+
+/// The schedule of the saving pipeline.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ScheduleRecord {
+    /// Its family (`custom` for a schedule imported or built by hand).
+    pub kind: ScheduleKind,
+    /// Stages.
+    pub stages: u32,
+    /// Micro-batches per step.
+    pub microbatches: u32,
+    /// Chunks per stage.
+    pub chunks: u32,
+}
+
 /// What a checkpoint directory holds, written last as `manifest.json`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Manifest {
     /// The checkpoint format ([`FORMAT_VERSION`]).
     pub format_version: u32,
-    /// The configuration of the pipeline that saved it.
-    pub config: PipelineConfig,
+    /// The model.
+    pub model: ModelRecord,
+    /// Every parameter the stage files hold (tied copies included), in the saving pipeline's order.
+    pub parameters: Vec<ParamRecord>,
+    /// The schedule of the saving pipeline (a resume may use another).
+    pub schedule: ScheduleRecord,
+    /// The training options of the saving pipeline.
+    pub options: TrainOptions,
     /// Global layer units per part of the saving pipeline.
     pub ranges: Vec<Range<usize>>,
     /// Optimizer steps taken when it was saved.
@@ -70,6 +109,88 @@ pub struct FileEntry {
     pub sha256: String,
     /// Size in bytes.
     pub bytes: u64,
+}
+
+impl Manifest {
+    /// The GPT-2 model the checkpoint holds, or an error naming the kind it holds instead.
+    pub fn gpt2(&self) -> Result<Gpt2> {
+        if self.model.kind != "gpt2" {
+            return Err(EngineError::Checkpoint {
+                path: MANIFEST_FILE.into(),
+                reason: format!("the checkpoint holds a `{}` model, not GPT-2", self.model.kind),
+            });
+        }
+        #[derive(Deserialize)]
+        struct Desc {
+            config: GptConfig,
+            seed: u64,
+        }
+        let d: Desc = serde_json::from_value(self.model.config.clone()).map_err(|e| EngineError::Checkpoint {
+            path: MANIFEST_FILE.into(),
+            reason: format!("invalid GPT-2 configuration: {e}"),
+        })?;
+        Gpt2::new(d.config, d.seed)
+    }
+
+    /// The [`PipelineConfig`] of a GPT-2 checkpoint with a generated schedule (what `baton train` saved).
+    pub fn pipeline_config(&self) -> Result<PipelineConfig> {
+        let model = self.gpt2()?;
+        let o = self.options.clone();
+        Ok(PipelineConfig {
+            model: model.config,
+            stages: self.schedule.stages,
+            schedule: self.schedule.kind,
+            microbatches: self.schedule.microbatches,
+            chunks: self.schedule.chunks,
+            split: crate::StageSplit::Ranges(self.ranges.clone()),
+            optimizer: o.optimizer,
+            recompute: o.recompute,
+            seed: model.seed,
+            recv_timeout_ms: o.recv_timeout_ms,
+            nonfinite: o.nonfinite,
+            max_consecutive_skips: o.max_consecutive_skips,
+        })
+    }
+}
+
+/// The version-1 manifest (GPT-2 only, the pipeline config inline), read and converted.
+#[derive(Deserialize)]
+struct ManifestV1 {
+    config: PipelineConfig,
+    ranges: Vec<Range<usize>>,
+    step: u64,
+    tokenizer: TokenizerKind,
+    loader: Option<LoaderState>,
+    files: Vec<FileEntry>,
+}
+
+impl ManifestV1 {
+    fn upgrade(self) -> Manifest {
+        let c = self.config;
+        Manifest {
+            format_version: 1,
+            model: ModelRecord {
+                kind: "gpt2".into(),
+                config: serde_json::json!({ "config": c.model, "seed": c.seed }),
+            },
+            parameters: parameter_shapes(&c.model)
+                .into_iter()
+                .map(|(name, shape)| ParamRecord { name, shape })
+                .collect(),
+            schedule: ScheduleRecord {
+                kind: c.schedule,
+                stages: c.stages,
+                microbatches: c.microbatches,
+                chunks: c.chunks,
+            },
+            options: c.options(),
+            ranges: self.ranges,
+            step: self.step,
+            tokenizer: self.tokenizer,
+            loader: self.loader,
+            files: self.files,
+        }
+    }
 }
 
 /// A loaded and verified checkpoint.
@@ -139,8 +260,14 @@ pub fn save<B: Backend>(
 pub struct Snapshot {
     /// Optimizer steps taken.
     pub step: u64,
-    /// The pipeline's configuration.
-    pub config: PipelineConfig,
+    /// The model.
+    pub model: ModelRecord,
+    /// Every parameter's name and shape.
+    pub parameters: Vec<ParamRecord>,
+    /// The schedule.
+    pub schedule: ScheduleRecord,
+    /// The training options.
+    pub options: TrainOptions,
     /// Unit ranges per part.
     pub ranges: Vec<Range<usize>>,
     /// Tokenizer of the run.
@@ -157,8 +284,8 @@ pub fn snapshot<B: Backend>(
     tokenizer: TokenizerKind,
     loader: Option<LoaderState>,
 ) -> Result<Snapshot> {
-    let mut stages = Vec::with_capacity(pipeline.config().stages as usize);
-    for stage in 0..pipeline.config().stages as usize {
+    let mut stages = Vec::with_capacity(pipeline.num_stages());
+    for stage in 0..pipeline.num_stages() {
         let (values, m, v) = pipeline.stage_tensors(stage)?;
         let mut all = TensorMap::new();
         for (map, suffix) in [(values, ""), (m, ADAM_M_SUFFIX), (v, ADAM_V_SUFFIX)] {
@@ -168,9 +295,25 @@ pub fn snapshot<B: Backend>(
         }
         stages.push(all);
     }
+    let schedule = pipeline.schedule();
     Ok(Snapshot {
         step: pipeline.step(),
-        config: pipeline.config().clone(),
+        model: ModelRecord {
+            kind: pipeline.model().kind(),
+            config: pipeline.model().describe(),
+        },
+        parameters: pipeline
+            .parameter_shapes()?
+            .into_iter()
+            .map(|(name, shape)| ParamRecord { name, shape })
+            .collect(),
+        schedule: ScheduleRecord {
+            kind: schedule.kind,
+            stages: schedule.stages(),
+            microbatches: schedule.microbatches,
+            chunks: schedule.chunks(),
+        },
+        options: pipeline.options().clone(),
         ranges: pipeline.ranges().to_vec(),
         tokenizer,
         loader,
@@ -229,7 +372,10 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
 
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
-        config: snap.config.clone(),
+        model: snap.model.clone(),
+        parameters: snap.parameters.clone(),
+        schedule: snap.schedule.clone(),
+        options: snap.options.clone(),
         ranges: snap.ranges.clone(),
         step: snap.step,
         tokenizer: snap.tokenizer,
@@ -317,7 +463,7 @@ impl Drop for AsyncSaver {
     fn drop(&mut self) {
         // Errors here were already reportable through `wait`; record, never panic in drop.
         if let Err(e) = self.wait() {
-            eprintln!("baton: checkpoint write failed: {e}");
+            crate::error::record_drop_error("checkpoint writer", e);
         }
     }
 }
@@ -343,7 +489,11 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         }
     };
     let manifest = read_manifest(&dir)?;
-    let expected: BTreeMap<String, Vec<usize>> = parameter_shapes(&manifest.config.model).into_iter().collect();
+    let expected: BTreeMap<String, Vec<usize>> = manifest
+        .parameters
+        .iter()
+        .map(|p| (p.name.clone(), p.shape.clone()))
+        .collect();
 
     let mut maps = [TensorMap::new(), TensorMap::new(), TensorMap::new()];
     let mut origin: BTreeMap<String, String> = BTreeMap::new();
@@ -398,9 +548,9 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             }
         }
     }
-    for (name, _) in parameter_shapes(&manifest.config.model) {
+    for name in manifest.parameters.iter().map(|p| &p.name) {
         for (slot, map) in maps.iter().enumerate() {
-            if !map.contains_key(&name) {
+            if !map.contains_key(name) {
                 return Err(EngineError::Checkpoint {
                     path: dir.display().to_string(),
                     reason: format!("missing tensor `{name}{}` (no stage file holds it)", suffix(slot)),
@@ -480,21 +630,26 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     };
     let text = fs::read_to_string(&path).map_err(|e| fail(format!("cannot read the manifest: {e}")))?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| fail(format!("invalid JSON: {e}")))?;
-    match value.get("format_version").and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(FORMAT_VERSION) => {}
+    let manifest: Manifest = match value.get("format_version").and_then(serde_json::Value::as_u64) {
+        Some(1) => serde_json::from_value::<ManifestV1>(value)
+            .map_err(|e| fail(format!("invalid manifest: {e}")))?
+            .upgrade(),
+        Some(v) if v == u64::from(FORMAT_VERSION) => {
+            serde_json::from_value(value).map_err(|e| fail(format!("invalid manifest: {e}")))?
+        }
         Some(v) => {
             return Err(fail(format!(
-                "unknown format version {v}; this build reads version {FORMAT_VERSION}"
+                "unknown format version {v}; this build reads versions 1 and {FORMAT_VERSION}"
             )))
         }
         None => return Err(fail("no `format_version` number".into())),
+    };
+    if manifest.model.kind == "gpt2" {
+        manifest.gpt2().map_err(|e| fail(format!("invalid model: {e}")))?;
     }
-    let manifest: Manifest = serde_json::from_value(value).map_err(|e| fail(format!("invalid manifest: {e}")))?;
-    manifest
-        .config
-        .model
-        .validate()
-        .map_err(|e| fail(format!("invalid model: {e}")))?;
+    if manifest.parameters.is_empty() {
+        return Err(fail("the manifest lists no parameters".into()));
+    }
     if manifest.files.is_empty() {
         return Err(fail("the manifest lists no files".into()));
     }

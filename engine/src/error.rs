@@ -27,9 +27,50 @@ pub enum EngineError {
     /// Data could not be loaded.
     #[error(transparent)]
     Data(#[from] DataError),
-    /// A batch does not fit the pipeline.
-    #[error("batch: {0}")]
-    Batch(String),
+    /// A batch does not fit the pipeline (size, sequence length, token ids).
+    #[error("batch: {reason}")]
+    Batch {
+        /// What is wrong with the batch and how to fix it.
+        reason: String,
+    },
+    /// The model supplied to the pipeline breaks its contract (a tied group naming a parameter no unit holds,
+    /// a unit with no output, a parameter name used twice, ...).
+    #[error("model: {0}")]
+    Model(String),
+    /// A layer was called without what its op needs (an input activation, an output gradient, tokens on this
+    /// stage, a filled stash slot).
+    #[error("layer `{layer}`: {reason}")]
+    Layer {
+        /// The layer's name (`block 3`).
+        layer: String,
+        /// What was missing.
+        reason: String,
+    },
+    /// An internal rule of the executor was broken (a backward before its forward, an inbox that refused a
+    /// message). Always a bug, never bad input.
+    #[error("executor invariant broken on stage {stage}: {what}")]
+    Invariant {
+        /// The stage that noticed it.
+        stage: u32,
+        /// Which rule.
+        what: String,
+    },
+    /// The step was aborted because another stage failed first; this stage stopped waiting.
+    #[error("stage {stage} aborted: another stage failed")]
+    Aborted {
+        /// The stage that stopped.
+        stage: u32,
+    },
+    /// A transport or collective could not deliver (a disconnected endpoint, a deadline passed, a peer lost).
+    #[error("{seam} on stage {stage}: {reason}")]
+    Comm {
+        /// `transport` or `collective`.
+        seam: &'static str,
+        /// The local stage (or group member).
+        stage: u32,
+        /// What happened.
+        reason: String,
+    },
     /// A stage failed while running an action of the schedule.
     #[error("stage {stage} failed at action #{index} `{action}`: {cause}")]
     StageFailed {
@@ -51,6 +92,9 @@ pub enum EngineError {
         op: &'static str,
         /// What went wrong.
         reason: String,
+        /// The device library's typed error, where there is one (a CUDA driver, NVRTC or cuBLAS error).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// The step produced a non-finite loss or gradient norm (first seen at `stage`/`action`).
     #[error("non-finite {what} at step {step}{}; {policy}", match (stage, action.as_str()) { (Some(s), "") => format!(" (first seen on stage {s})"), (Some(s), a) => format!(" (first seen on stage {s} at `{a}`)"), _ => String::new() })]
@@ -94,6 +138,34 @@ pub enum EngineError {
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 impl EngineError {
+    /// A backend error without a typed source (a shape mismatch found before calling the device).
+    pub fn backend(backend: impl Into<String>, op: &'static str, reason: impl Into<String>) -> Self {
+        EngineError::Backend {
+            backend: backend.into(),
+            op,
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// A layer error.
+    pub fn layer(layer: impl Into<String>, reason: impl Into<String>) -> Self {
+        EngineError::Layer {
+            layer: layer.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A batch error.
+    pub fn batch(reason: impl Into<String>) -> Self {
+        EngineError::Batch { reason: reason.into() }
+    }
+
+    /// True for [`EngineError::Aborted`]: the stage stopped because another failed (not a failure of its own).
+    pub fn is_abort(&self) -> bool {
+        matches!(self, EngineError::Aborted { .. })
+    }
+
     /// A configuration error.
     pub fn config(field: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
         EngineError::Config {
@@ -102,4 +174,28 @@ impl EngineError {
             reason: reason.into(),
         }
     }
+}
+
+/// Errors raised where they cannot be returned (in `Drop`), kept for the caller to collect with
+/// [`take_drop_errors`] instead of being discarded or panicking. At most [`DROP_ERRORS_MAX`] are kept; later
+/// ones are counted.
+static DROP_ERRORS: std::sync::Mutex<(Vec<String>, u64)> = std::sync::Mutex::new((Vec::new(), 0));
+
+/// Most errors from `Drop` kept between two [`take_drop_errors`] calls.
+pub const DROP_ERRORS_MAX: usize = 64;
+
+/// Records an error raised in a `Drop` implementation (`what` says which object).
+pub fn record_drop_error(what: &str, error: impl std::fmt::Display) {
+    let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if guard.0.len() < DROP_ERRORS_MAX {
+        guard.0.push(format!("{what}: {error}"));
+    } else {
+        guard.1 += 1;
+    }
+}
+
+/// The errors recorded in `Drop` since the last call, and how many more were dropped past the limit.
+pub fn take_drop_errors() -> (Vec<String>, u64) {
+    let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    (std::mem::take(&mut guard.0), std::mem::take(&mut guard.1))
 }

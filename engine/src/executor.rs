@@ -10,20 +10,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 
 use baton_schedules::{Action, Op, Schedule};
 
-use crate::backend::{Backend, RecvPool};
+use crate::backend::Backend;
+use crate::comm::{Endpoint, MessageKey, MessageKind, Transport};
 use crate::error::{EngineError, Result};
 use crate::model::{Layer, MicroBatch, Saved};
 
-/// How often a blocked receive wakes to look at the abort flag.
-const RECV_POLL: Duration = Duration::from_millis(20);
+/// How often an injected stall looks at the abort flag.
+const STALL_POLL: Duration = Duration::from_millis(20);
 
 /// A contiguous run of global layers held by one (stage, chunk).
-pub struct Part<B: Backend> {
+pub(crate) struct Part<B: Backend> {
     /// Part index in pipeline order.
     pub index: u32,
     /// Global layer units it holds.
@@ -33,7 +33,7 @@ pub struct Part<B: Backend> {
 }
 
 /// A stage's model state: its parts by chunk.
-pub struct Stage<B: Backend> {
+pub(crate) struct Stage<B: Backend> {
     /// Stage index.
     pub index: u32,
     /// `parts[chunk]`.
@@ -42,7 +42,7 @@ pub struct Stage<B: Backend> {
 
 /// Executor settings.
 #[derive(Clone, Debug)]
-pub struct ExecConfig {
+pub(crate) struct ExecConfig {
     /// Keep only each part's input between F and B/I, recomputing the forward at backward time.
     pub recompute: bool,
     /// Longest a stage may wait for one input, and longest one action may compute, before the
@@ -178,7 +178,7 @@ pub struct CopySpan {
 
 /// What one stage reports after a step.
 #[derive(Debug, Default)]
-pub struct StageOutcome {
+pub(crate) struct StageOutcome {
     /// Every action's span, in list order.
     pub spans: Vec<ActionSpan>,
     /// `(micro-batch, summed token loss)` from the stage holding the head.
@@ -191,19 +191,6 @@ pub struct StageOutcome {
     pub nonfinite: Option<NonFinite>,
     /// The transfers this stage sent.
     pub copies: Vec<CopySpan>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Kind {
-    Activation,
-    Gradient,
-}
-
-struct Msg<B: Backend> {
-    kind: Kind,
-    part: u32,
-    mb: u32,
-    buf: B::Buf,
 }
 
 /// What a part keeps for one micro-batch between F and B/I (and, split, between I and W).
@@ -253,7 +240,7 @@ pub const ABORT_GRACE: Duration = Duration::from_secs(2);
 
 /// The result of one step: each stage's state handed back (`None` for a stage whose thread
 /// did not come back and was detached), and the outcomes or the failure.
-pub struct StepRun<B: Backend> {
+pub(crate) struct StepRun<B: Backend> {
     /// Per stage: its model state, if its thread returned.
     pub stages: Vec<Option<Stage<B>>>,
     /// Per-stage outcomes, or the first failure.
@@ -265,11 +252,11 @@ pub struct StepRun<B: Backend> {
 /// flag; a stage computing for longer than `cfg.recv_timeout` is declared stalled by the
 /// watchdog; the failure reported is the stall, else the first real failure (not a stage that
 /// merely stopped because of it).
-pub fn run_step<B: Backend>(
+pub(crate) fn run_step<B: Backend>(
     stages: Vec<Stage<B>>,
     backends: Arc<Vec<B>>,
     schedule: Arc<Schedule>,
-    pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
+    transport: &dyn Transport<B>,
     mbs: Vec<Vec<MicroBatch<B>>>,
     cfg: &ExecConfig,
 ) -> StepRun<B> {
@@ -277,7 +264,7 @@ pub fn run_step<B: Backend>(
     assert_eq!(p, schedule.actions.len(), "one stage per action list");
     assert_eq!(p, backends.len(), "one backend per stage");
     assert_eq!(p, mbs.len(), "one micro-batch list per stage");
-    assert_eq!(p, pools.len(), "one receive pool per stage");
+    assert_eq!(p, transport.stages(), "the transport connects every stage");
     let placement = &schedule.placement;
     let last_part = placement.num_parts() - 1;
     // Inbox capacity: every message a stage can receive this step.
@@ -295,13 +282,27 @@ pub fn run_step<B: Backend>(
             }
         }
     }
-    let mut senders: Vec<Sender<Msg<B>>> = Vec::with_capacity(p);
-    let mut receivers: Vec<Receiver<Msg<B>>> = Vec::with_capacity(p);
-    for &c in &capacity {
-        let (tx, rx) = bounded(c.max(1));
-        senders.push(tx);
-        receivers.push(rx);
-    }
+    let endpoints = match transport.open(&capacity) {
+        Ok(mut ends) => {
+            ends.sort_by_key(|(s, _)| *s);
+            if ends.len() != p || ends.iter().enumerate().any(|(i, (s, _))| *s != i) {
+                return StepRun {
+                    stages: stages.into_iter().map(Some).collect(),
+                    result: Err(EngineError::Invariant {
+                        stage: 0,
+                        what: format!("the transport opened {} endpoints for {p} local stages", ends.len()),
+                    }),
+                };
+            }
+            ends.into_iter().map(|(_, e)| e)
+        }
+        Err(e) => {
+            return StepRun {
+                stages: stages.into_iter().map(Some).collect(),
+                result: Err(e),
+            }
+        }
+    };
     let abort = Arc::new(AtomicBool::new(false));
     let progress: Vec<Arc<Progress>> = (0..p).map(|_| Arc::new(Progress::default())).collect();
     let t0 = Instant::now();
@@ -320,16 +321,14 @@ pub fn run_step<B: Backend>(
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done<B>>();
     let mut handles = Vec::with_capacity(p);
     let mut spawn_error = None;
-    for (s, ((stage, rx), mbs)) in stages.into_iter().zip(receivers).zip(mbs).enumerate() {
+    for (s, ((stage, endpoint), mbs)) in stages.into_iter().zip(endpoints).zip(mbs).enumerate() {
         let mut worker = Worker {
             s,
             stage,
             backends: Arc::clone(&backends),
             schedule: Arc::clone(&schedule),
-            pools: Arc::clone(&pools),
             mbs: Arc::new(mbs),
-            rx,
-            senders: senders.clone(),
+            endpoint,
             abort: Arc::clone(&abort),
             progress: Arc::clone(&progress[s]),
             cfg: cfg.clone(),
@@ -339,7 +338,6 @@ pub fn run_step<B: Backend>(
             poison: false,
             nonfinite: None,
             base: Arc::clone(&base),
-            copies: Vec::new(),
             started: None,
             host_busy: 0.0,
             host_since: t0,
@@ -501,12 +499,7 @@ pub fn run_step<B: Backend>(
             }
         }
         if let Some(s) = (0..p).find(|&s| matches!(results[s], Some(Err(WorkerError::Aborted)))) {
-            return Err(EngineError::StageFailed {
-                stage: s as u32,
-                index: 0,
-                action: String::new(),
-                cause: "aborted".into(),
-            });
+            return Err(EngineError::Aborted { stage: s as u32 });
         }
         Ok(results
             .iter_mut()
@@ -530,24 +523,21 @@ struct Worker<B: Backend> {
     stage: Stage<B>,
     backends: Arc<Vec<B>>,
     schedule: Arc<Schedule>,
-    /// Every stage's receive pool; a send lands in the destination's.
-    pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
     mbs: Arc<Vec<MicroBatch<B>>>,
-    rx: Receiver<Msg<B>>,
-    senders: Vec<Sender<Msg<B>>>,
+    /// This stage's end of the transport: every message to or from another stage goes through it.
+    endpoint: Box<dyn Endpoint<B>>,
     abort: Arc<AtomicBool>,
     progress: Arc<Progress>,
     cfg: ExecConfig,
     t0: Instant,
-    mailbox: HashMap<(Kind, u32, u32), B::Buf>,
+    /// Messages between two parts of this stage (ZB-V's turn of the V), which never leave it.
+    mailbox: HashMap<MessageKey, B::Buf>,
     current: usize,
     /// A NaN was injected into the current action's output.
     poison: bool,
     nonfinite: Option<NonFinite>,
     /// Every queue's mark at the start of the step.
     base: Arc<Vec<B::Mark>>,
-    /// Transfers sent, resolved into [`CopySpan`]s at the end of the step.
-    copies: Vec<PendingCopy<B>>,
     /// The current action's start mark (taken once its inputs have arrived) and host time spent on
     /// it before the current wait.
     started: Option<B::Mark>,
@@ -563,16 +553,6 @@ struct PendingSpan<B: Backend> {
     start: B::Mark,
     end: B::Mark,
     host_s: f64,
-}
-
-/// A transfer whose marks are not resolved yet.
-struct PendingCopy<B: Backend> {
-    dst: usize,
-    start: B::Mark,
-    end: B::Mark,
-    part: u32,
-    mb: u32,
-    activation: bool,
 }
 
 impl<B: Backend> Worker<B> {
@@ -603,7 +583,7 @@ impl<B: Backend> Worker<B> {
                 self.inject(point.kind, index, action)?;
             }
             let fail = |e: EngineError| match e {
-                EngineError::StageFailed { cause, .. } if cause == "aborted" => WorkerError::Aborted,
+                e if e.is_abort() => WorkerError::Aborted,
                 other => WorkerError::Failed {
                     index,
                     action: action.to_string(),
@@ -629,9 +609,12 @@ impl<B: Backend> Worker<B> {
                     act_stash[slot] = Some(stash);
                 }
                 Op::B | Op::I => {
-                    let stash = act_stash[slot]
-                        .take()
-                        .ok_or_else(|| fail(EngineError::Batch("no stash: B/I before F".into())))?;
+                    let stash = act_stash[slot].take().ok_or_else(|| {
+                        fail(EngineError::Invariant {
+                            stage: self.s as u32,
+                            what: format!("`{action}` has no stash: a backward before its forward"),
+                        })
+                    })?;
                     stashed -= 1;
                     bytes -= stash.bytes;
                     let rest = self.backward_input(action, stash).map_err(fail)?;
@@ -644,9 +627,12 @@ impl<B: Backend> Worker<B> {
                     }
                 }
                 Op::W => {
-                    let stash = w_stash[slot]
-                        .take()
-                        .ok_or_else(|| fail(EngineError::Batch("no stash: W before I".into())))?;
+                    let stash = w_stash[slot].take().ok_or_else(|| {
+                        fail(EngineError::Invariant {
+                            stage: self.s as u32,
+                            what: format!("`{action}` has no stash: a W before its I"),
+                        })
+                    })?;
                     bytes -= stash.bytes;
                     self.backward_weight(action, stash).map_err(fail)?;
                 }
@@ -676,20 +662,12 @@ impl<B: Backend> Worker<B> {
             out.losses.push((action.mb, loss));
         }
         out.nonfinite = self.nonfinite.take();
-        out.copies = self.copy_spans().map_err(|e| WorkerError::Failed {
+        out.copies = self.endpoint.copy_spans(&self.base).map_err(|e| WorkerError::Failed {
             index: list.len(),
             action: String::new(),
             cause: format!("timing the transfers: {e}"),
         })?;
         Ok(out)
-    }
-
-    /// The step's start mark on stage `s`'s clock: the first stage's that shares it.
-    fn base_of(&self, s: usize) -> &B::Mark {
-        let r = (0..s)
-            .find(|&r| self.backends[r].shares_clock_with(&self.backends[s]))
-            .unwrap_or(s);
-        &self.base[r]
     }
 
     /// Marks the start of the current action's work on the stage's queue, once: called after its
@@ -720,7 +698,7 @@ impl<B: Backend> Worker<B> {
     /// Resolves the action marks into spans on the stage's clock.
     fn action_spans(&mut self) -> Result<Vec<ActionSpan>> {
         let be = &self.backends[self.s];
-        let base = self.base_of(self.s);
+        let base = crate::comm::clock_base(&self.backends, &self.base, self.s);
         self.done
             .iter()
             .map(|d| {
@@ -732,25 +710,6 @@ impl<B: Backend> Worker<B> {
                 })
             })
             .collect()
-    }
-
-    /// Resolves the transfer marks into spans on the destinations' clocks.
-    fn copy_spans(&mut self) -> Result<Vec<CopySpan>> {
-        let mut spans = Vec::with_capacity(self.copies.len());
-        let copies = std::mem::take(&mut self.copies);
-        for c in copies {
-            let be = &self.backends[c.dst];
-            let base = self.base_of(c.dst);
-            spans.push(CopySpan {
-                to_stage: c.dst as u32,
-                part: c.part,
-                mb: c.mb,
-                activation: c.activation,
-                start_s: be.seconds_between(base, &c.start)?,
-                end_s: be.seconds_between(base, &c.end)?,
-            });
-        }
-        Ok(spans)
     }
 
     /// Fires an injected failure at action `index`.
@@ -766,7 +725,7 @@ impl<B: Backend> Worker<B> {
             FailureKind::Stall => {
                 // Stuck until the step is aborted (as a device wait with a timeout would be).
                 while !self.abort.load(Ordering::SeqCst) {
-                    std::thread::sleep(RECV_POLL);
+                    std::thread::sleep(STALL_POLL);
                 }
                 Err(WorkerError::Aborted)
             }
@@ -836,7 +795,7 @@ impl<B: Backend> Worker<B> {
         let x = if part == 0 {
             None
         } else {
-            Some(self.recv(Kind::Activation, part, a.mb)?)
+            Some(self.recv(MessageKind::Activation, part, a.mb)?)
         };
         self.begin()?;
         let be = self.be();
@@ -861,9 +820,9 @@ impl<B: Backend> Worker<B> {
             }
         };
         if part < self.schedule.placement.num_parts() - 1 {
-            let mut out = out.ok_or_else(|| EngineError::Batch(format!("part {part} produced no activation")))?;
+            let mut out = out.ok_or_else(|| EngineError::Model(format!("part {part} produced no activation")))?;
             self.check_output(&mut out, self.current, a)?;
-            self.send(Kind::Activation, part + 1, a.mb, out)?;
+            self.send(MessageKind::Activation, part + 1, a.mb, out)?;
         }
         Ok((stash, loss))
     }
@@ -877,7 +836,7 @@ impl<B: Backend> Worker<B> {
         let mut dout = if part == last {
             None
         } else {
-            Some(self.recv(Kind::Gradient, part, a.mb)?)
+            Some(self.recv(MessageKind::Gradient, part, a.mb)?)
         };
         self.begin()?;
         if self.cfg.recompute {
@@ -891,9 +850,9 @@ impl<B: Backend> Worker<B> {
             dout = layer.backward_input(be, saved, dout, mb)?;
         }
         if part > 0 {
-            let mut dx = dout.ok_or_else(|| EngineError::Batch(format!("part {part} produced no input gradient")))?;
+            let mut dx = dout.ok_or_else(|| EngineError::Model(format!("part {part} produced no input gradient")))?;
             self.check_output(&mut dx, self.current, a)?;
-            self.send(Kind::Gradient, part - 1, a.mb, dx)?;
+            self.send(MessageKind::Gradient, part - 1, a.mb, dx)?;
         }
         let bytes = stash.saved.iter().map(|s| s.bytes(self.be())).sum();
         Ok(PartStash {
@@ -915,99 +874,47 @@ impl<B: Backend> Worker<B> {
         Ok(())
     }
 
-    fn send(&mut self, kind: Kind, part: u32, mb: u32, buf: B::Buf) -> Result<()> {
-        let (dst, _) = self.schedule.placement.owner(part).expect("part in range");
-        let dst = dst as usize;
-        if dst == self.s {
-            let prev = self.mailbox.insert((kind, part, mb), buf);
-            debug_assert!(prev.is_none(), "a message was delivered twice");
+    fn send(&mut self, kind: MessageKind, part: u32, mb: u32, buf: B::Buf) -> Result<()> {
+        let (dst, _) = self
+            .schedule
+            .placement
+            .owner(part)
+            .ok_or_else(|| EngineError::Invariant {
+                stage: self.s as u32,
+                what: format!("a message for part {part}, which the placement does not hold"),
+            })?;
+        let key = MessageKey { kind, part, mb };
+        if dst as usize == self.s {
+            if self.mailbox.insert(key, buf).is_some() {
+                return Err(EngineError::Invariant {
+                    stage: self.s as u32,
+                    what: format!("{key} was delivered twice"),
+                });
+            }
             return Ok(());
         }
-        let (src_be, dst_be) = (&self.backends[self.s], &self.backends[dst]);
-        // The copy can start once the producer's work is done (a mark on the source queue when it
-        // shares the destination's clock; else the destination's copy queue as it was before the
-        // copy), and is done at a mark on the destination's copy queue behind it.
-        let m0 = if src_be.shares_clock_with(dst_be) {
-            src_be.mark()?
-        } else {
-            dst_be.copy_mark()?
-        };
-        let buf = src_be.transfer_pooled(buf, dst_be, &self.pools[dst])?;
-        let m1 = dst_be.copy_mark()?;
-        self.copies.push(PendingCopy {
-            dst,
-            start: m0,
-            end: m1,
-            part,
-            mb,
-            activation: kind == Kind::Activation,
-        });
-        // The inbox can hold every message of the step: this never blocks.
-        self.senders[dst].try_send(Msg { kind, part, mb, buf }).map_err(|e| {
-            EngineError::Batch(format!(
-                "inbox of stage {dst} refused a message ({}): capacity is sized from the schedule",
-                if e.is_full() { "full" } else { "closed" }
-            ))
-        })
+        self.endpoint.send(dst as usize, key, buf)
     }
 
-    /// The (kind, part, mb) message: from the mailbox, else waiting on the inbox; the stage's
-    /// queue is then told to wait for it ([`Backend::await_ready`]), so the action's start mark,
-    /// taken next, excludes the wait. The host time spent waiting is not counted in the action's
-    /// host time.
-    fn recv(&mut self, kind: Kind, part: u32, mb: u32) -> Result<B::Buf> {
-        let buf = match self.mailbox.remove(&(kind, part, mb)) {
+    /// The (kind, part, mb) message: from the stage's own mailbox, else from the transport; the stage's queue is
+    /// then told to wait for it ([`Backend::await_ready`]), so the action's start mark, taken next, excludes the
+    /// wait. The host time spent waiting is not counted in the action's host time.
+    fn recv(&mut self, kind: MessageKind, part: u32, mb: u32) -> Result<B::Buf> {
+        let key = MessageKey { kind, part, mb };
+        let buf = match self.mailbox.remove(&key) {
             Some(buf) => buf,
             None => {
                 self.host_busy += self.host_since.elapsed().as_secs_f64();
-                let got = self.recv_wait(kind, part, mb);
+                // The executor's watchdog enforces `recv_timeout`; this deadline only matters if it is gone.
+                let deadline = Instant::now() + self.cfg.recv_timeout * 4 + ABORT_GRACE;
+                self.progress.set(WAITING, self.t0);
+                let got = self.endpoint.recv(key, &self.abort, deadline);
+                self.progress.set(COMPUTING, self.t0);
                 self.host_since = Instant::now();
                 got?
             }
         };
         self.be().await_ready(&buf)?;
         Ok(buf)
-    }
-
-    fn recv_wait(&mut self, kind: Kind, part: u32, mb: u32) -> Result<B::Buf> {
-        // The executor's watchdog enforces `recv_timeout`; this backstop only matters if it is gone.
-        let deadline = Instant::now() + self.cfg.recv_timeout * 4 + ABORT_GRACE;
-        self.progress.set(WAITING, self.t0);
-        loop {
-            match self.rx.recv_timeout(RECV_POLL) {
-                Ok(msg) if (msg.kind, msg.part, msg.mb) == (kind, part, mb) => {
-                    self.progress.set(COMPUTING, self.t0);
-                    return Ok(msg.buf);
-                }
-                Ok(msg) => {
-                    let prev = self.mailbox.insert((msg.kind, msg.part, msg.mb), msg.buf);
-                    debug_assert!(prev.is_none(), "a message was delivered twice");
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.abort.load(Ordering::SeqCst) {
-                        return Err(EngineError::StageFailed {
-                            stage: self.s as u32,
-                            index: 0,
-                            action: String::new(),
-                            cause: "aborted".into(),
-                        });
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(EngineError::Batch(format!(
-                            "waited {:?} for the {} of part {part} micro-batch {mb}; the producing stage is stalled",
-                            self.cfg.recv_timeout,
-                            if kind == Kind::Activation {
-                                "activation"
-                            } else {
-                                "gradient"
-                            }
-                        )));
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(EngineError::Batch("inbox disconnected while waiting".into()));
-                }
-            }
-        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod comm;
 pub mod data;
 pub mod error;
 pub mod executor;
@@ -15,10 +16,13 @@ pub mod optim;
 pub mod pipeline;
 pub mod predict;
 pub mod split;
+pub mod trainer;
 
 pub use backend::{Backend, Cpu};
+pub use comm::{Collective, Collectives, Endpoint, LocalCollectives, LocalTransport, Transport};
 pub use error::{EngineError, Result};
-pub use model::GptConfig;
+pub use model::{Gpt2, GptConfig, Layer, Model, TiedGroup};
 pub use optim::OptimizerConfig;
-pub use pipeline::{Pipeline, PipelineConfig, StepReport};
+pub use pipeline::{Pipeline, PipelineBuilder, PipelineConfig, StepReport, TrainOptions};
 pub use split::StageSplit;
+pub use trainer::{Observer, RunSummary, SplitData, TrainData, Trainer, TrainerConfig};

@@ -10,11 +10,12 @@ use serde::{Deserialize, Serialize};
 use baton_kernels::cpu::AdamW;
 use baton_schedules::{generate, peak_receive_buffers, validate, Schedule, ScheduleKind, Validation};
 
-use crate::backend::{Backend, PoolStats, RecvPool};
+use crate::backend::{Backend, PoolStats};
+use crate::comm::{Collective, Collectives, LocalCollectives, LocalTransport, Transport};
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
 use crate::executor::{run_step, ActionSpan, CopySpan, ExecConfig, FailurePoint, Part, Stage};
-use crate::model::{build_layer, GptConfig, Layer, MicroBatch, Param};
+use crate::model::{Gpt2, GptConfig, Layer, MicroBatch, Model, Param};
 use crate::optim::OptimizerConfig;
 use crate::split::StageSplit;
 
@@ -33,7 +34,54 @@ pub type TensorMap = BTreeMap<String, HostTensor>;
 /// Default deadline for one blocking receive inside a step.
 pub const RECV_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 
-/// Everything that defines a pipeline.
+/// How a pipeline trains, whatever the model and schedule: optimizer, recomputation, deadlines and the
+/// non-finite policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Optimizer.
+    pub optimizer: OptimizerConfig,
+    /// Keep only part inputs between forward and backward and recompute.
+    pub recompute: bool,
+    /// Longest wait for one input inside a step, and longest one action may compute before
+    /// the watchdog declares its stage stalled, in milliseconds.
+    pub recv_timeout_ms: u64,
+    /// What a non-finite loss or gradient norm does.
+    #[serde(default)]
+    pub nonfinite: NonFinitePolicy,
+    /// With `NonFinitePolicy::Skip`: this many consecutive skipped steps abort the run.
+    #[serde(default = "default_max_skips")]
+    pub max_consecutive_skips: u32,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            optimizer: OptimizerConfig::default(),
+            recompute: false,
+            recv_timeout_ms: RECV_TIMEOUT_MS_DEFAULT,
+            nonfinite: NonFinitePolicy::Skip,
+            max_consecutive_skips: MAX_CONSECUTIVE_SKIPS_DEFAULT,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<()> {
+        self.optimizer.validate()?;
+        if self.recv_timeout_ms == 0 {
+            return Err(EngineError::config("recv_timeout_ms", 0, "must be >= 1"));
+        }
+        if self.max_consecutive_skips == 0 {
+            return Err(EngineError::config("max_consecutive_skips", 0, "must be >= 1"));
+        }
+        Ok(())
+    }
+}
+
+/// A GPT-2 pipeline described by value (what `baton train` builds and checkpoints record): the model's sizes,
+/// a generated schedule, the split and the training options. [`Pipeline::new`] builds it; models of your own and
+/// schedules from elsewhere go through [`Pipeline::builder`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PipelineConfig {
     /// The model.
@@ -90,6 +138,7 @@ impl PipelineConfig {
             ScheduleKind::Interleaved | ScheduleKind::ZbV => 2,
             _ => 1,
         };
+        let o = TrainOptions::default();
         PipelineConfig {
             model,
             stages,
@@ -97,13 +146,34 @@ impl PipelineConfig {
             microbatches,
             chunks,
             split: StageSplit::Uniform,
-            optimizer: OptimizerConfig::default(),
-            recompute: false,
+            optimizer: o.optimizer,
+            recompute: o.recompute,
             seed: 1337,
-            recv_timeout_ms: RECV_TIMEOUT_MS_DEFAULT,
-            nonfinite: NonFinitePolicy::Skip,
-            max_consecutive_skips: MAX_CONSECUTIVE_SKIPS_DEFAULT,
+            recv_timeout_ms: o.recv_timeout_ms,
+            nonfinite: o.nonfinite,
+            max_consecutive_skips: o.max_consecutive_skips,
         }
+    }
+
+    /// The training options.
+    pub fn options(&self) -> TrainOptions {
+        TrainOptions {
+            optimizer: self.optimizer.clone(),
+            recompute: self.recompute,
+            recv_timeout_ms: self.recv_timeout_ms,
+            nonfinite: self.nonfinite,
+            max_consecutive_skips: self.max_consecutive_skips,
+        }
+    }
+
+    /// The schedule it describes, generated.
+    pub fn generate_schedule(&self) -> Result<Schedule> {
+        Ok(generate(self.schedule, self.stages, self.microbatches, self.chunks)?)
+    }
+
+    /// The GPT-2 model it describes.
+    pub fn gpt2(&self) -> Result<Gpt2> {
+        Gpt2::new(self.model.clone(), self.seed)
     }
 }
 
@@ -149,16 +219,33 @@ pub struct StepReport {
     pub nonfinite_stage: Option<u32>,
 }
 
-/// A GPT split into pipeline stages on backend `B`.
+/// Where a parameter lives: (stage, chunk, layer in the part, parameter in the layer).
+type ParamAt = (usize, usize, usize, usize);
+
+/// A tied group as the pipeline holds it: the collective over the stages of its copies, and where each is.
+struct TiedCopies<B: Backend> {
+    names: Vec<String>,
+    at: Vec<ParamAt>,
+    group: Box<dyn Collective<B>>,
+}
+
+/// A model split into pipeline stages on backend `B`, trained with a validated schedule: one replica's stages on
+/// this process's workers. A step runs the schedule (activations and gradients through the [`Transport`]), then
+/// reduces gradients (tied groups; data parallelism plugs in here), clips by the global norm (through the stage
+/// group's [`Collective`]) and steps AdamW.
 pub struct Pipeline<B: Backend> {
-    config: PipelineConfig,
+    model: Arc<dyn Model<B>>,
+    options: TrainOptions,
     schedule: Arc<Schedule>,
     validation: Validation,
     ranges: Vec<std::ops::Range<usize>>,
     backends: Arc<Vec<B>>,
-    /// Per stage: the pool its received activations and gradients land in, sized from
-    /// [`peak_receive_buffers`].
-    pools: Arc<Vec<Arc<RecvPool<B::Recv>>>>,
+    transport: Arc<dyn Transport<B>>,
+    /// Every stage of the replica: the global gradient norm.
+    stage_group: Box<dyn Collective<B>>,
+    tied: Vec<TiedCopies<B>>,
+    /// Non-primary copies of tied parameters (not counted again in the gradient norm).
+    tied_copies: std::collections::BTreeSet<String>,
     stages: Vec<Stage<B>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
@@ -168,42 +255,134 @@ pub struct Pipeline<B: Backend> {
     consecutive_skips: u32,
 }
 
+/// Builds a [`Pipeline`] from a model, a schedule and the stages' backends; the split, options and the
+/// communication seams have defaults (uniform split, default options, in-process transport and collectives).
+pub struct PipelineBuilder<B: Backend> {
+    model: Arc<dyn Model<B>>,
+    schedule: Option<Schedule>,
+    split: StageSplit,
+    options: TrainOptions,
+    transport: Option<Arc<dyn Transport<B>>>,
+    collectives: Option<Arc<dyn Collectives<B>>>,
+}
+
+impl<B: Backend> PipelineBuilder<B> {
+    /// The schedule to run: from a generator, a CSV ([`baton_schedules::schedule_from_csv`]) or built by hand. It is
+    /// validated when the pipeline is built; its stage count must equal the number of backends.
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = Some(schedule);
+        self
+    }
+
+    /// How the model's units are divided among the schedule's parts (default: [`StageSplit::Uniform`]).
+    pub fn split(mut self, split: StageSplit) -> Self {
+        self.split = split;
+        self
+    }
+
+    /// Optimizer, recomputation, deadlines, non-finite policy.
+    pub fn options(mut self, options: TrainOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Moves activations and gradients between stages (default: [`LocalTransport`] with receive pools sized from
+    /// the schedule).
+    pub fn transport(mut self, transport: Arc<dyn Transport<B>>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Makes the groups the optimizer phase reduces over (default: [`LocalCollectives`]).
+    pub fn collectives(mut self, collectives: Arc<dyn Collectives<B>>) -> Self {
+        self.collectives = Some(collectives);
+        self
+    }
+
+    /// Validates the schedule, splits the model and builds every stage's units on its backend (`backends[s]` for
+    /// stage `s`).
+    pub fn build(self, backends: Vec<B>) -> Result<Pipeline<B>> {
+        let schedule = self
+            .schedule
+            .ok_or_else(|| EngineError::config("schedule", "none", "the builder was given no schedule"))?;
+        Pipeline::assemble(
+            self.model,
+            schedule,
+            &self.split,
+            self.options,
+            backends,
+            self.transport,
+            self.collectives,
+        )
+    }
+}
+
 impl<B: Backend> Pipeline<B> {
-    /// Builds the schedule, checks it, splits the model and initialises every stage's layers on
-    /// its backend (`backends[s]` for stage s).
+    /// The GPT-2 pipeline `config` describes: generates its schedule and builds every stage on its backend
+    /// (`backends[s]` for stage s).
     pub fn new(config: PipelineConfig, backends: Vec<B>) -> Result<Self> {
-        config.model.validate()?;
-        config.optimizer.validate()?;
-        if config.recv_timeout_ms == 0 {
-            return Err(EngineError::config("recv_timeout_ms", 0, "must be >= 1"));
+        let model = config.gpt2()?;
+        let schedule = config.generate_schedule()?;
+        Pipeline::assemble(
+            Arc::new(model),
+            schedule,
+            &config.split,
+            config.options(),
+            backends,
+            None,
+            None,
+        )
+    }
+
+    /// A builder for `model` (any [`Model`]: GPT-2 or your own).
+    pub fn builder(model: Arc<dyn Model<B>>) -> PipelineBuilder<B> {
+        PipelineBuilder {
+            model,
+            schedule: None,
+            split: StageSplit::Uniform,
+            options: TrainOptions::default(),
+            transport: None,
+            collectives: None,
         }
-        if backends.len() != config.stages as usize {
+    }
+
+    fn assemble(
+        model: Arc<dyn Model<B>>,
+        schedule: Schedule,
+        split: &StageSplit,
+        options: TrainOptions,
+        backends: Vec<B>,
+        transport: Option<Arc<dyn Transport<B>>>,
+        collectives: Option<Arc<dyn Collectives<B>>>,
+    ) -> Result<Self> {
+        options.validate()?;
+        let p = schedule.stages();
+        if backends.len() != p as usize {
             return Err(EngineError::config(
                 "stages",
-                config.stages,
+                p,
                 format!(
-                    "{} backends (devices) were given for {} stages",
-                    backends.len(),
-                    config.stages
+                    "the schedule has {p} stages but {} backends (devices) were given",
+                    backends.len()
                 ),
             ));
         }
-        let schedule = generate(config.schedule, config.stages, config.microbatches, config.chunks)?;
         let validation = validate(&schedule)?;
         let parts = schedule.placement.num_parts() as usize;
-        let ranges = config.split.resolve(&config.model, parts)?;
-        let mut stages = Vec::with_capacity(config.stages as usize);
+        let ranges = split.resolve(model.as_ref(), parts)?;
+        let mut stages = Vec::with_capacity(p as usize);
         for (s, be) in backends.iter().enumerate() {
             let mut chunk_parts = Vec::new();
             for chunk in 0..schedule.chunks() {
-                let index = schedule
-                    .placement
-                    .part(s as u32, chunk)
-                    .expect("placement covers every (stage, chunk)");
+                let index = schedule.placement.part(s as u32, chunk).ok_or_else(|| {
+                    EngineError::Schedule(baton_schedules::ScheduleError::Placement(format!(
+                        "the placement gives stage {s} no part for chunk {chunk}"
+                    )))
+                })?;
                 let units = ranges[index as usize].clone();
                 let layers = units
                     .clone()
-                    .map(|u| build_layer(&config.model, u, be, config.seed))
+                    .map(|u| model.build_unit(u, be))
                     .collect::<Result<Vec<_>>>()?;
                 chunk_parts.push(Part { index, units, layers });
             }
@@ -212,28 +391,122 @@ impl<B: Backend> Pipeline<B> {
                 parts: chunk_parts,
             });
         }
-        let pools = peak_receive_buffers(&schedule)?
-            .into_iter()
-            .map(|n| RecvPool::with_capacity(n as usize))
-            .collect();
-        Ok(Pipeline {
-            config,
+        let backends = Arc::new(backends);
+        let transport = match transport {
+            Some(t) => t,
+            None => Arc::new(LocalTransport::new(
+                Arc::clone(&backends),
+                &peak_receive_buffers(&schedule)?,
+            )?),
+        };
+        if transport.stages() != p as usize {
+            return Err(EngineError::config(
+                "transport",
+                transport.stages(),
+                format!(
+                    "the transport connects {} stages, the schedule has {p}",
+                    transport.stages()
+                ),
+            ));
+        }
+        let collectives = collectives.unwrap_or_else(|| Arc::new(LocalCollectives::new(Arc::clone(&backends))));
+        let stage_group = collectives.group(&(0..p as usize).collect::<Vec<_>>())?;
+        let mut pipeline = Pipeline {
+            model,
+            options,
             schedule: Arc::new(schedule),
             validation,
-            pools: Arc::new(pools),
             ranges,
-            backends: Arc::new(backends),
+            backends,
+            transport,
+            stage_group,
+            tied: Vec::new(),
+            tied_copies: Default::default(),
             stages,
             step: 0,
             lost: None,
             fail: None,
             consecutive_skips: 0,
-        })
+        };
+        pipeline.check_names()?;
+        for group in pipeline.model.tied_groups() {
+            if group.names.len() < 2 {
+                return Err(EngineError::Model(format!(
+                    "a tied group needs at least two parameters: {:?}",
+                    group.names
+                )));
+            }
+            let at = group
+                .names
+                .iter()
+                .map(|n| {
+                    pipeline.locate(n).ok_or_else(|| {
+                        EngineError::Model(format!("tied group {:?}: no unit holds a parameter `{n}`", group.names))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let len = pipeline.param(at[0]).len();
+            if let Some(&bad) = at.iter().find(|&&a| pipeline.param(a).len() != len) {
+                return Err(EngineError::Model(format!(
+                    "tied group {:?}: `{}` has shape {:?}, `{}` has {:?}",
+                    group.names,
+                    group.names[0],
+                    pipeline.param(at[0]).shape,
+                    pipeline.param(bad).name,
+                    pipeline.param(bad).shape
+                )));
+            }
+            let stages_of: Vec<usize> = at.iter().map(|a| a.0).collect();
+            let coll = collectives.group(&stages_of)?;
+            pipeline.tied_copies.extend(group.names[1..].iter().cloned());
+            pipeline.tied.push(TiedCopies {
+                names: group.names,
+                at,
+                group: coll,
+            });
+        }
+        Ok(pipeline)
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &PipelineConfig {
-        &self.config
+    /// Checks the model's contract that parameter names are unique.
+    fn check_names(&self) -> Result<()> {
+        let mut seen = std::collections::BTreeMap::new();
+        for stage in &self.stages {
+            for part in &stage.parts {
+                for layer in &part.layers {
+                    for p in layer.params() {
+                        if let Some(other) = seen.insert(p.name.clone(), layer.name()) {
+                            return Err(EngineError::Model(format!(
+                                "parameter `{}` is held by both `{other}` and `{}`; names must be unique",
+                                p.name,
+                                layer.name()
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The model.
+    pub fn model(&self) -> &dyn Model<B> {
+        self.model.as_ref()
+    }
+
+    /// The training options.
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
+    }
+
+    /// Number of stages.
+    pub fn num_stages(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Micro-batches per step (the schedule's).
+    pub fn microbatches(&self) -> u32 {
+        self.schedule.microbatches
     }
 
     /// The validated schedule being executed.
@@ -254,7 +527,7 @@ impl<B: Backend> Pipeline<B> {
     /// Per stage: the counters of its receive pool (capacity from the schedule, buffers owned, leases served
     /// from the pool and allocations). After the first step, `allocations()` stays flat and `misses` is 0.
     pub fn receive_pools(&self) -> Vec<PoolStats> {
-        self.pools.iter().map(|p| p.stats()).collect()
+        self.transport.pool_stats()
     }
 
     /// Global layer units per part, in pipeline order.
@@ -282,31 +555,31 @@ impl<B: Backend> Pipeline<B> {
 
     /// Checks a batch against the model and splits it into per-stage micro-batches.
     fn micro_batches(&self, batch: &Batch) -> Result<Vec<Vec<MicroBatch<B>>>> {
-        let m = self.config.microbatches as usize;
+        let m = self.schedule.microbatches as usize;
         let (b, t) = (batch.batch, batch.seq);
         if b == 0 || t == 0 {
-            return Err(EngineError::Batch(format!("empty batch ({b} sequences of {t} tokens)")));
+            return Err(EngineError::batch(format!("empty batch ({b} sequences of {t} tokens)")));
         }
         if b % m != 0 {
-            return Err(EngineError::Batch(format!(
+            return Err(EngineError::batch(format!(
                 "{m} micro-batches do not divide the batch of {b} sequences; use a batch that is a multiple of {m}"
             )));
         }
-        if t > self.config.model.max_seq {
-            return Err(EngineError::Batch(format!(
+        if t > self.model.max_seq() {
+            return Err(EngineError::batch(format!(
                 "sequence length {t} exceeds the model's context {}",
-                self.config.model.max_seq
+                self.model.max_seq()
             )));
         }
         if batch.inputs.len() != b * t || batch.targets.len() != b * t {
-            return Err(EngineError::Batch(format!(
+            return Err(EngineError::batch(format!(
                 "batch holds {} inputs / {} targets, expected {}",
                 batch.inputs.len(),
                 batch.targets.len(),
                 b * t
             )));
         }
-        let vocab = self.config.model.vocab_size;
+        let vocab = self.model.vocab_size();
         if let Some((i, tok)) = batch
             .inputs
             .iter()
@@ -314,7 +587,7 @@ impl<B: Backend> Pipeline<B> {
             .enumerate()
             .find(|(_, &tok)| tok as usize >= vocab)
         {
-            return Err(EngineError::Batch(format!(
+            return Err(EngineError::batch(format!(
                 "token {tok} at position {i} is outside the vocabulary of {vocab}"
             )));
         }
@@ -374,8 +647,8 @@ impl<B: Backend> Pipeline<B> {
             _ => None,
         };
         let exec = ExecConfig {
-            recompute: self.config.recompute,
-            recv_timeout: Duration::from_millis(self.config.recv_timeout_ms),
+            recompute: self.options.recompute,
+            recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
             fail,
         };
         let stages = std::mem::take(&mut self.stages);
@@ -383,7 +656,7 @@ impl<B: Backend> Pipeline<B> {
             stages,
             Arc::clone(&self.backends),
             Arc::clone(&self.schedule),
-            Arc::clone(&self.pools),
+            self.transport.as_ref(),
             mbs,
             &exec,
         );
@@ -408,12 +681,13 @@ impl<B: Backend> Pipeline<B> {
         // Loss: per micro-batch sums in micro-batch order, over all tokens.
         let mut losses: Vec<(u32, f64)> = outcomes.iter().flat_map(|o| o.losses.iter().copied()).collect();
         losses.sort_by_key(|&(mb, _)| mb);
-        debug_assert_eq!(losses.len(), self.config.microbatches as usize);
+        debug_assert_eq!(losses.len(), self.schedule.microbatches as usize);
         let tokens = batch.batch * batch.seq;
         let loss = (losses.iter().map(|&(_, l)| l).sum::<f64>() / tokens as f64) as f32;
 
-        let lr = self.config.optimizer.lr_at(self.step);
-        self.sum_tied_grads()?;
+        let lr = self.options.optimizer.lr_at(self.step);
+        // Reduce gradients (tied copies; data-parallel replicas plug in here), then the global norm for clipping.
+        self.reduce_gradients()?;
         let grad_norm = self.grad_norm()?;
         let mut skipped = false;
         let mut nonfinite_stage = None;
@@ -434,12 +708,12 @@ impl<B: Backend> Pipeline<B> {
                 action: first.map(|(_, n)| n.action.to_string()).unwrap_or_default(),
                 policy,
             };
-            match self.config.nonfinite {
+            match self.options.nonfinite {
                 NonFinitePolicy::Abort => return Err(error("aborting (policy: abort)".into())),
-                NonFinitePolicy::Skip if self.consecutive_skips >= self.config.max_consecutive_skips => {
+                NonFinitePolicy::Skip if self.consecutive_skips >= self.options.max_consecutive_skips => {
                     return Err(error(format!(
                         "{} consecutive skipped steps reach the limit of {}",
-                        self.consecutive_skips, self.config.max_consecutive_skips
+                        self.consecutive_skips, self.options.max_consecutive_skips
                     )))
                 }
                 NonFinitePolicy::Skip => skipped = true,
@@ -488,14 +762,16 @@ impl<B: Backend> Pipeline<B> {
     /// order, the tied LM head counted once (through `wte`) — the same for every split. One
     /// read-back per stage.
     fn grad_norm(&self) -> Result<f32> {
-        let mut squares: Vec<((usize, usize), f64)> = Vec::new();
+        // Each stage contributes `(unit, parameter, sum of squares)` triples (exact in f64 for indices < 2^53)
+        // through the stage group, so the norm is the same however stages are spread over processes.
+        let mut local: Vec<(usize, Vec<f64>)> = Vec::with_capacity(self.stages.len());
         for (stage, be) in self.stages.iter().zip(self.backends.iter()) {
             let mut keys = Vec::new();
             let mut grads = Vec::new();
             for part in &stage.parts {
                 for (unit, layer) in part.units.clone().zip(&part.layers) {
                     for (pi, p) in layer.params().iter().enumerate() {
-                        if p.tied_to.is_none() {
+                        if !self.tied_copies.contains(&p.name) {
                             keys.push((unit, pi));
                             grads.push(&p.grad);
                         }
@@ -504,21 +780,32 @@ impl<B: Backend> Pipeline<B> {
             }
             let sums = be.sum_squares_many(&grads)?;
             debug_assert_eq!(sums.len(), keys.len());
-            squares.extend(keys.into_iter().zip(sums));
+            let triples = keys
+                .into_iter()
+                .zip(sums)
+                .flat_map(|((unit, pi), sq)| [unit as f64, pi as f64, sq])
+                .collect();
+            local.push((stage.index as usize, triples));
         }
+        let mut squares: Vec<((u64, u64), f64)> = self
+            .stage_group
+            .all_gather_host(&local)?
+            .iter()
+            .flat_map(|v| v.chunks_exact(3).map(|t| ((t[0] as u64, t[1] as u64), t[2])))
+            .collect();
         squares.sort_by_key(|&(k, _)| k);
         Ok(squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt() as f32)
     }
 
     /// Clipping and AdamW for every parameter, then zeroed gradients.
     fn apply_optimizer(&mut self, lr: f32, norm: f32) -> Result<()> {
-        let clip = self.config.optimizer.grad_clip;
+        let clip = self.options.optimizer.grad_clip;
         let scale = if clip > 0.0 && norm > clip {
             Some((f64::from(clip) / (f64::from(norm) + 1e-6)) as f32)
         } else {
             None
         };
-        let o = &self.config.optimizer;
+        let o = &self.options.optimizer;
         let step =
             u32::try_from(self.step + 1).map_err(|_| EngineError::config("steps", self.step + 1, "too many steps"))?;
         for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
@@ -558,7 +845,7 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Where a named parameter lives: (stage, chunk, layer, param).
-    fn locate(&self, name: &str) -> Option<(usize, usize, usize, usize)> {
+    fn locate(&self, name: &str) -> Option<ParamAt> {
         for (s, stage) in self.stages.iter().enumerate() {
             for (c, part) in stage.parts.iter().enumerate() {
                 for (l, layer) in part.layers.iter().enumerate() {
@@ -571,29 +858,46 @@ impl<B: Backend> Pipeline<B> {
         None
     }
 
-    fn param(&self, at: (usize, usize, usize, usize)) -> &Param<B> {
+    fn param(&self, at: ParamAt) -> &Param<B> {
         &self.stages[at.0].parts[at.1].layers[at.2].params()[at.3]
     }
 
-    /// Sums the token embedding's gradient and the LM head's into both copies (`emb + head`,
-    /// bitwise the same on both sides), so the tied copies take identical AdamW steps.
-    fn sum_tied_grads(&mut self) -> Result<()> {
-        let (Some(emb), Some(head)) = (self.locate("wte"), self.locate("lm_head.weight")) else {
-            return Err(EngineError::Batch(
-                "the model has no tied embedding / LM head pair".into(),
-            ));
-        };
-        let (se, sh) = (emb.0, head.0);
-        let head_copy = self.backends[sh].duplicate(&self.param(head).grad)?;
-        let head_on_e = self.backends[sh].transfer(head_copy, &self.backends[se])?;
-        let be_e = &self.backends[se];
-        let grad = &mut self.stages[emb.0].parts[emb.1].layers[emb.2].params_mut()[emb.3].grad;
-        be_e.add_assign(grad, &head_on_e)?;
-        let sum = be_e.duplicate(grad)?;
-        let sum_on_h = self.backends[se].transfer(sum, &self.backends[sh])?;
-        let be_h = &self.backends[sh];
-        let grad = &mut self.stages[head.0].parts[head.1].layers[head.2].params_mut()[head.3].grad;
-        be_h.copy(grad, &sum_on_h)
+    /// Sums every tied group's gradients into all its copies, in the group's order (`wte + lm_head` for GPT-2),
+    /// through the group's collective, so the copies take identical AdamW steps and stay bitwise equal.
+    fn reduce_gradients(&mut self) -> Result<()> {
+        let Pipeline { tied, stages, .. } = self;
+        for tied in tied.iter() {
+            // One walk hands out `&mut` to each copy's gradient (the locations are distinct).
+            let mut views: Vec<(usize, &mut B::Buf)> = Vec::with_capacity(tied.at.len());
+            for (s, stage) in stages.iter_mut().enumerate() {
+                for (c, part) in stage.parts.iter_mut().enumerate() {
+                    for (l, layer) in part.layers.iter_mut().enumerate() {
+                        for (pi, p) in layer.params_mut().iter_mut().enumerate() {
+                            if let Some(m) = tied.at.iter().position(|&a| a == (s, c, l, pi)) {
+                                views.push((m, &mut p.grad));
+                            }
+                        }
+                    }
+                }
+            }
+            tied.group.all_reduce(&mut views).map_err(|e| match e {
+                EngineError::Comm { seam, stage, reason } => EngineError::Comm {
+                    seam,
+                    stage,
+                    reason: format!("summing the tied group {:?}: {reason}", tied.names),
+                },
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The primary copy's name for a tied copy `name` (where a checkpoint without the copy loads it from).
+    fn primary_of(&self, name: &str) -> Option<&str> {
+        self.tied
+            .iter()
+            .find(|t| t.names.iter().skip(1).any(|n| n == name))
+            .map(|t| t.names[0].as_str())
     }
 
     /// Runs every part in pipeline order, one stage after another on the calling thread,
@@ -608,10 +912,17 @@ impl<B: Backend> Pipeline<B> {
         let mut x: Option<B::Buf> = None;
         let mut at = 0usize; // stage holding x
         for part in 0..self.schedule.placement.num_parts() {
-            let (s, c) = self.schedule.placement.owner(part).expect("part in range");
+            let (s, c) = self
+                .schedule
+                .placement
+                .owner(part)
+                .ok_or_else(|| EngineError::Invariant {
+                    stage: at as u32,
+                    what: format!("the placement does not hold part {part}"),
+                })?;
             let (s, c) = (s as usize, c as usize);
             if let Some(buf) = x.take() {
-                x = Some(self.backends[at].transfer(buf, &self.backends[s])?);
+                x = Some(self.transport.relay(at, s, buf)?);
             }
             at = s;
             let mb = mb(s);
@@ -627,7 +938,7 @@ impl<B: Backend> Pipeline<B> {
         self.check_whole()?;
         let mbs = self.micro_batches(batch)?;
         let mut total = 0.0f64;
-        (0..self.config.microbatches as usize).try_for_each(|i| {
+        (0..self.schedule.microbatches as usize).try_for_each(|i| {
             self.sequential(
                 |s| &mbs[s][i],
                 |layer, be, x, mb| {
@@ -647,16 +958,16 @@ impl<B: Backend> Pipeline<B> {
     pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_whole()?;
         let t = tokens.len();
-        if t == 0 || t > self.config.model.max_seq {
-            return Err(EngineError::Batch(format!(
+        if t == 0 || t > self.model.max_seq() {
+            return Err(EngineError::batch(format!(
                 "a prompt of {t} tokens; it must hold 1..={} tokens",
-                self.config.model.max_seq
+                self.model.max_seq()
             )));
         }
-        if let Some(&tok) = tokens.iter().find(|&&tok| tok as usize >= self.config.model.vocab_size) {
-            return Err(EngineError::Batch(format!(
+        if let Some(&tok) = tokens.iter().find(|&&tok| tok as usize >= self.model.vocab_size()) {
+            return Err(EngineError::batch(format!(
                 "token {tok} is outside the vocabulary of {}",
-                self.config.model.vocab_size
+                self.model.vocab_size()
             )));
         }
         // The tokens go only to the stage holding the embedding.
@@ -680,7 +991,7 @@ impl<B: Backend> Pipeline<B> {
             })
             .collect::<Result<_>>()?;
         let (x, at) = self.sequential(|s| &mbs[s], |layer, be, x, mb| layer.infer(be, x, mb).map(Some))?;
-        let logits = x.ok_or_else(|| EngineError::Batch("the model produced no logits".into()))?;
+        let logits = x.ok_or_else(|| EngineError::Model("the last unit produced no logits".into()))?;
         self.backends[at].download(&logits)
     }
 
@@ -689,6 +1000,19 @@ impl<B: Backend> Pipeline<B> {
     pub fn parameters(&self) -> Result<TensorMap> {
         self.check_whole()?;
         self.collect(|p| &p.value)
+    }
+
+    /// Every parameter's global name and shape, in pipeline order (stage, chunk, layer), tied copies included.
+    pub fn parameter_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        self.check_whole()?;
+        let mut parts: Vec<&Part<B>> = self.stages.iter().flat_map(|s| &s.parts).collect();
+        parts.sort_by_key(|p| p.index);
+        Ok(parts
+            .iter()
+            .flat_map(|part| &part.layers)
+            .flat_map(|layer| layer.params())
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect())
     }
 
     /// AdamW moments by global name: `(m, v)`.
@@ -756,7 +1080,7 @@ impl<B: Backend> Pipeline<B> {
             let key = if map.contains_key(&p.name) {
                 p.name.as_str()
             } else {
-                p.tied_to.unwrap_or(p.name.as_str())
+                self.primary_of(&p.name).unwrap_or(p.name.as_str())
             };
             let HostTensor { shape, data } = map.get(key).ok_or_else(|| EngineError::Checkpoint {
                 path: what.into(),
@@ -787,13 +1111,18 @@ impl<B: Backend> Pipeline<B> {
                 }
             }
         }
+        let primaries: BTreeMap<String, String> = self
+            .tied
+            .iter()
+            .flat_map(|t| t.names.iter().skip(1).map(|n| (n.clone(), t.names[0].clone())))
+            .collect();
         for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
             for part in &mut stage.parts {
                 for layer in &mut part.layers {
                     for p in layer.params_mut() {
                         let get = |map: &TensorMap| {
                             map.get(&p.name)
-                                .or_else(|| p.tied_to.and_then(|t| map.get(t)))
+                                .or_else(|| primaries.get(&p.name).and_then(|t| map.get(t)))
                                 .map(|h| h.data.clone())
                         };
                         let value = get(values).expect("checked above");

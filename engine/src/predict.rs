@@ -85,7 +85,11 @@ pub fn predict(
             continue;
         };
         let parts = schedule.placement.num_parts() as usize;
-        let Ok(ranges) = StageSplit::Uniform.resolve(model, parts) else {
+        let gpt = crate::model::Gpt2 {
+            config: model.clone(),
+            seed: 0,
+        };
+        let Ok(ranges) = StageSplit::Uniform.resolve::<crate::backend::Cpu>(&gpt, parts) else {
             continue;
         };
         let sum = |range: &Range<usize>, k: usize| range.clone().map(|u| units[u][k]).sum::<f64>();
@@ -123,7 +127,11 @@ mod tests {
     #[test]
     fn unit_costs_add_up_to_the_measured_part_costs() {
         let m = model();
-        let ranges = StageSplit::Uniform.resolve(&m, 2).unwrap();
+        let gpt = crate::model::Gpt2 {
+            config: m.clone(),
+            seed: 0,
+        };
+        let ranges = StageSplit::Uniform.resolve::<crate::backend::Cpu>(&gpt, 2).unwrap();
         let measured = Costs {
             forward: vec![3.0, 5.0],
             backward: vec![6.0, 10.0],

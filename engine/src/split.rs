@@ -1,7 +1,7 @@
 //! How the model's layers are divided among the pipeline's parts.
 //!
-//! Global layer units: 0 is the embedding, 1..=L the transformer blocks, L+1 the head (final
-//! layer norm, tied LM head, loss). A split gives each part (stage × chunk, in pipeline order)
+//! A model is a sequence of units (for GPT-2: 0 is the embedding, 1..=L the transformer blocks, L+1 the head —
+//! final layer norm, tied LM head, loss). A split gives each part (stage × chunk, in pipeline order)
 //! a contiguous, non-empty range of units; together the ranges cover every unit exactly once,
 //! in order. Anything else is refused — peers silently dropped layers; Baton never does.
 
@@ -9,17 +9,20 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::error::{EngineError, Result};
-use crate::model::GptConfig;
+use crate::model::Model;
 
 /// A stage split as the model author states it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StageSplit {
-    /// Blocks spread evenly (earlier parts take the extra ones); the embedding joins the first
-    /// part and the head the last. With more parts than blocks, units are spread evenly.
+    /// The model's even split ([`Model::uniform_split`]; for GPT-2: blocks spread evenly, earlier parts taking
+    /// the extra ones, the embedding joining the first part and the head the last).
     Uniform,
     /// Explicit unit ranges, one per part.
     Ranges(Vec<Range<usize>>),
+    /// Unit names, one `(first, last)` pair per part (both inclusive), e.g. `("embedding", "h.1")`.
+    Names(Vec<(String, String)>),
 }
 
 impl StageSplit {
@@ -28,65 +31,69 @@ impl StageSplit {
         StageSplit::Ranges(ranges)
     }
 
-    /// Parses `0..2,2..4,4..6` (the CLI's `--split`).
+    /// Parses the CLI's `--split`: unit ranges `0..2,2..4,4..6` (end exclusive), or unit names
+    /// `embedding..=h.1,h.2..=head` (both ends inclusive; a single name is a part of one unit).
     pub fn parse(text: &str) -> Result<Self> {
-        let mut out = Vec::new();
-        for piece in text.split(',') {
-            let piece = piece.trim();
-            let bad = || EngineError::Split(format!("`{piece}` is not a range like 0..3 (in --split `{text}`)"));
-            let (a, b) = piece.split_once("..").ok_or_else(bad)?;
-            let a: usize = a.trim().parse().map_err(|_| bad())?;
-            let b: usize = b.trim().parse().map_err(|_| bad())?;
-            out.push(a..b);
+        let pieces: Vec<&str> = text.split(',').map(str::trim).collect();
+        let numeric = |piece: &str| -> Option<Range<usize>> {
+            let (a, b) = piece.split_once("..")?;
+            if b.starts_with('=') {
+                return None;
+            }
+            Some(a.trim().parse().ok()?..b.trim().parse().ok()?)
+        };
+        if let Some(ranges) = pieces.iter().map(|p| numeric(p)).collect::<Option<Vec<_>>>() {
+            return Ok(StageSplit::Ranges(ranges));
         }
-        Ok(StageSplit::Ranges(out))
+        let mut names = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            let (a, b) = piece.split_once("..=").unwrap_or((piece, piece));
+            let (a, b) = (a.trim(), b.trim());
+            if a.is_empty() || b.is_empty() || a.contains("..") || b.contains("..") {
+                return Err(EngineError::Split(format!(
+                    "`{piece}` is not a range like 0..3 or unit names like embedding..=h.1 (in --split `{text}`)"
+                )));
+            }
+            names.push((a.to_string(), b.to_string()));
+        }
+        Ok(StageSplit::Names(names))
     }
 
-    /// The unit ranges for `parts` parts of `cfg`, checked.
-    pub fn resolve(&self, cfg: &GptConfig, parts: usize) -> Result<Vec<Range<usize>>> {
-        let units = cfg.num_units();
+    /// The unit ranges for `parts` parts of `model`, checked: contiguous, non-empty, every unit once, in order.
+    pub fn resolve<B: Backend>(&self, model: &dyn Model<B>, parts: usize) -> Result<Vec<Range<usize>>> {
+        let units = model.num_units();
         if parts == 0 {
             return Err(EngineError::Split("zero parts".into()));
         }
         if parts > units {
             return Err(EngineError::Split(format!(
-                "{parts} parts (stages × chunks) but the model has only {units} layers (embedding, {} blocks, head); use at most {units} parts or add layers",
-                cfg.layers
+                "{parts} parts (stages × chunks) but the model has only {units} layers ({} … {}); use at most {units} parts (fewer stages or chunks) or a model with more layers",
+                model.unit_name(0),
+                model.unit_name(units - 1)
             )));
         }
         let ranges = match self {
-            StageSplit::Uniform => uniform(cfg.layers, parts),
+            StageSplit::Uniform => model.uniform_split(parts),
             StageSplit::Ranges(r) => r.clone(),
+            StageSplit::Names(names) => {
+                let index = |name: &str| {
+                    (0..units).find(|&u| model.unit_name(u) == name).ok_or_else(|| {
+                        EngineError::Split(format!(
+                            "no unit is named `{name}`; the units are {} … {}",
+                            model.unit_name(0),
+                            model.unit_name(units - 1)
+                        ))
+                    })
+                };
+                names
+                    .iter()
+                    .map(|(a, b)| Ok(index(a)?..index(b)? + 1))
+                    .collect::<Result<Vec<_>>>()?
+            }
         };
         check(&ranges, units, parts)?;
         Ok(ranges)
     }
-}
-
-fn even(total: usize, parts: usize) -> Vec<usize> {
-    (0..parts)
-        .map(|i| total / parts + usize::from(i < total % parts))
-        .collect()
-}
-
-fn uniform(blocks: usize, parts: usize) -> Vec<Range<usize>> {
-    let sizes = if parts <= blocks {
-        let mut sizes = even(blocks, parts);
-        sizes[0] += 1; // embedding
-        sizes[parts - 1] += 1; // head
-        sizes
-    } else {
-        even(blocks + 2, parts)
-    };
-    let mut start = 0;
-    sizes
-        .into_iter()
-        .map(|n| {
-            let r = start..start + n;
-            start += n;
-            r
-        })
-        .collect()
 }
 
 fn check(ranges: &[Range<usize>], units: usize, parts: usize) -> Result<()> {

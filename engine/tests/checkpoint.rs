@@ -202,7 +202,16 @@ fn save_writes_stage_files_and_a_manifest() {
     let m = read_manifest(&r.dir);
     assert_eq!(m.format_version, FORMAT_VERSION);
     assert_eq!(m.step, 2);
-    assert_eq!(m.config, config(model(), 4, ScheduleKind::OneFOneB));
+    let mut want = config(model(), 4, ScheduleKind::OneFOneB);
+    want.split = baton_engine::StageSplit::Ranges(m.ranges.clone());
+    assert_eq!(m.pipeline_config().unwrap(), want);
+    assert_eq!(m.model.kind, "gpt2");
+    let shapes: Vec<(String, Vec<usize>)> = m.parameters.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+    let mut sorted = shapes.clone();
+    sorted.sort();
+    let mut expected = parameter_shapes(&model());
+    expected.sort();
+    assert_eq!(sorted, expected, "the manifest lists every parameter with its shape");
     assert_eq!(m.tokenizer, TokenizerKind::Bytes);
     assert_eq!(m.loader, loader());
     assert_eq!(m.ranges.len(), 4);
@@ -377,7 +386,33 @@ fn unknown_format_version_is_refused() {
     write_manifest(&r.dir, &m);
     let (p, reason) = checkpoint_error(checkpoint::load(&r.dir));
     assert!(p.ends_with("manifest.json"), "{p}");
-    assert!(reason.contains("unknown format version 2"), "{reason}");
+    assert!(
+        reason.contains(&format!("unknown format version {}", FORMAT_VERSION + 1)),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_version_1_manifest_still_loads() {
+    let r = reference();
+    let m = read_manifest(&r.dir);
+    let before = checkpoint::load(&r.dir).unwrap();
+    // Version 1 held the GPT-2 pipeline config inline instead of the model, parameter and schedule records.
+    let v1 = serde_json::json!({
+        "format_version": 1,
+        "config": m.pipeline_config().unwrap(),
+        "ranges": m.ranges,
+        "step": m.step,
+        "tokenizer": m.tokenizer,
+        "loader": m.loader,
+        "files": m.files,
+    });
+    fs::write(r.dir.join("manifest.json"), v1.to_string()).unwrap();
+    let after = checkpoint::load(&r.dir).unwrap();
+    assert_eq!(after.manifest.format_version, 1);
+    assert_eq!(after.manifest.pipeline_config().unwrap(), m.pipeline_config().unwrap());
+    assert_eq!(after.params, before.params);
+    assert_eq!(after.adam_v, before.adam_v);
 }
 
 #[test]

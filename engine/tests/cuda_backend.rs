@@ -335,8 +335,8 @@ fn pinned_host_transfer_waits_for_a_slow_producer() {
         let producer = Cuda::with_precision(0, precision).unwrap();
         let consumer = producer.with_new_stream().unwrap();
         assert_eq!(
-            producer.transport_to(&consumer).unwrap(),
-            baton_engine::backend::Transport::SameDevice
+            producer.route_to(&consumer).unwrap(),
+            baton_engine::backend::CopyRoute::SameDevice
         );
         consumer.synchronize().unwrap();
         for round in 0..3 {

@@ -32,8 +32,10 @@ pub enum ExportFormat {
 pub fn run(args: &ExportArgs) -> Result<(), CliError> {
     let ckpt = checkpoint::load(&args.checkpoint).map_err(|e| CliError::failure(e.to_string()))?;
     match args.format {
-        ExportFormat::Hf => export::export_hf(&ckpt.params, &ckpt.manifest.config.model, &args.out)
-            .map_err(|e| CliError::failure(e.to_string()))?,
+        ExportFormat::Hf => {
+            let model = ckpt.manifest.gpt2().map_err(|e| CliError::failure(e.to_string()))?;
+            export::export_hf(&ckpt.params, &model.config, &args.out).map_err(|e| CliError::failure(e.to_string()))?
+        }
     }
     eprintln!("exported {} to {}", ckpt.dir.display(), args.out.display());
     Ok(())

@@ -84,7 +84,11 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
     }
     let ckpt = checkpoint::load(&args.checkpoint).map_err(|e| CliError::failure(e.to_string()))?;
     let tokenizer = Tokenizer::new(ckpt.manifest.tokenizer).map_err(|e| CliError::failure(e.to_string()))?;
-    let model = ckpt.manifest.config.model.clone();
+    let model = ckpt
+        .manifest
+        .gpt2()
+        .map_err(|e| CliError::failure(e.to_string()))?
+        .config;
     let mut pipeline = Pipeline::new(
         PipelineConfig::new(model.clone(), 1, ScheduleKind::OneFOneB, 1),
         vec![Cpu],

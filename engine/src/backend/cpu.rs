@@ -25,6 +25,7 @@ fn check(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
             backend: "cpu".into(),
             op,
             reason: format!("{what} holds {got} elements, expected {want}"),
+            source: None,
         })
     }
 }

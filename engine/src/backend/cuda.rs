@@ -28,7 +28,7 @@
 //! transfers run on, so a copy neither queues behind the receiving stage's compute nor holds it up (a copy queued
 //! on the consumer's compute stream from the producer's thread would make the consumer's unrelated work wait for
 //! the producer). `transfer` to another `Cuda` takes the route `cuda_peer.rs` decides once per pair of devices
-//! ([`Transport`]):
+//! ([`CopyRoute`]):
 //! - **same device** (e.g. two stages sharing the one GPU): a device-to-device copy on the **destination's** copy
 //!   stream, after waiting on the source buffer's last write (cudarc's write event);
 //! - **peer** (different devices, peer access enabled once per pair with `cuCtxEnablePeerAccess` and the source
@@ -65,7 +65,7 @@ use half::bf16;
 
 use super::cuda_buf::{read_plan, write_plan, In, Mode, Out, ReadPlan, Stored, WritePlan};
 use super::cuda_buf::{CudaBuf, CudaData, Precision};
-use super::cuda_peer::{self as peer, Transport};
+use super::cuda_peer::{self as peer, CopyRoute};
 use super::pool::{Pooled, RecvPool};
 use super::{unfused, Backend};
 use crate::error::{EngineError, Result};
@@ -177,6 +177,7 @@ impl Cuda {
             backend: format!("cuda:{ordinal}"),
             op: "memory pool",
             reason: format!("setting the release threshold: {e}"),
+            source: Some(Box::new(e)),
         })?;
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| EngineError::NoCudaDevice(format!("cublasCreate: {e:?}")))?;
@@ -184,6 +185,7 @@ impl Cuda {
             backend: format!("cuda:{ordinal}"),
             op: "copy stream",
             reason: format!("creating the copy stream: {e}"),
+            source: Some(Box::new(e)),
         })?;
         // `BATON_CUDA_ATTENTION=simple` keeps the materialised attention path (to compare the two).
         let flash = !std::env::var(ATTENTION_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("simple"));
@@ -240,7 +242,7 @@ impl Cuda {
 
     /// How [`Backend::transfer`] from this backend to `dst` moves its bytes (decided, and peer access enabled,
     /// once per pair of devices).
-    pub fn transport_to(&self, dst: &Cuda) -> Result<Transport> {
+    pub fn route_to(&self, dst: &Cuda) -> Result<CopyRoute> {
         peer::route(self.dev.context(), dst.dev.context())
             .map_err(|e| self.err("transport_to", CudaError::driver("enabling peer access", e)))
     }
@@ -248,7 +250,7 @@ impl Cuda {
     /// [`Backend::transfer`] forced through pinned host memory whatever the devices (the fallback route where
     /// peer access is impossible): for tests and benches on one GPU.
     pub fn transfer_via_pinned_host(&self, buf: CudaBuf, dst: &Cuda) -> Result<CudaBuf> {
-        self.transfer_by(buf, dst, Transport::PinnedHost, None)
+        self.transfer_by(buf, dst, CopyRoute::PinnedHost, None)
     }
 
     /// Bytes the device's default memory pool holds from the driver (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`): flat
@@ -263,6 +265,7 @@ impl Cuda {
             backend: self.name(),
             op,
             reason: e.to_string(),
+            source: Some(Box::new(e)),
         }
     }
 
@@ -271,6 +274,7 @@ impl Cuda {
             backend: self.name(),
             op,
             reason,
+            source: None,
         }
     }
 
@@ -407,7 +411,7 @@ impl Cuda {
     fn copy_by<T: Elem>(
         &self,
         op: &'static str,
-        route: Transport,
+        route: CopyRoute,
         src: &CudaSlice<T>,
         out: &mut CudaSlice<T>,
         dst: &Cuda,
@@ -416,11 +420,11 @@ impl Cuda {
             return Err(self.shape(op, format!("copy of {} elements into {}", src.len(), out.len())));
         }
         match route {
-            Transport::SameDevice | Transport::Peer => dst
+            CopyRoute::SameDevice | CopyRoute::Peer => dst
                 .copy
                 .memcpy_dtod(src, out)
                 .map_err(|e| self.err(op, CudaError::driver("memcpy_dtod (peer)", e))),
-            Transport::PinnedHost => {
+            CopyRoute::PinnedHost => {
                 let (src_stream, dst_stream) = (&self.copy, &dst.copy);
                 let bytes = src.num_bytes();
                 // `device_ptr` makes this copy stream wait on `src`'s last write and records its read event here
@@ -452,7 +456,7 @@ impl Cuda {
         &self,
         buf: CudaBuf,
         dst: &Cuda,
-        route: Transport,
+        route: CopyRoute,
         pool: Option<&Arc<RecvPool<CudaData>>>,
     ) -> Result<CudaBuf> {
         let op = "transfer";
@@ -481,7 +485,7 @@ impl Cuda {
                 ))
             }
         }
-        if route != Transport::PinnedHost {
+        if route != CopyRoute::PinnedHost {
             // `buf` is freed on its own stream when dropped: make that stream wait for the copy first (across
             // devices cudarc records `buf`'s read event on the source stream, before the copy has run). The pinned
             // route's read event is recorded on this backend's copy stream after the device→pinned copy, and the
@@ -1323,11 +1327,11 @@ impl Backend for Cuda {
         }))
     }
     fn transfer(&self, buf: CudaBuf, dst: &Self) -> Result<CudaBuf> {
-        let route = self.transport_to(dst)?;
+        let route = self.route_to(dst)?;
         self.transfer_by(buf, dst, route, None)
     }
     fn transfer_pooled(&self, buf: CudaBuf, dst: &Self, pool: &Arc<RecvPool<CudaData>>) -> Result<CudaBuf> {
-        let route = self.transport_to(dst)?;
+        let route = self.route_to(dst)?;
         self.transfer_by(buf, dst, route, Some(pool))
     }
     fn synchronize(&self) -> Result<()> {

@@ -2,15 +2,15 @@
 //! devices, the pinned-host fallback of a transfer where peer access is impossible, and the stream-ordered memory
 //! pool's release threshold. Each raw driver call is wrapped once here, in a function returning `Result`.
 //!
-//! **Routes.** A transfer between two [`super::Cuda`]s takes one [`Transport`], decided once per ordered pair of
+//! **Routes.** A transfer between two [`super::Cuda`]s takes one [`CopyRoute`], decided once per ordered pair of
 //! devices (source, destination) and cached for the process:
-//! - [`Transport::SameDevice`]: a plain device-to-device copy (`cuMemcpyDtoDAsync`).
-//! - [`Transport::Peer`]: `cuDeviceCanAccessPeer` said the destination can read the source's memory, so the
+//! - [`CopyRoute::SameDevice`]: a plain device-to-device copy (`cuMemcpyDtoDAsync`).
+//! - [`CopyRoute::Peer`]: `cuDeviceCanAccessPeer` said the destination can read the source's memory, so the
 //!   destination's context enables peer access to the source's (`cuCtxEnablePeerAccess`;
 //!   `CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED` counts as success) and the source's default memory pool grants the
 //!   destination device read/write access (`cuMemPoolSetAccess`: pool allocations are not covered by
 //!   `cuCtxEnablePeerAccess`); the copy is `cuMemcpyPeerAsync` on the destination's stream.
-//! - [`Transport::PinnedHost`]: no peer access (or enabling it failed): the copy goes through a page-locked,
+//! - [`CopyRoute::PinnedHost`]: no peer access (or enabling it failed): the copy goes through a page-locked,
 //!   portable host buffer — device→pinned on the **source** stream, pinned→device on the **destination** stream,
 //!   the second waiting on an event recorded after the first; the next use of the same staging buffer waits (on
 //!   the device) for an event recorded after the pinned→device copy. No host synchronisation, except when a larger
@@ -36,7 +36,7 @@ use baton_kernels::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaStream, Dr
 
 /// How a transfer between two devices moves its bytes (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Transport {
+pub enum CopyRoute {
     /// Both ends on one device: a device-to-device copy.
     SameDevice,
     /// Different devices with peer access enabled: `cuMemcpyPeerAsync`.
@@ -45,13 +45,13 @@ pub enum Transport {
     PinnedHost,
 }
 
-impl Transport {
+impl CopyRoute {
     /// A short name for messages and bench output.
     pub fn name(self) -> &'static str {
         match self {
-            Transport::SameDevice => "same-device",
-            Transport::Peer => "peer",
-            Transport::PinnedHost => "pinned-host",
+            CopyRoute::SameDevice => "same-device",
+            CopyRoute::Peer => "peer",
+            CopyRoute::PinnedHost => "pinned-host",
         }
     }
 }
@@ -176,11 +176,11 @@ pub(super) fn pool_reserved_bytes(ctx: &Arc<CudaContext>) -> Result<u64, DriverE
 }
 
 /// The route from `src`'s device to `dst`'s, decided (and peer access enabled) once per ordered pair.
-pub(super) fn route(src: &Arc<CudaContext>, dst: &Arc<CudaContext>) -> Result<Transport, DriverError> {
-    static ROUTES: OnceLock<Mutex<HashMap<(usize, usize), Transport>>> = OnceLock::new();
+pub(super) fn route(src: &Arc<CudaContext>, dst: &Arc<CudaContext>) -> Result<CopyRoute, DriverError> {
+    static ROUTES: OnceLock<Mutex<HashMap<(usize, usize), CopyRoute>>> = OnceLock::new();
     let key = (src.ordinal(), dst.ordinal());
     if key.0 == key.1 {
-        return Ok(Transport::SameDevice);
+        return Ok(CopyRoute::SameDevice);
     }
     let mut routes = ROUTES
         .get_or_init(|| Mutex::new(HashMap::new()))
@@ -197,12 +197,12 @@ pub(super) fn route(src: &Arc<CudaContext>, dst: &Arc<CudaContext>) -> Result<Tr
         });
         // Enabling can still fail (e.g. too many peers): the pinned path always works.
         if enabled.is_ok() {
-            Transport::Peer
+            CopyRoute::Peer
         } else {
-            Transport::PinnedHost
+            CopyRoute::PinnedHost
         }
     } else {
-        Transport::PinnedHost
+        CopyRoute::PinnedHost
     };
     routes.insert(key, t);
     Ok(t)
@@ -229,9 +229,13 @@ impl Drop for Staging {
         if self.used {
             // The last pinned→device copy must have read the buffer before it is freed (a host wait; only on
             // growth and at process exit).
-            let _ = self.drained.synchronize();
+            if let Err(e) = self.drained.synchronize() {
+                crate::error::record_drop_error("pinned staging buffer: waiting for its last copy", e);
+            }
         }
-        let _ = host_free(self.ptr);
+        if let Err(e) = host_free(self.ptr) {
+            crate::error::record_drop_error("pinned staging buffer: cuMemFreeHost", e);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ mod pool;
 pub use cpu::{Cpu, CpuBuf};
 pub use cuda::Cuda;
 pub use cuda_buf::{CudaBuf, CudaData, Precision, Storage};
-pub use cuda_peer::Transport;
+pub use cuda_peer::CopyRoute;
 pub use pool::{Homed, PoolStats, Pooled, RecvPool};
 
 use std::sync::Arc;

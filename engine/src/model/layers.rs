@@ -6,13 +6,14 @@
 //! `backward_weight` accumulates the parameter gradients. `B = I then W`, bitwise.
 
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::model::config::{GptConfig, LayerKind};
 use crate::model::init::{normal, INIT_STD};
 
 /// One trainable tensor with its gradient and AdamW moments, all on the stage's backend.
 pub struct Param<B: Backend> {
-    /// Global name (`h.3.attn.c_attn.weight`); unique in the model except for tied copies.
+    /// Global name (`h.3.attn.c_attn.weight`); unique in the model. Tied copies have names of their own and are
+    /// listed together in one of the model's [`crate::model::TiedGroup`]s.
     pub name: String,
     /// Shape, row-major (a linear weight is `[out, in]`).
     pub shape: Vec<usize>,
@@ -26,23 +27,31 @@ pub struct Param<B: Backend> {
     pub v: B::Buf,
     /// Whether weight decay applies (matrices and embeddings: yes; biases and norms: no).
     pub decay: bool,
-    /// For a tied copy: the name of the parameter it mirrors (the LM head mirrors `wte`).
-    pub tied_to: Option<&'static str>,
 }
 
 impl<B: Backend> Param<B> {
-    fn new(be: &B, name: String, shape: Vec<usize>, init: Vec<f32>, decay: bool) -> Result<Self> {
+    /// A parameter named `name` of `shape` holding `init` (row-major), with zero gradient and moments, on `be`.
+    /// `decay` says whether AdamW's weight decay applies to it.
+    pub fn new(be: &B, name: impl Into<String>, shape: Vec<usize>, init: Vec<f32>, decay: bool) -> Result<Self> {
+        let name = name.into();
         let len: usize = shape.iter().product();
-        debug_assert_eq!(init.len(), len);
+        if init.len() != len {
+            return Err(EngineError::layer(
+                name,
+                format!(
+                    "initial values hold {} elements, shape {shape:?} needs {len}",
+                    init.len()
+                ),
+            ));
+        }
         Ok(Param {
             name,
-            shape,
             value: be.upload_param(&init)?,
             grad: be.zeros(len)?,
             m: be.zeros_state(len)?,
             v: be.zeros_state(len)?,
+            shape,
             decay,
-            tied_to: None,
         })
     }
 
@@ -60,9 +69,9 @@ impl<B: Backend> Param<B> {
 /// A micro-batch as a layer sees it: token ids (first part), targets (last part), sizes, and
 /// the loss scale `1 / tokens in the whole batch` (the loss is a mean over the batch).
 pub struct MicroBatch<B: Backend> {
-    /// Input tokens `(b, t)`, present on the stage that holds the embedding.
+    /// Input tokens `(b, t)`, present on the stage that holds the first unit.
     pub inputs: Option<B::Tokens>,
-    /// Target tokens `(b, t)`, present on the stage that holds the head.
+    /// Target tokens `(b, t)`, present on the stage that holds the last unit.
     pub targets: Option<B::Tokens>,
     /// Sequences in the micro-batch.
     pub b: usize,
@@ -72,8 +81,38 @@ pub struct MicroBatch<B: Backend> {
     pub loss_scale: f32,
 }
 
-/// What a layer keeps between forward and backward for one micro-batch: named slots that the
-/// layer fills and empties itself.
+impl<B: Backend> MicroBatch<B> {
+    /// The input tokens, or an error naming `layer` when this stage has none (it does not hold the first unit).
+    pub fn input_tokens(&self, layer: &str) -> Result<&B::Tokens> {
+        self.inputs
+            .as_ref()
+            .ok_or_else(|| EngineError::layer(layer, "the micro-batch has no input tokens on this stage"))
+    }
+
+    /// The target tokens, or an error naming `layer` when this stage has none (it does not hold the last unit).
+    pub fn target_tokens(&self, layer: &str) -> Result<&B::Tokens> {
+        self.targets
+            .as_ref()
+            .ok_or_else(|| EngineError::layer(layer, "the micro-batch has no targets on this stage"))
+    }
+}
+
+/// What a layer keeps between forward and backward for one micro-batch: numbered slots that the layer fills and
+/// empties itself (a layer names its slots with constants). The public API is safe: filling a filled slot, or
+/// reading or taking an empty one, is an error naming the layer and the slot, never a panic.
+///
+/// ```
+/// use baton_engine::{model::Saved, Cpu, Backend};
+/// let be = Cpu;
+/// let mut stash: Saved<Cpu> = Saved::with_slots(2);
+/// stash.put(0, be.upload(&[1.0, 2.0])?, "my layer")?;
+/// assert!(stash.put(0, be.upload(&[3.0])?, "my layer").is_err()); // slot 0 is full
+/// assert_eq!(be.download(stash.get(0, "my layer")?)?, vec![1.0, 2.0]);
+/// let x = stash.take(0, "my layer")?;
+/// assert!(stash.get(0, "my layer").is_err()); // taken
+/// # drop(x);
+/// # Ok::<(), baton_engine::EngineError>(())
+/// ```
 pub struct Saved<B: Backend> {
     slots: Vec<Option<B::Buf>>,
 }
@@ -84,27 +123,55 @@ impl<B: Backend> Saved<B> {
         Saved { slots: Vec::new() }
     }
 
-    fn with_slots(n: usize) -> Self {
+    /// A stash with `n` empty slots.
+    pub fn with_slots(n: usize) -> Self {
         Saved {
             slots: (0..n).map(|_| None).collect(),
         }
     }
 
-    fn put(&mut self, slot: usize, buf: B::Buf) {
-        debug_assert!(self.slots[slot].is_none(), "stash slot {slot} is filled twice");
-        self.slots[slot] = Some(buf);
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
     }
 
-    fn get(&self, slot: usize, layer: &str) -> Result<&B::Buf> {
-        self.slots[slot].as_ref().ok_or_else(|| missing(layer, slot))
+    /// Fills `slot` with `buf`; an error if the slot does not exist or is already filled.
+    pub fn put(&mut self, slot: usize, buf: B::Buf, layer: &str) -> Result<()> {
+        let n = self.slots.len();
+        match self.slots.get_mut(slot) {
+            None => Err(EngineError::layer(
+                layer,
+                format!("stash slot {slot} does not exist (the stash has {n})"),
+            )),
+            Some(Some(_)) => Err(EngineError::layer(layer, format!("stash slot {slot} is filled twice"))),
+            Some(place) => {
+                *place = Some(buf);
+                Ok(())
+            }
+        }
     }
 
-    fn take(&mut self, slot: usize, layer: &str) -> Result<B::Buf> {
-        self.slots[slot].take().ok_or_else(|| missing(layer, slot))
+    /// The buffer in `slot`; an error if it is empty (backward before forward, or taken already).
+    pub fn get(&self, slot: usize, layer: &str) -> Result<&B::Buf> {
+        self.slots
+            .get(slot)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| missing(layer, slot))
     }
 
-    fn drop_slot(&mut self, slot: usize) {
-        self.slots[slot] = None;
+    /// Takes the buffer out of `slot`; an error if it is empty.
+    pub fn take(&mut self, slot: usize, layer: &str) -> Result<B::Buf> {
+        self.slots
+            .get_mut(slot)
+            .and_then(Option::take)
+            .ok_or_else(|| missing(layer, slot))
+    }
+
+    /// Frees `slot` (what `backward_weight` will not need); a no-op on an empty or missing slot.
+    pub fn drop_slot(&mut self, slot: usize) {
+        if let Some(place) = self.slots.get_mut(slot) {
+            *place = None;
+        }
     }
 
     /// Bytes held on the device.
@@ -113,10 +180,8 @@ impl<B: Backend> Saved<B> {
     }
 }
 
-fn missing(layer: &str, slot: usize) -> crate::error::EngineError {
-    crate::error::EngineError::Batch(format!(
-        "{layer}: stash slot {slot} is empty (backward before forward?)"
-    ))
+fn missing(layer: &str, slot: usize) -> EngineError {
+    EngineError::layer(layer, format!("stash slot {slot} is empty (backward before forward?)"))
 }
 
 /// What a forward returns: the activation for the next layer (or nothing after the head), the
@@ -158,7 +223,7 @@ pub trait Layer<B: Backend>: Send + Sync {
         let name = self.name();
         self.forward(be, x, mb)?
             .out
-            .ok_or_else(|| crate::error::EngineError::Batch(format!("{name}: no output")))
+            .ok_or_else(|| EngineError::layer(name, "no output"))
     }
 }
 
@@ -171,12 +236,6 @@ pub fn build_layer<B: Backend>(cfg: &GptConfig, unit: usize, be: &B, seed: u64) 
     })
 }
 
-fn tokens<'a, B: Backend>(t: &'a Option<B::Tokens>, layer: &str, what: &str) -> Result<&'a B::Tokens> {
-    t.as_ref().ok_or_else(|| {
-        crate::error::EngineError::Batch(format!("{layer}: the micro-batch has no {what} on this stage"))
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 /// Token + position embedding. Parameters: `wte (V, C)`, `wpe (maxT, C)`.
 pub struct Embedding<B: Backend> {
@@ -185,17 +244,12 @@ pub struct Embedding<B: Backend> {
 }
 
 impl<B: Backend> Embedding<B> {
-    fn new(cfg: &GptConfig, be: &B, seed: u64) -> Result<Self> {
+    /// GPT-2's embedding for `cfg` on `be`, weights drawn from `seed`.
+    pub fn new(cfg: &GptConfig, be: &B, seed: u64) -> Result<Self> {
         let (v, t, c) = (cfg.vocab_size, cfg.max_seq, cfg.d_model);
         let params = vec![
-            Param::new(be, "wte".into(), vec![v, c], normal(seed, "wte", v * c, INIT_STD), true)?,
-            Param::new(
-                be,
-                "wpe".into(),
-                vec![t, c],
-                normal(seed, "wpe", t * c, INIT_STD / 2.0),
-                true,
-            )?,
+            Param::new(be, "wte", vec![v, c], normal(seed, "wte", v * c, INIT_STD), true)?,
+            Param::new(be, "wpe", vec![t, c], normal(seed, "wpe", t * c, INIT_STD / 2.0), true)?,
         ];
         Ok(Embedding { params, c })
     }
@@ -212,7 +266,7 @@ impl<B: Backend> Layer<B> for Embedding<B> {
         &mut self.params
     }
     fn forward(&self, be: &B, _x: Option<B::Buf>, mb: &MicroBatch<B>) -> Result<Forward<B>> {
-        let toks = tokens::<B>(&mb.inputs, "embedding", "input tokens")?;
+        let toks = mb.input_tokens("embedding")?;
         let mut out = be.zeros(mb.b * mb.t * self.c)?;
         be.embedding_forward(
             &mut out,
@@ -236,13 +290,13 @@ impl<B: Backend> Layer<B> for Embedding<B> {
         dout: Option<B::Buf>,
         _mb: &MicroBatch<B>,
     ) -> Result<Option<B::Buf>> {
-        let dout = dout.ok_or_else(|| crate::error::EngineError::Batch("embedding: no output gradient".into()))?;
-        saved.put(0, dout);
+        let dout = dout.ok_or_else(|| EngineError::layer("embedding", "no output gradient"))?;
+        saved.put(0, dout, "embedding")?;
         Ok(None)
     }
     fn backward_weight(&mut self, be: &B, mut saved: Saved<B>, mb: &MicroBatch<B>) -> Result<()> {
         let dout = saved.take(0, "embedding")?;
-        let toks = tokens::<B>(&mb.inputs, "embedding", "input tokens")?;
+        let toks = mb.input_tokens("embedding")?;
         let (wte, wpe) = self.params.split_at_mut(1);
         be.embedding_backward(&mut wte[0].grad, &mut wpe[0].grad, &dout, toks, mb.b, mb.t, self.c)
     }
@@ -294,7 +348,8 @@ const S_DLN1: usize = 18;
 const BLOCK_SLOTS: usize = 19;
 
 impl<B: Backend> Block<B> {
-    fn new(cfg: &GptConfig, index: usize, be: &B, seed: u64) -> Result<Self> {
+    /// Transformer block `index` of `cfg` on `be`, weights drawn from `seed`.
+    pub fn new(cfg: &GptConfig, index: usize, be: &B, seed: u64) -> Result<Self> {
         let c = cfg.d_model;
         let proj_std = INIT_STD / (2.0 * cfg.layers as f32).sqrt();
         let p = |suffix: &str| format!("h.{index}.{suffix}");
@@ -364,7 +419,7 @@ impl<B: Backend> Layer<B> for Block<B> {
 
     fn forward(&self, be: &B, x: Option<B::Buf>, mb: &MicroBatch<B>) -> Result<Forward<B>> {
         let name = self.name();
-        let x = x.ok_or_else(|| crate::error::EngineError::Batch(format!("{name}: no input activation")))?;
+        let x = x.ok_or_else(|| EngineError::layer(&name, "no input activation"))?;
         let (b, t, c, nh) = (mb.b, mb.t, self.c, self.nh);
         let n = b * t;
         let mut s = Saved::with_slots(BLOCK_SLOTS);
@@ -410,7 +465,7 @@ impl<B: Backend> Layer<B> for Block<B> {
             (S_FC, fc),
             (S_GELU, gelu),
         ] {
-            s.put(slot, buf);
+            s.put(slot, buf, &name)?;
         }
         Ok(Forward {
             out: Some(out),
@@ -427,7 +482,7 @@ impl<B: Backend> Layer<B> for Block<B> {
         mb: &MicroBatch<B>,
     ) -> Result<Option<B::Buf>> {
         let name = self.name();
-        let dout = dout.ok_or_else(|| crate::error::EngineError::Batch(format!("{name}: no output gradient")))?;
+        let dout = dout.ok_or_else(|| EngineError::layer(&name, "no output gradient"))?;
         let (b, t, c, nh) = (mb.b, mb.t, self.c, self.nh);
         let n = b * t;
         // MLP branch.
@@ -486,7 +541,7 @@ impl<B: Backend> Layer<B> for Block<B> {
             (S_DQKV, dqkv),
             (S_DLN1, dln1),
         ] {
-            s.put(slot, buf);
+            s.put(slot, buf, &name)?;
         }
         Ok(Some(dx))
     }
@@ -590,19 +645,20 @@ const HS_DLNF: usize = 6;
 const HEAD_SLOTS: usize = 7;
 
 impl<B: Backend> Head<B> {
-    fn new(cfg: &GptConfig, be: &B, seed: u64) -> Result<Self> {
+    /// GPT-2's head for `cfg` on `be` (its `lm_head.weight` starts as a copy of `wte`), weights drawn from `seed`.
+    pub fn new(cfg: &GptConfig, be: &B, seed: u64) -> Result<Self> {
         let (v, c) = (cfg.vocab_size, cfg.d_model);
-        let mut wte = Param::new(
+        // A copy of `wte` (same initial values); the model's tied group keeps the two bitwise equal.
+        let wte = Param::new(
             be,
-            "lm_head.weight".into(),
+            "lm_head.weight",
             vec![v, c],
             normal(seed, "wte", v * c, INIT_STD),
             true,
         )?;
-        wte.tied_to = Some("wte");
         let params = vec![
-            Param::new(be, "ln_f.weight".into(), vec![c], vec![1.0; c], false)?,
-            Param::new(be, "ln_f.bias".into(), vec![c], vec![0.0; c], false)?,
+            Param::new(be, "ln_f.weight", vec![c], vec![1.0; c], false)?,
+            Param::new(be, "ln_f.bias", vec![c], vec![0.0; c], false)?,
             wte,
         ];
         Ok(Head { params, c, v })
@@ -639,8 +695,8 @@ impl<B: Backend> Layer<B> for Head<B> {
         &mut self.params
     }
     fn forward(&self, be: &B, x: Option<B::Buf>, mb: &MicroBatch<B>) -> Result<Forward<B>> {
-        let x = x.ok_or_else(|| crate::error::EngineError::Batch("head: no input activation".into()))?;
-        let targets = tokens::<B>(&mb.targets, "head", "targets")?;
+        let x = x.ok_or_else(|| EngineError::layer("head", "no input activation"))?;
+        let targets = mb.target_tokens("head")?;
         let (n, c, v) = (mb.b * mb.t, self.c, self.v);
         let (mut lnf, mut mean, mut rstd) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
         be.layernorm_forward(
@@ -665,7 +721,7 @@ impl<B: Backend> Layer<B> for Head<B> {
             (HS_RSTD, rstd),
             (HS_LOGITS, logits),
         ] {
-            s.put(slot, buf);
+            s.put(slot, buf, "head")?;
         }
         Ok(Forward {
             out: None,
@@ -674,7 +730,7 @@ impl<B: Backend> Layer<B> for Head<B> {
         })
     }
     fn infer(&self, be: &B, x: Option<B::Buf>, mb: &MicroBatch<B>) -> Result<B::Buf> {
-        let x = x.ok_or_else(|| crate::error::EngineError::Batch("head: no input activation".into()))?;
+        let x = x.ok_or_else(|| EngineError::layer("head", "no input activation"))?;
         self.logits(be, &x, mb.b * mb.t)
     }
     fn backward_input(
@@ -684,7 +740,7 @@ impl<B: Backend> Layer<B> for Head<B> {
         _dout: Option<B::Buf>,
         mb: &MicroBatch<B>,
     ) -> Result<Option<B::Buf>> {
-        let targets = tokens::<B>(&mb.targets, "head", "targets")?;
+        let targets = mb.target_tokens("head")?;
         let (n, c, v) = (mb.b * mb.t, self.c, self.v);
         let mut dlogits = be.zeros(n * v)?;
         be.cross_entropy_backward(&mut dlogits, &s.take(HS_LOGITS, "head")?, targets, mb.loss_scale, n, v)?;
@@ -701,8 +757,8 @@ impl<B: Backend> Layer<B> for Head<B> {
             n,
             c,
         )?;
-        s.put(HS_DLOGITS, dlogits);
-        s.put(HS_DLNF, dlnf);
+        s.put(HS_DLOGITS, dlogits, "head")?;
+        s.put(HS_DLNF, dlnf, "head")?;
         Ok(Some(dx))
     }
     fn backward_weight(&mut self, be: &B, mut s: Saved<B>, mb: &MicroBatch<B>) -> Result<()> {

@@ -1,0 +1,427 @@
+//! The settings of `baton train`: every one has a default, a TOML key (`--config FILE.toml`) and a flag; flags
+//! override the file, which overrides the defaults.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::CliError;
+use crate::engine::{GptConfig, OptimizerConfig, PipelineConfig, StageSplit};
+use crate::schedules::ScheduleKind;
+
+/// Every setting of a training run. The TOML file uses these field names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run name (the default output directory is `runs/<run_name>`).
+    pub run_name: String,
+    /// Output directory.
+    pub out: Option<PathBuf>,
+    /// Training data: a UTF-8 text file or an llm.c `.bin` token shard; the embedded corpus if absent.
+    pub data: Option<PathBuf>,
+    /// `bytes` or `gpt2`.
+    pub tokenizer: String,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Channels.
+    pub d_model: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Context length (tokens per sequence).
+    pub seq: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Pipeline stages.
+    pub stages: u32,
+    /// Schedule: gpipe, 1f1b, interleaved, zb-h1, zb-v.
+    pub schedule: String,
+    /// Train with the schedule in this CSV instead (Baton's or PyTorch's `_dump_csv`, compute-only or with
+    /// comms); the stage count and micro-batches come from the file.
+    pub schedule_csv: Option<PathBuf>,
+    /// Micro-batches per step.
+    pub microbatches: u32,
+    /// Chunks per stage (default: 2 for interleaved and zb-v, else 1).
+    pub chunks: Option<u32>,
+    /// Explicit split `0..2,2..4,...` over global layers (0 = embedding, 1..=L blocks, L+1 head).
+    pub split: Option<String>,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Warmup steps.
+    pub warmup: u64,
+    /// Weight decay.
+    pub weight_decay: f32,
+    /// Gradient clipping norm (0 = off).
+    pub grad_clip: f32,
+    /// Seed for weights and data order.
+    pub seed: u64,
+    /// Recompute activations in backward (stash only each part's input).
+    pub recompute: bool,
+    /// Validate every this many steps (0 = only at the end).
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Save a checkpoint every this many steps (0 = only at the end).
+    pub save_every: u64,
+    /// Write `trace.json` (Chrome/Perfetto) for the first steps.
+    pub trace: bool,
+    /// Start from a Hugging Face GPT-2 directory (config.json + model.safetensors).
+    pub init_from: Option<PathBuf>,
+    /// Device: `cpu`, `cuda` or `auto`.
+    pub device: String,
+    /// Resume from `latest` (the newest complete checkpoint under `<out>/checkpoints`) or a
+    /// checkpoint directory; `steps` stays the run's total.
+    pub resume: Option<String>,
+    /// Keep only the newest K checkpoints (0 keeps all).
+    pub keep_last: usize,
+    /// Restarts from the latest good checkpoint after a failed step, at most this many.
+    pub max_restarts: u32,
+    /// What a non-finite loss or gradient norm does: `skip` or `abort`.
+    pub on_nonfinite: String,
+    /// Consecutive skipped steps that abort the run.
+    pub max_skips: u32,
+    /// Stop (saving a checkpoint) once this step is reached, although `steps` is the run's
+    /// total: for interrupting a run on purpose and resuming it later.
+    pub stop_at: Option<u64>,
+    /// Peak FLOP rate of the device in TFLOP/s (e.g. its measured bf16 GEMM rate); when set,
+    /// metrics and the progress bar report MFU against it.
+    pub peak_tflops: f64,
+    /// Precision on a GPU: `bf16` (bf16 activations, weights and gradients; fp32 master weights
+    /// and moments), `f32`, or `auto` (bf16 on a GPU; the CPU always computes in f32).
+    pub precision: String,
+    /// Copy bandwidth between devices in GB/s, for the layout prediction printed at the end of
+    /// a run (0: transfers are free).
+    pub copy_gbps: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            run_name: "default".into(),
+            out: None,
+            data: None,
+            tokenizer: "bytes".into(),
+            layers: 4,
+            d_model: 128,
+            heads: 4,
+            seq: 128,
+            batch: 16,
+            stages: 4,
+            schedule: "1f1b".into(),
+            schedule_csv: None,
+            microbatches: 8,
+            chunks: None,
+            split: None,
+            steps: 300,
+            lr: 3e-3,
+            warmup: 10,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            seed: 1337,
+            recompute: false,
+            eval_every: 50,
+            eval_batches: 8,
+            save_every: 0,
+            trace: false,
+            init_from: None,
+            device: "auto".into(),
+            resume: None,
+            keep_last: 3,
+            max_restarts: 0,
+            on_nonfinite: "skip".into(),
+            max_skips: 3,
+            stop_at: None,
+            peak_tflops: 0.0,
+            precision: "auto".into(),
+            copy_gbps: 0.0,
+        }
+    }
+}
+
+/// Arguments of `baton train`; each overrides the TOML file, which overrides the defaults.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML file with any of the settings below (field names as in `TrainConfig`, snake_case).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Run name.
+    #[arg(long)]
+    pub run_name: Option<String>,
+    /// Output directory (default `runs/<run-name>`).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Text file or llm.c `.bin` shard (default: the embedded Shakespeare corpus).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Tokenizer: bytes or gpt2.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Channels.
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Context length.
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Sequences per step.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Pipeline stages.
+    #[arg(long)]
+    pub stages: Option<u32>,
+    /// Schedule: gpipe, 1f1b, interleaved, zb-h1, zb-v.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Train with the schedule in this CSV (Baton's or PyTorch's `_dump_csv`; stages and micro-batches from the file).
+    #[arg(long, value_name = "FILE.csv")]
+    pub schedule_csv: Option<PathBuf>,
+    /// Micro-batches per step.
+    #[arg(long)]
+    pub microbatches: Option<u32>,
+    /// Chunks per stage.
+    #[arg(long)]
+    pub chunks: Option<u32>,
+    /// Split over global layers, e.g. `0..2,2..3,3..5,5..6`.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Warmup steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Recompute activations in backward.
+    #[arg(long)]
+    pub recompute: bool,
+    /// Validate every N steps.
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Save a checkpoint every N steps.
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+    /// Write a Chrome/Perfetto trace (trace.json).
+    #[arg(long)]
+    pub trace: bool,
+    /// Start from a Hugging Face GPT-2 directory.
+    #[arg(long, value_name = "DIR")]
+    pub init_from: Option<PathBuf>,
+    /// Device: cpu, cuda or auto.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Resume: `latest` (newest complete checkpoint under <out>/checkpoints) or a checkpoint directory.
+    #[arg(long, value_name = "latest|DIR")]
+    pub resume: Option<String>,
+    /// Keep only the newest K checkpoints (0 keeps all).
+    #[arg(long, value_name = "K")]
+    pub keep_last: Option<usize>,
+    /// Restart from the latest good checkpoint after a failed step, at most N times.
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// Non-finite loss or gradient norm: skip the step or abort.
+    #[arg(long, value_name = "skip|abort")]
+    pub on_nonfinite: Option<String>,
+    /// Consecutive skipped steps that abort the run.
+    #[arg(long, value_name = "K")]
+    pub max_skips: Option<u32>,
+    /// Stop (with a checkpoint) at this step although --steps is the run's total.
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<u64>,
+    /// Device peak in TFLOP/s for MFU (FLOPs per token = 6N + 6·L·C·T). Default on a GPU: its bf16 GEMM rate,
+    /// measured at start (an 8192³ cuBLASLt GEMM); on the CPU MFU is not reported without it.
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
+    /// GPU precision: bf16 (fp32 master weights), f32, or auto (bf16 on a GPU).
+    #[arg(long, value_name = "bf16|f32|auto")]
+    pub precision: Option<String>,
+    /// Copy bandwidth between devices in GB/s for the end-of-run layout prediction (0: free).
+    #[arg(long, value_name = "GBPS")]
+    pub copy_gbps: Option<f64>,
+}
+
+impl TrainArgs {
+    /// The effective configuration: defaults, then the TOML file, then flags.
+    pub fn resolve(&self) -> Result<TrainConfig, CliError> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| CliError::usage(format!("--config {}: {e}", path.display())))?;
+                toml::from_str::<TrainConfig>(&text).map_err(|e| {
+                    CliError::usage(format!(
+                        "--config {}: {}",
+                        path.display(),
+                        e.to_string().replace('\n', " ")
+                    ))
+                })?
+            }
+            None => TrainConfig::default(),
+        };
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        over!(
+            run_name,
+            tokenizer,
+            layers,
+            d_model,
+            heads,
+            seq,
+            batch,
+            stages,
+            schedule,
+            microbatches,
+            steps,
+            lr,
+            warmup,
+            seed,
+            eval_every,
+            save_every,
+            device,
+            keep_last,
+            max_restarts,
+            on_nonfinite,
+            max_skips
+        );
+        if self.resume.is_some() {
+            c.resume = self.resume.clone();
+        }
+        if self.stop_at.is_some() {
+            c.stop_at = self.stop_at;
+        }
+        if let Some(peak) = self.peak_tflops {
+            c.peak_tflops = peak;
+        }
+        if let Some(precision) = &self.precision {
+            c.precision = precision.clone();
+        }
+        if let Some(gbps) = self.copy_gbps {
+            c.copy_gbps = gbps;
+        }
+        if self.out.is_some() {
+            c.out = self.out.clone();
+        }
+        if self.data.is_some() {
+            c.data = self.data.clone();
+        }
+        if self.chunks.is_some() {
+            c.chunks = self.chunks;
+        }
+        if self.split.is_some() {
+            c.split = self.split.clone();
+        }
+        if self.init_from.is_some() {
+            c.init_from = self.init_from.clone();
+        }
+        if self.schedule_csv.is_some() {
+            c.schedule_csv = self.schedule_csv.clone();
+        }
+        c.recompute |= self.recompute;
+        c.trace |= self.trace;
+        Ok(c)
+    }
+}
+
+/// Builds the pipeline configuration a `TrainConfig` describes.
+pub fn pipeline_config(c: &TrainConfig, vocab_size: usize) -> Result<PipelineConfig, CliError> {
+    let kind = ScheduleKind::from_name(&c.schedule).map_err(|e| CliError::usage(e.to_string()))?;
+    if kind == ScheduleKind::Custom {
+        return Err(CliError::usage(
+            "--schedule custom cannot be trained; use gpipe, 1f1b, interleaved, zb-h1 or zb-v",
+        ));
+    }
+    let model = GptConfig {
+        vocab_size,
+        max_seq: c.seq,
+        layers: c.layers,
+        d_model: c.d_model,
+        heads: c.heads,
+    };
+    let mut p = PipelineConfig::new(model, c.stages, kind, c.microbatches);
+    if let Some(chunks) = c.chunks {
+        p.chunks = chunks;
+    }
+    if let Some(split) = &c.split {
+        p.split = StageSplit::parse(split).map_err(|e| CliError::usage(e.to_string()))?;
+    }
+    p.optimizer = OptimizerConfig {
+        lr: c.lr,
+        min_lr: c.lr / 10.0,
+        warmup_steps: c.warmup.min(c.steps),
+        total_steps: c.steps,
+        weight_decay: c.weight_decay,
+        grad_clip: c.grad_clip,
+        ..OptimizerConfig::default()
+    };
+    p.recompute = c.recompute;
+    p.seed = c.seed;
+    Ok(p)
+}
+
+/// Checks the settings the engine does not see.
+pub fn check(c: &TrainConfig) -> Result<(), CliError> {
+    if c.steps == 0 {
+        return Err(CliError::usage("--steps must be >= 1"));
+    }
+    if c.batch == 0 {
+        return Err(CliError::usage("--batch must be >= 1"));
+    }
+    if c.microbatches == 0 || c.batch % c.microbatches as usize != 0 {
+        return Err(CliError::usage(format!(
+            "--microbatches {} must divide --batch {} (each micro-batch holds batch / microbatches sequences)",
+            c.microbatches, c.batch
+        )));
+    }
+    if !c.copy_gbps.is_finite() || c.copy_gbps < 0.0 {
+        return Err(CliError::usage(format!(
+            "--copy-gbps {} must be finite and >= 0",
+            c.copy_gbps
+        )));
+    }
+    if !c.peak_tflops.is_finite() || c.peak_tflops < 0.0 {
+        return Err(CliError::usage(format!(
+            "--peak-tflops {} must be finite and >= 0",
+            c.peak_tflops
+        )));
+    }
+    if c.eval_batches == 0 {
+        return Err(CliError::usage("eval_batches must be >= 1"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_toml_file_which_overrides_the_defaults() {
+        let dir = std::env::temp_dir().join(format!("baton-train-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, "layers = 6\nlr = 0.01\nschedule = \"zb-h1\"\n").unwrap();
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let cmd = <Cmd as clap::Parser>::try_parse_from(["train", "--config", path.to_str().unwrap(), "--lr", "0.02"]);
+        let c = cmd.unwrap().args.resolve().unwrap();
+        assert_eq!(
+            (c.layers, c.lr, c.schedule.as_str(), c.d_model),
+            (6, 0.02, "zb-h1", 128)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
