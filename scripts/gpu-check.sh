@@ -40,6 +40,10 @@ if [[ "${1:-}" == "build" ]]; then
   build_one gpu_parity_attention test --release -p baton-kernels --test gpu_parity_attention
   build_one gpu_parity_gemm test --release -p baton-kernels --test gpu_parity_gemm
   build_one cuda_backend test --release -p baton-engine --test cuda_backend
+  # The backend-generic suites (written once; `cuda::*` are their CUDA instances).
+  for suite in equivalence faults faults_matrix checkpoint; do
+    build_one "suite_$suite" test --release -p baton-engine --test "$suite"
+  done
   build_one kernels_bench bench -p baton --bench kernels
   build_one transport_bench bench -p baton --bench transport
   cargo build --release --bin baton >/dev/null 2>&1 && cp target/release/baton "$BIN/baton" &&
@@ -125,6 +129,22 @@ run_step parity 150 "$BIN/gpu_parity" --ignored --test-threads 1 --nocapture
 run_step parity_attention 60 "$BIN/gpu_parity_attention" --ignored --test-threads 1 --nocapture
 run_step parity_gemm 60 "$BIN/gpu_parity_gemm" --ignored --test-threads 1 --nocapture
 run_step engine 150 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
+# The equivalence, fault and checkpoint suites on CUDA: the same test code CI runs on the CPU.
+run_suites() {
+  local rc=0 suite
+  for suite in equivalence faults faults_matrix checkpoint; do
+    if [[ -x "$BIN/suite_$suite" ]]; then
+      "$BIN/suite_$suite" --ignored cuda:: --test-threads 1 || rc=1
+    else
+      echo "suite_$suite: not built (scripts/gpu-check.sh build)"
+      rc=1
+    fi
+  done
+  return $rc
+}
+export -f run_suites
+export BIN
+run_step suites 120 bash -c run_suites
 run_step bench 240 "$BIN/kernels_bench" --bench
 if [[ -x "$BIN/transport_bench" ]]; then
   run_step transport 90 "$BIN/transport_bench" --bench

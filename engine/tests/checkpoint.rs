@@ -661,3 +661,42 @@ mod roundtrip {
         }
     }
 }
+
+on_every_backend!(a_checkpoint_resumes_on_another_layout_like_the_uninterrupted_run);
+
+/// Saved on the backend with 4 stages (1F1B), resumed on the same backend with 2 stages (ZB-H1) and other initial
+/// weights: the run ends where the uninterrupted one ends (bitwise on the CPU, within tolerance on a GPU).
+fn a_checkpoint_resumes_on_another_layout_like_the_uninterrupted_run(d: &impl common::Device) {
+    let data = batches();
+    let mut whole = Pipeline::new(config(model(), 4, ScheduleKind::OneFOneB), d.stages(4)).unwrap();
+    for b in &data {
+        whole.train_step(b).unwrap();
+    }
+    let want = whole.parameters().unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let mut first = Pipeline::new(config(model(), 4, ScheduleKind::OneFOneB), d.stages(4)).unwrap();
+    for b in &data[..SAVE_AT] {
+        first.train_step(b).unwrap();
+    }
+    let dir = checkpoint::save(root.path(), &first, TokenizerKind::Bytes, loader()).unwrap();
+    let ck = checkpoint::load(&dir).unwrap();
+    let mut cfg = config(model(), 2, ScheduleKind::ZbH1);
+    cfg.seed = 99;
+    let mut second = Pipeline::new(cfg, d.stages(2)).unwrap();
+    second.load(&ck.params, Some((&ck.adam_m, &ck.adam_v))).unwrap();
+    second.set_step(ck.manifest.step);
+    for b in &data[SAVE_AT..] {
+        second.train_step(b).unwrap();
+    }
+    let got = second.parameters().unwrap();
+    match d.tolerance() {
+        None => assert_maps_bitwise(&got, &want, "resumed on 2 stages"),
+        Some(tol) => {
+            for (name, t) in &want {
+                let e = common::rel_err(&got[name].data, &t.data);
+                assert!(e <= tol, "{name}: {e:.2e} > {tol:.0e}");
+            }
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! with `StageFailed` naming the stage and the action, quickly; every thread is joined; nothing
 //! changes in the model; the next step trains as if the failed one never happened. A stalled
 //! stage is caught by the watchdog. A NaN is skipped (or aborts), and reported with the stage
-//! where it first appeared.
+//! where it first appeared. Written once for every backend (`on_every_backend!`).
 
 mod common;
 
@@ -10,17 +10,24 @@ use std::time::{Duration, Instant};
 
 use baton_engine::executor::{FailureKind, FailurePoint};
 use baton_engine::pipeline::NonFinitePolicy;
-use baton_engine::{Cpu, EngineError, Pipeline, PipelineConfig};
+use baton_engine::{Backend, EngineError, Pipeline, PipelineConfig};
 use baton_schedules::{Op, ScheduleKind};
-use common::{batches, tiny_model};
+use common::{batches, tiny_model, Device};
 
-fn pipeline(kind: ScheduleKind, timeout_ms: u64) -> Pipeline<Cpu> {
+on_every_backend!(
+    a_stalled_stage_is_caught_by_the_watchdog,
+    nan_skips_the_step_and_names_the_stage,
+    nan_loss_read_back_at_the_end_still_names_the_head_stage,
+    nan_with_abort_policy_and_consecutive_skips_fail_clearly
+);
+
+fn pipeline<D: Device>(d: &D, kind: ScheduleKind, timeout_ms: u64) -> Pipeline<D::B> {
     let mut cfg = PipelineConfig::new(tiny_model(), 4, kind, 4);
     cfg.recv_timeout_ms = timeout_ms;
-    Pipeline::new(cfg, vec![Cpu; 4]).unwrap()
+    Pipeline::new(cfg, d.stages(4)).unwrap()
 }
 
-fn bits(p: &Pipeline<Cpu>) -> Vec<u32> {
+fn bits<B: Backend>(p: &Pipeline<B>) -> Vec<u32> {
     p.parameters()
         .unwrap()
         .values()
@@ -28,10 +35,9 @@ fn bits(p: &Pipeline<Cpu>) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn a_stalled_stage_is_caught_by_the_watchdog() {
+fn a_stalled_stage_is_caught_by_the_watchdog(d: &impl Device) {
     let data = batches(2);
-    let mut p = pipeline(ScheduleKind::OneFOneB, 300);
+    let mut p = pipeline(d, ScheduleKind::OneFOneB, 300);
     p.set_failure(Some(FailurePoint {
         stage: 2,
         action: 3,
@@ -59,10 +65,9 @@ fn a_stalled_stage_is_caught_by_the_watchdog() {
     p.train_step(&data[1]).unwrap();
 }
 
-#[test]
-fn nan_skips_the_step_and_names_the_stage() {
+fn nan_skips_the_step_and_names_the_stage(d: &impl Device) {
     let data = batches(3);
-    let mut p = pipeline(ScheduleKind::OneFOneB, 5_000);
+    let mut p = pipeline(d, ScheduleKind::OneFOneB, 5_000);
     p.train_step(&data[0]).unwrap();
     let before = bits(&p);
     // Stage 2's first forward emits NaN: the loss is NaN, the step is skipped.
@@ -83,10 +88,9 @@ fn nan_skips_the_step_and_names_the_stage() {
 
 /// The loss stays on the device until the stage's list is done: a NaN loss from the head's forward is still
 /// caught, and attributed to the last stage's forward, even though it is read back only after later actions.
-#[test]
-fn nan_loss_read_back_at_the_end_still_names_the_head_stage() {
+fn nan_loss_read_back_at_the_end_still_names_the_head_stage(d: &impl Device) {
     let data = batches(2);
-    let mut p = pipeline(ScheduleKind::OneFOneB, 5_000);
+    let mut p = pipeline(d, ScheduleKind::OneFOneB, 5_000);
     p.train_step(&data[0]).unwrap();
     let before = bits(&p);
     // Stage 3 (the head) poisons its second forward: micro-batch 1's loss.
@@ -106,12 +110,11 @@ fn nan_loss_read_back_at_the_end_still_names_the_head_stage() {
     assert_eq!(bits(&p), before, "a skipped step changes nothing");
 }
 
-#[test]
-fn nan_with_abort_policy_and_consecutive_skips_fail_clearly() {
+fn nan_with_abort_policy_and_consecutive_skips_fail_clearly(d: &impl Device) {
     let data = batches(1);
     let mut cfg = PipelineConfig::new(tiny_model(), 4, ScheduleKind::ZbH1, 4);
     cfg.nonfinite = NonFinitePolicy::Abort;
-    let mut p = Pipeline::new(cfg, vec![Cpu; 4]).unwrap();
+    let mut p = Pipeline::new(cfg, d.stages(4)).unwrap();
     // A NaN gradient leaving stage 3's first input-gradient action.
     let index = p.schedule().actions[3].iter().position(|a| a.op == Op::I).unwrap();
     p.set_failure(Some(FailurePoint {
@@ -137,7 +140,7 @@ fn nan_with_abort_policy_and_consecutive_skips_fail_clearly() {
 
     let mut cfg = PipelineConfig::new(tiny_model(), 2, ScheduleKind::OneFOneB, 2);
     cfg.max_consecutive_skips = 3;
-    let mut p = Pipeline::new(cfg, vec![Cpu; 2]).unwrap();
+    let mut p = Pipeline::new(cfg, d.stages(2)).unwrap();
     for i in 1..=3u32 {
         p.set_failure(Some(FailurePoint {
             stage: 0,

@@ -8,14 +8,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use baton_engine::executor::{FailureKind, FailurePoint};
-use baton_engine::{Cpu, EngineError, Pipeline, PipelineConfig};
+use baton_engine::{Backend, EngineError, Pipeline, PipelineConfig};
 use baton_schedules::{Op, ScheduleKind};
-use common::{batches, tiny_model};
+use common::{batches, tiny_model, Device};
 
-fn pipeline(kind: ScheduleKind, timeout_ms: u64) -> Pipeline<Cpu> {
+on_every_backend!(injected_failures_are_contained);
+
+fn pipeline<D: Device>(d: &D, kind: ScheduleKind, timeout_ms: u64) -> Pipeline<D::B> {
     let mut cfg = PipelineConfig::new(tiny_model(), 4, kind, 4);
     cfg.recv_timeout_ms = timeout_ms;
-    Pipeline::new(cfg, vec![Cpu; 4]).unwrap()
+    Pipeline::new(cfg, d.stages(4)).unwrap()
 }
 
 fn threads() -> usize {
@@ -29,7 +31,7 @@ fn threads() -> usize {
         .unwrap()
 }
 
-fn bits(p: &Pipeline<Cpu>) -> Vec<u32> {
+fn bits<B: Backend>(p: &Pipeline<B>) -> Vec<u32> {
     p.parameters()
         .unwrap()
         .values()
@@ -38,15 +40,14 @@ fn bits(p: &Pipeline<Cpu>) -> Vec<u32> {
 }
 
 /// Every stage × every action kind × {panic, error}, for 1F1B and ZB-H1 at p = 4.
-#[test]
-fn injected_failures_are_contained() {
+fn injected_failures_are_contained(d: &impl Device) {
     std::panic::set_hook(Box::new(|_| {})); // the injected panics are expected
     let data = batches(3);
     let baseline_threads = threads();
     let mut cases = 0;
     for kind in [ScheduleKind::OneFOneB, ScheduleKind::ZbH1] {
         // What an undisturbed run gives after two steps.
-        let mut clean = pipeline(kind, 5_000);
+        let mut clean = pipeline(d, kind, 5_000);
         clean.train_step(&data[0]).unwrap();
         clean.train_step(&data[1]).unwrap();
         let want = bits(&clean);
@@ -57,7 +58,7 @@ fn injected_failures_are_contained() {
                     continue;
                 };
                 for fault in [FailureKind::Panic, FailureKind::Error] {
-                    let mut p = pipeline(kind, 5_000);
+                    let mut p = pipeline(d, kind, 5_000);
                     p.train_step(&data[0]).unwrap();
                     let before = bits(&p);
                     p.set_failure(Some(FailurePoint {

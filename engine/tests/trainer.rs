@@ -1,0 +1,305 @@
+//! The training loop as a library: `Trainer` with checkpoints, resume on another layout, recovery from a failed
+//! step (including one that loses a stage's thread) and the observer's events. Every recovered or resumed run
+//! must end bitwise where the uninterrupted run ends.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use baton_engine::checkpoint;
+use baton_engine::data::{Batch, LoaderState};
+use baton_engine::executor::{FailureKind, FailurePoint};
+use baton_engine::trainer::{
+    CheckpointEvent, EvalEvent, Observer, RestartEvent, StartEvent, StepEvent, TrainData, Warning,
+};
+use baton_engine::{Cpu, EngineError, Gpt2, Pipeline, Result, StageSplit, TrainOptions, Trainer, TrainerConfig};
+use baton_schedules::{generate, ScheduleKind};
+
+const STEPS: u64 = 6;
+
+/// A fixed list of batches, resumable by position (the loader state's `cursor`).
+struct Fixed {
+    batches: Vec<Batch>,
+    next: usize,
+}
+
+impl Fixed {
+    fn new() -> Self {
+        Fixed {
+            batches: common::batches(STEPS as usize + 2),
+            next: 0,
+        }
+    }
+}
+
+impl TrainData for Fixed {
+    fn next_batch(&mut self) -> Batch {
+        let b = self.batches[self.next % self.batches.len()].clone();
+        self.next += 1;
+        b
+    }
+    fn state(&self) -> Option<LoaderState> {
+        Some(LoaderState {
+            seed: 0,
+            epoch: 0,
+            cursor: self.next as u64,
+        })
+    }
+    fn restore(&mut self, state: Option<LoaderState>) -> Result<()> {
+        self.next = state.map_or(0, |s| s.cursor as usize);
+        Ok(())
+    }
+    fn eval_batches(&self, max: usize) -> Vec<Batch> {
+        self.batches.iter().take(max).cloned().collect()
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-trainer-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A trainer over the tiny GPT with `kind` on `p` stages; `built` counts pipeline constructions.
+fn trainer(config: TrainerConfig, kind: ScheduleKind, p: u32, built: Arc<AtomicUsize>) -> Trainer<'static, Cpu> {
+    let model = Arc::new(Gpt2::new(common::tiny_model(), 7).unwrap());
+    let mut options = TrainOptions {
+        recv_timeout_ms: 300,
+        ..TrainOptions::default()
+    };
+    options.optimizer.warmup_steps = 2;
+    options.optimizer.total_steps = STEPS;
+    Trainer::new(config, move || {
+        built.fetch_add(1, Ordering::SeqCst);
+        Pipeline::builder(model.clone())
+            .schedule(generate(kind, p, 4, 1)?)
+            .split(StageSplit::Uniform)
+            .options(options.clone())
+            .build(vec![Cpu; p as usize])
+    })
+    .unwrap()
+}
+
+fn config(dir: Option<PathBuf>) -> TrainerConfig {
+    TrainerConfig {
+        steps: STEPS,
+        eval_every: 2,
+        eval_batches: 2,
+        checkpoint_dir: dir,
+        save_every: 2,
+        keep_last: 0,
+        ..TrainerConfig::default()
+    }
+}
+
+fn bits(t: &Trainer<'_, Cpu>) -> Vec<(String, Vec<u32>)> {
+    t.pipeline()
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.data.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+/// Records every event.
+#[derive(Default)]
+struct Log {
+    starts: Vec<u64>,
+    steps: Vec<(u64, u32, bool)>,
+    evals: Vec<u64>,
+    checkpoints: Vec<u64>,
+    restarts: Vec<RestartEvent>,
+    warnings: Vec<Warning>,
+}
+
+impl Observer for Log {
+    fn on_start(&mut self, e: &StartEvent) {
+        self.starts.push(e.first_step);
+    }
+    fn on_step(&mut self, e: &StepEvent<'_>) {
+        self.steps
+            .push((e.report.step, e.report.loss.to_bits(), e.val_loss.is_some()));
+    }
+    fn on_eval(&mut self, e: &EvalEvent) {
+        self.evals.push(e.step);
+    }
+    fn on_checkpoint(&mut self, e: &CheckpointEvent) {
+        self.checkpoints.push(e.step);
+    }
+    fn on_restart(&mut self, e: &RestartEvent) {
+        self.restarts.push(e.clone());
+    }
+    fn on_warning(&mut self, w: &Warning) {
+        self.warnings.push(w.clone());
+    }
+}
+
+fn reference() -> (Vec<(String, Vec<u32>)>, Log) {
+    let mut t = trainer(config(None), ScheduleKind::OneFOneB, 4, Arc::default());
+    let mut log = Log::default();
+    let run = t.run(&mut Fixed::new(), &mut log).unwrap();
+    assert_eq!(run.step, STEPS);
+    (bits(&t), log)
+}
+
+#[test]
+fn the_observer_sees_every_step_eval_and_checkpoint() {
+    let dir = tmp("events");
+    let mut t = trainer(config(Some(dir.clone())), ScheduleKind::OneFOneB, 4, Arc::default());
+    let mut log = Log::default();
+    let run = t.run(&mut Fixed::new(), &mut log).unwrap();
+    assert_eq!(log.starts, vec![0]);
+    assert_eq!(
+        log.steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=STEPS).collect::<Vec<_>>()
+    );
+    // After the first step, every 2 steps, and at the end.
+    assert_eq!(log.evals, vec![1, 2, 4, 6]);
+    assert_eq!(
+        log.steps.iter().filter(|s| s.2).map(|s| s.0).collect::<Vec<_>>(),
+        log.evals
+    );
+    // Every 2 steps but the last, then the final one.
+    assert_eq!(log.checkpoints, vec![2, 4, 6]);
+    assert!(log.restarts.is_empty() && log.warnings.is_empty(), "{:?}", log.warnings);
+    assert!(run.first_val.unwrap().is_finite() && run.last_val.unwrap().is_finite());
+    assert_eq!(checkpoint::load(&dir).unwrap().manifest.step, STEPS);
+    assert_eq!(run.checkpoint.unwrap(), dir.join("step-00000006"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn resume_on_another_layout_continues_bitwise() {
+    let (want, want_log) = reference();
+    let dir = tmp("resume");
+    let mut first = trainer(
+        TrainerConfig {
+            stop_at: Some(3),
+            ..config(Some(dir.clone()))
+        },
+        ScheduleKind::OneFOneB,
+        4,
+        Arc::default(),
+    );
+    let mut data = Fixed::new();
+    first.run(&mut data, &mut Log::default()).unwrap();
+    let ck = checkpoint::load(&dir).unwrap();
+    assert_eq!(ck.manifest.step, 3);
+    // Resumed with 2 stages and ZB-H1, from a fresh data source put back by the checkpoint.
+    let mut second = trainer(config(Some(dir.clone())), ScheduleKind::ZbH1, 2, Arc::default());
+    let mut data = Fixed::new();
+    second.resume(&ck, &mut data).unwrap();
+    let mut log = Log::default();
+    second.run(&mut data, &mut log).unwrap();
+    assert_eq!(log.starts, vec![3]);
+    assert_eq!(bits(&second), want, "resumed run differs from the uninterrupted one");
+    assert_eq!(
+        log.steps.iter().map(|s| s.1).collect::<Vec<_>>(),
+        want_log.steps[3..].iter().map(|s| s.1).collect::<Vec<_>>()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_failed_step_restarts_from_the_latest_checkpoint_and_ends_bitwise() {
+    let (want, _) = reference();
+    for kind in [FailureKind::Panic, FailureKind::Error, FailureKind::Hang] {
+        let dir = tmp(&format!("restart-{kind:?}"));
+        let built = Arc::new(AtomicUsize::new(0));
+        let mut t = trainer(
+            TrainerConfig {
+                max_restarts: 1,
+                ..config(Some(dir.clone()))
+            },
+            ScheduleKind::OneFOneB,
+            4,
+            built.clone(),
+        );
+        t.pipeline_mut().set_failure(Some(FailurePoint {
+            stage: 1,
+            action: 3,
+            kind,
+            step: Some(5),
+        }));
+        let mut log = Log::default();
+        let run = t.run(&mut Fixed::new(), &mut log).unwrap();
+        assert_eq!(run.restarts, 1, "{kind:?}");
+        let r = &log.restarts[0];
+        assert_eq!((r.failed_step, r.resumed_step), (5, 4), "{kind:?}: {r:?}");
+        assert!(r.cause.contains("stage 1"), "{kind:?}: {}", r.cause);
+        assert_eq!(r.from.as_ref().unwrap(), &dir.join("step-00000004"));
+        // Rebuilt once for the restart (a hung stage's thread is gone with its state).
+        assert_eq!(built.load(Ordering::SeqCst), 2, "{kind:?}");
+        assert_eq!(
+            bits(&t),
+            want,
+            "{kind:?}: recovered run differs from the uninterrupted one"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn without_restarts_left_the_failure_is_returned() {
+    let mut t = trainer(config(None), ScheduleKind::OneFOneB, 4, Arc::default());
+    t.pipeline_mut().set_failure(Some(FailurePoint {
+        stage: 2,
+        action: 1,
+        kind: FailureKind::Error,
+        step: Some(2),
+    }));
+    match t.run(&mut Fixed::new(), &mut Log::default()) {
+        Err(EngineError::StageFailed { stage: 2, index: 1, .. }) => {}
+        other => panic!("expected stage 2's failure, got {:?}", other.map(|r| r.step)),
+    }
+}
+
+#[test]
+fn a_nan_step_is_skipped_and_reported_as_a_warning() {
+    let mut t = trainer(config(None), ScheduleKind::OneFOneB, 4, Arc::default());
+    t.pipeline_mut().set_failure(Some(FailurePoint {
+        stage: 3,
+        action: 0,
+        kind: FailureKind::Nan,
+        step: Some(2),
+    }));
+    let mut log = Log::default();
+    let run = t.run(&mut Fixed::new(), &mut log).unwrap();
+    assert_eq!(run.skipped, 1);
+    assert_eq!(run.step, STEPS);
+    assert!(
+        log.warnings
+            .iter()
+            .any(|w| matches!(w, Warning::Skipped { step: 2, .. })),
+        "{:?}",
+        log.warnings
+    );
+}
+
+#[test]
+fn bad_trainer_settings_are_errors() {
+    let model = Arc::new(Gpt2::new(common::tiny_model(), 7).unwrap());
+    let build = || {
+        Pipeline::builder(model.clone())
+            .schedule(generate(ScheduleKind::OneFOneB, 2, 2, 1)?)
+            .build(vec![Cpu; 2])
+    };
+    for bad in [
+        TrainerConfig {
+            steps: 0,
+            ..TrainerConfig::default()
+        },
+        TrainerConfig {
+            eval_batches: 0,
+            ..TrainerConfig::default()
+        },
+        TrainerConfig {
+            peak_tflops: f64::NAN,
+            ..TrainerConfig::default()
+        },
+    ] {
+        assert!(matches!(Trainer::new(bad, build), Err(EngineError::Config { .. })));
+    }
+}
