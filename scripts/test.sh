@@ -30,6 +30,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-targets --locked
+echo "== doc tests (the crate-root embedding example and the API examples)"
+cargo test --workspace --doc --locked
 echo "== examples (small settings; each checks what it claims and exits non-zero otherwise)"
 for example in custom_model gpt2_split torch_schedule; do
   echo "-- cargo run --example $example -- --quick"

@@ -243,3 +243,74 @@ fn device_cuda_needs_a_gpu_and_auto_falls_back() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--schedule-csv` trains with a schedule PyTorch dumped (stages and micro-batches from the file); flags that
+/// contradict the file, and a model with fewer units than the file's parts, are one-line usage errors.
+#[test]
+fn train_with_a_pytorch_schedule_csv() {
+    let dir = tmp("csv");
+    let csv = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schedules/tests/golden/torch/zbv_p2_m8_v2.comms.csv"
+    );
+    let base = [
+        "train",
+        "--layers",
+        "2",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--schedule-csv",
+        csv,
+    ];
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        baton(&args)
+    };
+    let out = run(&dir.join("ok"), &["--batch", "8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("2 stages") && err.contains("zbv_p2_m8_v2.comms.csv"),
+        "{err}"
+    );
+    let metrics = std::fs::read_to_string(dir.join("ok/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+    let ck = baton::engine::checkpoint::load(&dir.join("ok/checkpoints")).unwrap();
+    let s = &ck.manifest.schedule;
+    assert_eq!(
+        (s.kind, s.stages, s.microbatches, s.chunks),
+        (baton::schedules::ScheduleKind::Custom, 2, 8, 2)
+    );
+    for (extra, needle) in [
+        (vec!["--batch", "8", "--stages", "3"], "has 2 stages"),
+        (vec!["--batch", "4"], "has 8 micro-batches"),
+        (
+            vec!["--batch", "8", "--layers", "1"],
+            "4 parts (stages × chunks) but the model has only 3 layers",
+        ),
+    ] {
+        let target = dir.join("bad");
+        let out = run(&target, &extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: expected `{needle}` in: {err}");
+        assert!(!target.join("metrics.jsonl").exists(), "{extra:?} wrote a run");
+    }
+    let missing = run(
+        &dir.join("bad"),
+        &["--batch", "8", "--schedule-csv", "/nonexistent.csv"],
+    );
+    assert!(!missing.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

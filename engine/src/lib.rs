@@ -1,6 +1,14 @@
-//! Baton's engine: the `Backend` seam (CPU today), the GPT model and its layers, stage splits,
-//! the pipeline executor that replays a validated schedule with one thread per stage, the
-//! optimizer, and the data layer.
+//! Baton's engine. The public API a model author uses:
+//! - [`Model`] and [`Layer`] (with [`model::Param`], [`model::Saved`], [`model::MicroBatch`]): bring your own
+//!   network; [`Gpt2`] is one implementation.
+//! - [`Pipeline`] ([`Pipeline::builder`]: a model, any validated schedule, a [`StageSplit`], [`TrainOptions`],
+//!   one [`Backend`] per stage — [`Cpu`], or `backend::Cuda`) and its `train_step`, `eval_loss`, `logits`,
+//!   `parameters`, `load`.
+//! - [`Trainer`] ([`TrainerConfig`], [`TrainData`], [`Observer`]): the training loop with evaluation,
+//!   checkpoints, resume and recovery.
+//! - The communication seams [`Transport`] (stage to stage) and [`Collective`]/[`Collectives`] (reductions over
+//!   groups), with in-process implementations.
+//! - [`checkpoint`], [`export`], [`data`], [`EngineError`].
 
 #![warn(missing_docs)]
 

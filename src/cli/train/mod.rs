@@ -174,7 +174,7 @@ fn setup(args: &TrainArgs, c: &mut TrainConfig, ckpt_root: &Path) -> Result<Setu
 /// Runs `baton train`.
 pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let mut c = args.resolve()?;
-    check(&c)?;
+    // Checked in `setup`, once a `--schedule-csv` has set the stages and micro-batches.
     let device = device(&c.device)?;
     let precision = match (c.precision.as_str(), &device) {
         ("auto", Device::Cpu) | ("f32", _) | ("fp32", _) => Precision::F32,
