@@ -194,8 +194,31 @@ pub fn record_drop_error(what: &str, error: impl std::fmt::Display) {
     }
 }
 
-/// The errors recorded in `Drop` since the last call, and how many more were dropped past the limit.
+/// The errors recorded in `Drop` since the last call (the engine's and the CUDA kernels crate's), and how many
+/// more were dropped past the limits.
 pub fn take_drop_errors() -> (Vec<String>, u64) {
     let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    (std::mem::take(&mut guard.0), std::mem::take(&mut guard.1))
+    let (mut list, mut more) = (std::mem::take(&mut guard.0), std::mem::take(&mut guard.1));
+    let (kernels, kernels_more) = baton_kernels::cuda::error::take_drop_errors();
+    list.extend(kernels);
+    more += kernels_more;
+    (list, more)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_errors_are_kept_up_to_the_limit_then_counted() {
+        let _ = take_drop_errors();
+        for i in 0..DROP_ERRORS_MAX + 3 {
+            record_drop_error("a test object", format!("failure {i}"));
+        }
+        let (list, more) = take_drop_errors();
+        assert_eq!(list.len(), DROP_ERRORS_MAX);
+        assert_eq!(list[0], "a test object: failure 0");
+        assert_eq!(more, 3);
+        assert_eq!(take_drop_errors(), (Vec::new(), 0));
+    }
 }

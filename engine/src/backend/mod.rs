@@ -1,5 +1,7 @@
 //! The backend seam: memory, copies and the model's ops. The executor and layers are written
-//! once against [`Backend`]; the CPU backend implements it today and CUDA slots in behind it.
+//! once against [`Backend`]; [`Cpu`] (bitwise deterministic, the reference) and [`Cuda`] (NVRTC kernels and
+//! cuBLASLt, fp32 or bf16) implement it. Moving data between stages is the transport's job
+//! ([`crate::comm::Transport`]), which calls [`Backend::transfer_pooled`] where both stages are in one process.
 
 mod cpu;
 mod cuda;

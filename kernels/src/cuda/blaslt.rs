@@ -137,8 +137,8 @@ fn alignment(ptr: u64, stride_bytes: u64) -> u32 {
     1 << x.trailing_zeros().min(8)
 }
 
-/// Owns a cuBLASLt object and destroys it on drop (errors in `Drop` are ignored: nothing to report them to,
-/// and the handle is unusable either way).
+/// Owns a cuBLASLt object and destroys it on drop (an error there is recorded with
+/// [`crate::cuda::error::record_drop_error`]; the handle is unusable either way).
 struct Owned<T: Copy> {
     raw: T,
     destroy: unsafe fn(T) -> std::result::Result<(), CublasError>,
@@ -147,7 +147,9 @@ struct Owned<T: Copy> {
 impl<T: Copy> Drop for Owned<T> {
     fn drop(&mut self) {
         // SAFETY: `raw` was created by the matching cuBLASLt create call and is destroyed exactly once, here.
-        let _ = unsafe { (self.destroy)(self.raw) };
+        if let Err(e) = unsafe { (self.destroy)(self.raw) } {
+            crate::cuda::error::record_drop_error("destroying a cuBLASLt descriptor", e);
+        }
     }
 }
 
@@ -182,7 +184,9 @@ unsafe impl Send for Blaslt {}
 impl Drop for Blaslt {
     fn drop(&mut self) {
         // SAFETY: the handle was created in `new` and is destroyed once; queued work holds no reference to it.
-        let _ = unsafe { lt::destroy_handle(self.handle) };
+        if let Err(e) = unsafe { lt::destroy_handle(self.handle) } {
+            crate::cuda::error::record_drop_error("destroying the cuBLASLt handle", e);
+        }
     }
 }
 

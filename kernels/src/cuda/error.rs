@@ -104,3 +104,27 @@ pub(crate) fn check_len(op: &'static str, what: &str, got: usize, want: usize) -
         ))
     }
 }
+
+/// Errors raised where they cannot be returned (destroying a cuBLASLt handle or an NVRTC program in `Drop`), kept
+/// for the caller to collect with [`take_drop_errors`]. At most [`DROP_ERRORS_MAX`] are kept; later ones are
+/// counted.
+static DROP_ERRORS: std::sync::Mutex<(Vec<String>, u64)> = std::sync::Mutex::new((Vec::new(), 0));
+
+/// Most errors from `Drop` kept between two [`take_drop_errors`] calls.
+pub const DROP_ERRORS_MAX: usize = 64;
+
+/// Records an error raised in a `Drop` implementation (`what` says which object).
+pub fn record_drop_error(what: &str, error: impl std::fmt::Debug) {
+    let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if guard.0.len() < DROP_ERRORS_MAX {
+        guard.0.push(format!("{what}: {error:?}"));
+    } else {
+        guard.1 += 1;
+    }
+}
+
+/// The errors recorded in `Drop` since the last call, and how many more were dropped past the limit.
+pub fn take_drop_errors() -> (Vec<String>, u64) {
+    let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    (std::mem::take(&mut guard.0), std::mem::take(&mut guard.1))
+}

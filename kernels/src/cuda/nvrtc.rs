@@ -353,8 +353,10 @@ struct Program(nvrtc_sys::nvrtcProgram);
 impl Drop for Program {
     fn drop(&mut self) {
         // SAFETY: the program was created by nvrtcCreateProgram and is destroyed once. A failure to destroy
-        // only leaks the program, so the result is ignored.
-        let _ = unsafe { nvrtc_result::destroy_program(self.0) };
+        // only leaks the program; it is recorded.
+        if let Err(e) = unsafe { nvrtc_result::destroy_program(self.0) } {
+            crate::cuda::error::record_drop_error("destroying an NVRTC program", e);
+        }
     }
 }
 
