@@ -43,6 +43,8 @@ fn bits<B: Backend>(p: &Pipeline<B>) -> Vec<u32> {
 fn injected_failures_are_contained(d: &impl Device) {
     std::panic::set_hook(Box::new(|_| {})); // the injected panics are expected
     let data = batches(3);
+    // The CPU backend's compute pool lives for the process: start it before counting.
+    let _ = baton_kernels::fast::threads();
     let baseline_threads = threads();
     let mut cases = 0;
     for kind in [ScheduleKind::OneFOneB, ScheduleKind::ZbH1] {

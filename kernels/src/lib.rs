@@ -12,3 +12,4 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod fast;

@@ -1,8 +1,10 @@
-//! The CPU backend: `Vec<f32>` buffers (possibly lent by a stage's receive pool) and the reference ops of
-//! `baton_kernels::cpu`.
-//! Synchronous (every op has finished when it returns) and bitwise deterministic.
+//! The CPU backend: `Vec<f32>` buffers (possibly lent by a stage's receive pool) and the fast ops of
+//! `baton_kernels::fast` — the reference maths of `baton_kernels::cpu` on one process-wide thread pool
+//! (`baton_kernels::fast::set_threads`), vectorised, cut into work by shape only.
+//! Synchronous (every op has finished when it returns) and bitwise deterministic for any thread count.
 
 use baton_kernels::cpu as k;
+use baton_kernels::fast as f;
 
 use std::sync::Arc;
 
@@ -39,10 +41,14 @@ impl Backend for Cpu {
         "cpu".into()
     }
     fn zeros(&self, len: usize) -> Result<CpuBuf> {
-        Ok(CpuBuf::new(vec![0.0; len]))
+        let mut buf = super::scratch::scratch().take(len);
+        buf.fill(0.0);
+        Ok(buf)
     }
     fn upload(&self, data: &[f32]) -> Result<CpuBuf> {
-        Ok(CpuBuf::new(data.to_vec()))
+        let mut buf = super::scratch::scratch().take(data.len());
+        buf.copy_from_slice(data);
+        Ok(buf)
     }
     fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
         Ok(buf.to_vec())
@@ -54,7 +60,7 @@ impl Backend for Cpu {
         buf.len()
     }
     fn duplicate(&self, buf: &CpuBuf) -> Result<CpuBuf> {
-        Ok(CpuBuf::new(buf.to_vec()))
+        self.upload(buf)
     }
     fn transfer(&self, buf: CpuBuf, _dst: &Self) -> Result<CpuBuf> {
         Ok(buf)
@@ -90,7 +96,7 @@ impl Backend for Cpu {
     }
     fn add_assign(&self, dst: &mut CpuBuf, src: &CpuBuf) -> Result<()> {
         check("add_assign", "src", src.len(), dst.len())?;
-        dst.iter_mut().zip(src.iter()).for_each(|(d, s)| *d += s);
+        f::ops::add_assign(dst, src);
         Ok(())
     }
     fn scale(&self, buf: &mut CpuBuf, alpha: f32) -> Result<()> {
@@ -116,7 +122,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         check("embedding_forward", "out", out.len(), b * t * c)?;
         check("embedding_forward", "tokens", tokens.len(), b * t)?;
-        k::embedding_forward(out, tokens, wte, wpe, b, t, c);
+        f::ops::embedding_forward(out, tokens, wte, wpe, b, t, c);
         Ok(())
     }
     fn embedding_backward(
@@ -145,7 +151,7 @@ impl Backend for Cpu {
         c: usize,
     ) -> Result<()> {
         check("layernorm_forward", "inp", inp.len(), n * c)?;
-        k::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
+        f::ops::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
         Ok(())
     }
     fn layernorm_backward_input(
@@ -160,7 +166,7 @@ impl Backend for Cpu {
         c: usize,
     ) -> Result<()> {
         check("layernorm_backward_input", "dout", dout.len(), n * c)?;
-        k::layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c);
+        f::ops::layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c);
         Ok(())
     }
     fn layernorm_backward_weight(
@@ -175,7 +181,7 @@ impl Backend for Cpu {
         c: usize,
     ) -> Result<()> {
         check("layernorm_backward_weight", "dout", dout.len(), n * c)?;
-        k::layernorm_backward_weight(dweight, dbias, dout, inp, mean, rstd, n, c);
+        f::ops::layernorm_backward_weight(dweight, dbias, dout, inp, mean, rstd, n, c);
         Ok(())
     }
     fn matmul_forward(
@@ -190,7 +196,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         check("matmul_forward", "inp", inp.len(), n * c)?;
         check("matmul_forward", "weight", weight.len(), oc * c)?;
-        k::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
+        f::gemm::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
         Ok(())
     }
     fn matmul_backward_input(
@@ -203,7 +209,7 @@ impl Backend for Cpu {
         oc: usize,
     ) -> Result<()> {
         check("matmul_backward_input", "dout", dout.len(), n * oc)?;
-        k::matmul_backward_input(dinp, dout, weight, n, c, oc);
+        f::gemm::matmul_backward_input(dinp, dout, weight, n, c, oc);
         Ok(())
     }
     fn matmul_backward_weight(
@@ -217,7 +223,42 @@ impl Backend for Cpu {
         oc: usize,
     ) -> Result<()> {
         check("matmul_backward_weight", "dout", dout.len(), n * oc)?;
-        k::matmul_backward_weight(dweight, dbias.map(|b| b.as_mut_slice()), dout, inp, n, c, oc);
+        f::gemm::matmul_backward_weight(dweight, dbias.map(|b| b.as_mut_slice()), dout, inp, n, c, oc);
+        Ok(())
+    }
+    fn matmul_gelu_forward(
+        &self,
+        out: &mut CpuBuf,
+        pre: &mut CpuBuf,
+        inp: &CpuBuf,
+        weight: &CpuBuf,
+        bias: Option<&CpuBuf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        check("matmul_gelu_forward", "inp", inp.len(), n * c)?;
+        check("matmul_gelu_forward", "weight", weight.len(), oc * c)?;
+        check("matmul_gelu_forward", "pre", pre.len(), n * oc)?;
+        check("matmul_gelu_forward", "out", out.len(), n * oc)?;
+        f::gemm::matmul_gelu_forward(out, pre, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
+        Ok(())
+    }
+    fn matmul_backward_input_gelu(
+        &self,
+        dinp: &mut CpuBuf,
+        dout: &CpuBuf,
+        weight: &CpuBuf,
+        pre: &CpuBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        check("matmul_backward_input_gelu", "dout", dout.len(), n * oc)?;
+        check("matmul_backward_input_gelu", "weight", weight.len(), oc * c)?;
+        check("matmul_backward_input_gelu", "pre", pre.len(), n * c)?;
+        check("matmul_backward_input_gelu", "dinp", dinp.len(), n * c)?;
+        f::gemm::matmul_backward_input_gelu(dinp, dout, weight, pre, n, c, oc);
         Ok(())
     }
     fn attention_forward(
@@ -231,7 +272,7 @@ impl Backend for Cpu {
         nh: usize,
     ) -> Result<()> {
         check("attention_forward", "qkv", qkv.len(), b * t * 3 * c)?;
-        k::attention_forward(out, att, qkv, b, t, c, nh);
+        f::attention::attention_forward(out, att, qkv, b, t, c, nh);
         Ok(())
     }
     fn attention_backward(
@@ -247,22 +288,22 @@ impl Backend for Cpu {
         nh: usize,
     ) -> Result<()> {
         check("attention_backward", "dout", dout.len(), b * t * c)?;
-        k::attention_backward(dqkv, dout, qkv, att, b, t, c, nh);
+        f::attention::attention_backward(dqkv, dout, qkv, att, b, t, c, nh);
         Ok(())
     }
     fn gelu_forward(&self, out: &mut CpuBuf, inp: &CpuBuf) -> Result<()> {
         check("gelu_forward", "inp", inp.len(), out.len())?;
-        k::gelu_forward(out, inp);
+        f::gelu::gelu_forward(out, inp);
         Ok(())
     }
     fn gelu_backward(&self, dinp: &mut CpuBuf, inp: &CpuBuf, dout: &CpuBuf) -> Result<()> {
         check("gelu_backward", "dout", dout.len(), dinp.len())?;
-        k::gelu_backward(dinp, inp, dout);
+        f::gelu::gelu_backward(dinp, inp, dout);
         Ok(())
     }
     fn residual_forward(&self, out: &mut CpuBuf, a: &CpuBuf, b: &CpuBuf) -> Result<()> {
         check("residual_forward", "a", a.len(), out.len())?;
-        k::residual_forward(out, a, b);
+        f::ops::residual_forward(out, a, b);
         Ok(())
     }
     fn cross_entropy_forward(
@@ -274,7 +315,7 @@ impl Backend for Cpu {
         v: usize,
     ) -> Result<()> {
         check("cross_entropy_forward", "logits", logits.len(), n * v)?;
-        k::softmax_cross_entropy_forward(losses, logits, targets, n, v);
+        f::ops::cross_entropy_forward(losses, logits, targets, n, v);
         Ok(())
     }
     fn cross_entropy_backward(
@@ -287,8 +328,7 @@ impl Backend for Cpu {
         v: usize,
     ) -> Result<()> {
         check("cross_entropy_backward", "logits", logits.len(), n * v)?;
-        let dlosses = vec![scale; n];
-        k::softmax_cross_entropy_backward(dlogits, logits, targets, &dlosses, n, v);
+        f::ops::cross_entropy_backward(dlogits, logits, targets, scale, n, v);
         Ok(())
     }
     fn adamw(
@@ -301,7 +341,7 @@ impl Backend for Cpu {
         step: u32,
     ) -> Result<()> {
         check("adamw", "grads", grads.len(), params.len())?;
-        k::adamw_step(cfg, params, grads, m, v, step);
+        f::ops::adamw(cfg, params, grads, m, v, step);
         Ok(())
     }
 }

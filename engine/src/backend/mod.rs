@@ -8,12 +8,13 @@ mod cuda;
 mod cuda_buf;
 mod cuda_peer;
 mod pool;
+pub mod scratch;
 
 pub use cpu::{Cpu, CpuBuf};
 pub use cuda::Cuda;
 pub use cuda_buf::{CudaBuf, CudaData, Precision, Storage};
 pub use cuda_peer::CopyRoute;
-pub use pool::{Homed, PoolStats, Pooled, RecvPool};
+pub use pool::{Home, Homed, PoolStats, Pooled, RecvPool};
 
 use std::sync::Arc;
 

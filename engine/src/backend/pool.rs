@@ -187,7 +187,7 @@ impl<T: Pooled> RecvPool<T> {
         };
         drop(stale);
         match value {
-            Some(value) => Ok(Homed::in_pool(value, Arc::clone(self))),
+            Some(value) => Ok(Homed::in_pool(value, Arc::clone(self) as Arc<dyn Home<T>>)),
             None => alloc().map(Homed::new),
         }
     }
@@ -215,11 +215,29 @@ impl<T: Pooled> RecvPool<T> {
     }
 }
 
-/// A buffer that may belong to a [`RecvPool`]: it derefs to the buffer, and goes back to its pool (if it has
-/// one) when dropped.
+/// Where a [`Homed`] buffer goes back to when it is dropped: a stage's [`RecvPool`], or the CPU backend's scratch
+/// cache ([`super::scratch`]).
+pub trait Home<T>: Send + Sync {
+    /// Takes back a lent buffer.
+    fn give_back(&self, value: T);
+    /// Forgets a lent buffer that left for good ([`Homed::into_inner`]).
+    fn release(&self);
+}
+
+impl<T: Pooled> Home<T> for RecvPool<T> {
+    fn give_back(&self, value: T) {
+        RecvPool::give_back(self, value)
+    }
+    fn release(&self) {
+        RecvPool::release(self)
+    }
+}
+
+/// A buffer that may belong to a pool: it derefs to the buffer, and goes back to its [`Home`] (if it has one)
+/// when dropped.
 pub struct Homed<T: Pooled> {
     value: ManuallyDrop<T>,
-    home: Option<Arc<RecvPool<T>>>,
+    home: Option<Arc<dyn Home<T>>>,
 }
 
 impl<T: Pooled> Homed<T> {
@@ -231,7 +249,8 @@ impl<T: Pooled> Homed<T> {
         }
     }
 
-    fn in_pool(value: T, home: Arc<RecvPool<T>>) -> Self {
+    /// A buffer that goes back to `home` when dropped.
+    pub fn in_pool(value: T, home: Arc<dyn Home<T>>) -> Self {
         Homed {
             value: ManuallyDrop::new(value),
             home: Some(home),

@@ -1,0 +1,317 @@
+//! The row-wise ops on the pool: each calls the reference op of [`crate::cpu`] on shape-determined chunks of
+//! independent rows (or, for sums over rows, on chunks of columns with the rows in order), so the results are
+//! bitwise the reference's for any thread count.
+
+use rayon::prelude::*;
+
+use super::pool::{chunk_rows, for_chunks, pool};
+use crate::cpu;
+
+/// Layer norm: `out`, `inp` (N, C); `mean`, `rstd` (N); `weight`, `bias` (C).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    n: usize,
+    c: usize,
+) {
+    assert!(c > 0, "layernorm_forward: c must be positive");
+    assert_eq!(out.len(), n * c, "layernorm_forward: out must have n*c elements");
+    assert_eq!(inp.len(), n * c, "layernorm_forward: inp must have n*c elements");
+    assert_eq!(
+        (mean.len(), rstd.len()),
+        (n, n),
+        "layernorm_forward: mean and rstd must have n elements"
+    );
+    let per = chunk_rows(n, 8 * c, 1, 1);
+    pool().install(|| {
+        out.par_chunks_mut(per * c)
+            .zip(mean.par_chunks_mut(per))
+            .zip(rstd.par_chunks_mut(per))
+            .enumerate()
+            .for_each(|(i, ((o, m), r))| {
+                let rows = m.len();
+                let x = &inp[i * per * c..(i * per + rows) * c];
+                cpu::layernorm_forward(o, m, r, x, weight, bias, rows, c);
+            })
+    });
+}
+
+/// `dinp += ∂L/∂inp` of the layer norm (rows independent).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_input(
+    dinp: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    n: usize,
+    c: usize,
+) {
+    assert!(c > 0, "layernorm_backward_input: c must be positive");
+    assert_eq!(
+        dinp.len(),
+        n * c,
+        "layernorm_backward_input: dinp must have n*c elements"
+    );
+    let per = chunk_rows(n, 10 * c, 1, 1);
+    for_chunks(dinp, per * c, |start, di| {
+        let (r0, rows) = (start / c, di.len() / c);
+        let range = start..start + di.len();
+        cpu::layernorm_backward_input(
+            di,
+            &dout[range.clone()],
+            &inp[range],
+            weight,
+            &mean[r0..r0 + rows],
+            &rstd[r0..r0 + rows],
+            rows,
+            c,
+        );
+    });
+}
+
+/// `dweight += Σ_i dout[i]·xhat[i]`, `dbias += Σ_i dout[i]`: chunks of columns, rows in order 0..N (the
+/// reference's order for each element).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_weight(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    n: usize,
+    c: usize,
+) {
+    assert_eq!(
+        (dweight.len(), dbias.len()),
+        (c, c),
+        "layernorm_backward_weight: dweight and dbias must have c elements"
+    );
+    assert_eq!(
+        dout.len(),
+        n * c,
+        "layernorm_backward_weight: dout must have n*c elements"
+    );
+    assert_eq!(
+        inp.len(),
+        n * c,
+        "layernorm_backward_weight: inp must have n*c elements"
+    );
+    assert_eq!(
+        (mean.len(), rstd.len()),
+        (n, n),
+        "layernorm_backward_weight: mean and rstd must have n elements"
+    );
+    let per = chunk_rows(c, 4 * n, 64, 16);
+    pool().install(|| {
+        dweight
+            .par_chunks_mut(per)
+            .zip(dbias.par_chunks_mut(per))
+            .enumerate()
+            .for_each(|(k, (dw, db))| {
+                let j0 = k * per;
+                for i in 0..n {
+                    let (x, d) = (&inp[i * c + j0..], &dout[i * c + j0..]);
+                    for (((w, b), &v), &dv) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(d) {
+                        *w += dv * (v - mean[i]) * rstd[i];
+                        *b += dv;
+                    }
+                }
+            })
+    });
+}
+
+/// `out = a + b`.
+pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
+    assert_eq!(
+        (a.len(), b.len()),
+        (out.len(), out.len()),
+        "residual_forward: a and b must have the length of out"
+    );
+    for_chunks(out, chunk_rows(out.len(), 1, 4096, 64), |start, o| {
+        let r = start..start + o.len();
+        cpu::residual_forward(o, &a[r.clone()], &b[r]);
+    });
+}
+
+/// `dst += src`.
+pub fn add_assign(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(src.len(), dst.len(), "add_assign: src must have the length of dst");
+    for_chunks(dst, chunk_rows(src.len(), 1, 4096, 64), |start, d| {
+        d.iter_mut().zip(&src[start..]).for_each(|(d, s)| *d += s);
+    });
+}
+
+/// Token + position embedding: chunks of whole sequences.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], b: usize, t: usize, c: usize) {
+    assert_eq!(out.len(), b * t * c, "embedding_forward: out must have b*t*c elements");
+    assert_eq!(tokens.len(), b * t, "embedding_forward: tokens must have b*t elements");
+    if t == 0 || c == 0 {
+        return;
+    }
+    let per = chunk_rows(b, t * c, 1, 1);
+    for_chunks(out, per * t * c, |start, o| {
+        let (s0, seqs) = (start / (t * c), o.len() / (t * c));
+        cpu::embedding_forward(o, &tokens[s0 * t..(s0 + seqs) * t], wte, wpe, seqs, t, c);
+    });
+}
+
+/// Cross-entropy of `softmax(logits)` per row: `losses` (N), `logits` (N, V).
+pub fn cross_entropy_forward(losses: &mut [f32], logits: &[f32], targets: &[u32], n: usize, v: usize) {
+    assert_eq!(losses.len(), n, "cross_entropy_forward: losses must have n elements");
+    assert_eq!(
+        logits.len(),
+        n * v,
+        "cross_entropy_forward: logits must have n*v elements"
+    );
+    assert_eq!(targets.len(), n, "cross_entropy_forward: targets must have n elements");
+    for_chunks(losses, chunk_rows(n, 4 * v, 1, 1), |r0, l| {
+        let rows = l.len();
+        cpu::softmax_cross_entropy_forward(l, &logits[r0 * v..(r0 + rows) * v], &targets[r0..r0 + rows], rows, v);
+    });
+}
+
+/// `dlogits += scale · (softmax(logits) − onehot(targets))` per row.
+pub fn cross_entropy_backward(dlogits: &mut [f32], logits: &[f32], targets: &[u32], scale: f32, n: usize, v: usize) {
+    assert_eq!(
+        dlogits.len(),
+        n * v,
+        "cross_entropy_backward: dlogits must have n*v elements"
+    );
+    assert_eq!(
+        logits.len(),
+        n * v,
+        "cross_entropy_backward: logits must have n*v elements"
+    );
+    assert_eq!(targets.len(), n, "cross_entropy_backward: targets must have n elements");
+    if v == 0 {
+        return;
+    }
+    let per = chunk_rows(n, 6 * v, 1, 1);
+    for_chunks(dlogits, per * v, |start, d| {
+        let (r0, rows) = (start / v, d.len() / v);
+        let scales = vec![scale; rows];
+        cpu::softmax_cross_entropy_backward(
+            d,
+            &logits[start..start + d.len()],
+            &targets[r0..r0 + rows],
+            &scales,
+            rows,
+            v,
+        );
+    });
+}
+
+/// One AdamW step, elementwise on chunks.
+pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: u32) {
+    let len = params.len();
+    assert_eq!(
+        (grads.len(), m.len(), v.len()),
+        (len, len, len),
+        "adamw: grads, m and v must have the length of params"
+    );
+    let per = chunk_rows(len, 12, 4096, 64);
+    pool().install(|| {
+        params
+            .par_chunks_mut(per)
+            .zip(m.par_chunks_mut(per))
+            .zip(v.par_chunks_mut(per))
+            .enumerate()
+            .for_each(|(i, ((p, m), v))| {
+                let start = i * per;
+                cpu::adamw_step(cfg, p, &grads[start..start + p.len()], m, v, step);
+            })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s % 2001) as f32 - 1000.0) / 500.0
+            })
+            .collect()
+    }
+
+    fn same(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    #[test]
+    fn row_ops_equal_the_reference_bitwise() {
+        let (n, c, v) = (301, 96, 257);
+        let (inp, w, b, dout) = (values(n * c, 1), values(c, 2), values(c, 3), values(n * c, 4));
+        let (mut o1, mut m1, mut r1) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        let (mut o2, mut m2, mut r2) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        cpu::layernorm_forward(&mut o1, &mut m1, &mut r1, &inp, &w, &b, n, c);
+        layernorm_forward(&mut o2, &mut m2, &mut r2, &inp, &w, &b, n, c);
+        assert!(same(&o1, &o2) && same(&m1, &m2) && same(&r1, &r2), "layernorm forward");
+        let (mut d1, mut d2) = (values(n * c, 5), values(n * c, 5));
+        cpu::layernorm_backward_input(&mut d1, &dout, &inp, &w, &m1, &r1, n, c);
+        layernorm_backward_input(&mut d2, &dout, &inp, &w, &m1, &r1, n, c);
+        assert!(same(&d1, &d2), "layernorm backward input");
+        let (mut w1, mut b1, mut w2, mut b2) = (values(c, 6), values(c, 7), values(c, 6), values(c, 7));
+        cpu::layernorm_backward_weight(&mut w1, &mut b1, &dout, &inp, &m1, &r1, n, c);
+        layernorm_backward_weight(&mut w2, &mut b2, &dout, &inp, &m1, &r1, n, c);
+        assert!(same(&w1, &w2) && same(&b1, &b2), "layernorm backward weight");
+
+        let (mut s1, mut s2) = (vec![0.0; n * c], vec![0.0; n * c]);
+        cpu::residual_forward(&mut s1, &inp, &dout);
+        residual_forward(&mut s2, &inp, &dout);
+        assert!(same(&s1, &s2), "residual");
+
+        let (bs, t) = (7, 43);
+        let tokens: Vec<u32> = (0..bs * t).map(|i| (i * 31 % v) as u32).collect();
+        let (wte, wpe) = (values(v * c, 8), values(t * c, 9));
+        let (mut e1, mut e2) = (vec![0.0; bs * t * c], vec![0.0; bs * t * c]);
+        cpu::embedding_forward(&mut e1, &tokens, &wte, &wpe, bs, t, c);
+        embedding_forward(&mut e2, &tokens, &wte, &wpe, bs, t, c);
+        assert!(same(&e1, &e2), "embedding");
+
+        let logits = values(n * v, 10);
+        let targets: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
+        let (mut l1, mut l2) = (vec![0.0; n], vec![0.0; n]);
+        cpu::softmax_cross_entropy_forward(&mut l1, &logits, &targets, n, v);
+        cross_entropy_forward(&mut l2, &logits, &targets, n, v);
+        assert!(same(&l1, &l2), "cross-entropy forward");
+        let (mut g1, mut g2) = (values(n * v, 11), values(n * v, 11));
+        cpu::softmax_cross_entropy_backward(&mut g1, &logits, &targets, &vec![0.3; n], n, v);
+        cross_entropy_backward(&mut g2, &logits, &targets, 0.3, n, v);
+        assert!(same(&g1, &g2), "cross-entropy backward");
+
+        let cfg = cpu::AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let len = 100_003;
+        let (mut p1, g, mut ma, mut va) = (values(len, 12), values(len, 13), values(len, 14), values(len, 15));
+        let (mut p2, mut mb, mut vb) = (p1.clone(), ma.clone(), vb_abs(&va));
+        let va_abs = vb_abs(&va);
+        va = va_abs;
+        cpu::adamw_step(&cfg, &mut p1, &g, &mut ma, &mut va, 3);
+        adamw(&cfg, &mut p2, &g, &mut mb, &mut vb, 3);
+        assert!(same(&p1, &p2) && same(&ma, &mb) && same(&va, &vb), "adamw");
+    }
+
+    fn vb_abs(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| x.abs()).collect()
+    }
+}
