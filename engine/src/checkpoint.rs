@@ -336,6 +336,12 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let name = step_dir_name(snap.step);
     let tmp = root.join(format!("{TMP_PREFIX}{name}"));
     let target = root.join(&name);
+    if fs::symlink_metadata(&target).is_ok() {
+        return Err(EngineError::Checkpoint {
+            path: target.display().to_string(),
+            reason: "already exists; a checkpoint is never rewritten (train into another directory)".into(),
+        });
+    }
     fs::create_dir_all(root).map_err(|e| io(root, e))?;
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
@@ -391,7 +397,12 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
     sync_dir(&tmp)?;
 
     if target.exists() {
-        fs::remove_dir_all(&target).map_err(|e| io(&target, e))?;
+        // Never replace what is there (a resumed run must not rewrite the checkpoint it came from).
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(EngineError::Checkpoint {
+            path: target.display().to_string(),
+            reason: "already exists; a checkpoint is never rewritten (train into another directory)".into(),
+        });
     }
     fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
     sync_dir(root)?;
@@ -442,6 +453,16 @@ impl AsyncSaver {
             .map_err(|e| io(Path::new("checkpoint writer thread"), e))?;
         self.in_flight = Some(handle);
         Ok(previous)
+    }
+
+    /// The write in flight's outcome if it has finished (without waiting): `None` while it runs or when there is
+    /// none. A failed write is reported here as soon as it is over, not only at the next save.
+    pub fn poll(&mut self) -> Option<Result<PathBuf>> {
+        if self.in_flight.as_ref().is_some_and(|h| h.is_finished()) {
+            self.wait().transpose()
+        } else {
+            None
+        }
     }
 
     /// Waits for the write in flight; returns its directory (or `None` if there was none).
@@ -586,6 +607,40 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
         .into_iter()
         .max_by_key(|(s, _)| *s)
         .map(|(_, p)| p))
+}
+
+/// The `step-*` directories under `root` newer than its newest complete checkpoint that [`latest`] passes over,
+/// each with why (no manifest: an interrupted save; an unreadable manifest), oldest first. Empty when the newest
+/// directory is complete.
+pub fn skipped_newer(root: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let newest_ok = latest(root)?.and_then(|p| p.file_name().and_then(|n| n.to_str()).and_then(parse_step_dir));
+    let entries = match fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(root, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io(root, e))?;
+        let Some(step) = entry.file_name().to_str().and_then(parse_step_dir) else {
+            continue;
+        };
+        if newest_ok.is_some_and(|ok| step <= ok) {
+            continue;
+        }
+        let path = entry.path();
+        let why = if !path.join(MANIFEST_FILE).exists() {
+            format!("no {MANIFEST_FILE} (an interrupted save)")
+        } else {
+            match read_manifest(&path) {
+                Ok(_) => continue,
+                Err(e) => e.to_string(),
+            }
+        };
+        out.push((step, path, why));
+    }
+    out.sort_by_key(|(step, _, _)| *step);
+    Ok(out.into_iter().map(|(_, p, why)| (p, why)).collect())
 }
 
 /// Every complete `step-*` checkpoint under `root` (with a valid manifest), unordered.

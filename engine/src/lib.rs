@@ -19,6 +19,7 @@ pub mod data;
 pub mod error;
 pub mod executor;
 pub mod export;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod pipeline;

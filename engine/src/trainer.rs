@@ -5,7 +5,9 @@
 //! `metrics.jsonl`); a model author embeds the same loop.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use baton_schedules::{simulate, Costs, Op};
 
@@ -177,8 +179,22 @@ pub struct StepEvent<'a> {
     pub restarts: u32,
     /// Seconds since the run started when this step began.
     pub started_s: f64,
+    /// Seconds since the run started when the step's optimizer phase (gradient reduction, clipping, AdamW) began:
+    /// `started_s + report.pipeline_s`; it ends at `started_s + report.elapsed_s`.
+    pub optimizer_started_s: f64,
+    /// Unix time (seconds) when the step finished.
+    pub unix_time_s: f64,
+    /// Tokens trained on from step 0 to this step (a resumed run counts the steps before it too).
+    pub tokens_seen: u64,
     /// True while inside the trace window ([`TrainerConfig::trace_steps`]).
     pub traced: bool,
+}
+
+/// Unix time now, seconds (0 if the clock is before 1970).
+pub fn unix_time_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// A validation pass finished.
@@ -190,6 +206,10 @@ pub struct EvalEvent {
     pub train_loss: f32,
     /// Mean validation loss.
     pub val_loss: f32,
+    /// Seconds since the run started when the pass began.
+    pub started_s: f64,
+    /// How long it took, seconds.
+    pub elapsed_s: f64,
 }
 
 /// A checkpoint was handed to the background writer, or a write completed.
@@ -247,6 +267,14 @@ pub enum Warning {
     PeakUnavailable(String),
     /// Errors recorded where they could not be returned (in `Drop`).
     DropErrors(Vec<String>),
+    /// A background checkpoint write failed (reported as soon as the writer finished; the previous checkpoint is
+    /// intact). With restarts left the run goes back to the latest good checkpoint, else it stops with the error.
+    CheckpointFailed {
+        /// The step whose checkpoint failed.
+        step: u64,
+        /// Why.
+        cause: String,
+    },
 }
 
 /// Receives the loop's events. Every method has an empty default.
@@ -294,6 +322,11 @@ pub struct RunSummary {
     pub save_stalls_s: Vec<f64>,
     /// The newest checkpoint written.
     pub checkpoint: Option<PathBuf>,
+    /// The step the run started from (0, or the resumed checkpoint's).
+    pub first_step: u64,
+    /// True when the stop flag ([`Trainer::set_stop_flag`]) ended the run early (after a complete step, with a
+    /// checkpoint when a directory is configured).
+    pub interrupted: bool,
 }
 
 /// Stages whose busy share is 20% below the mean of the others (they wait on a straggler).
@@ -369,6 +402,8 @@ pub struct Trainer<'a, B: Backend> {
     resumed: Option<PathBuf>,
     /// Initial weights given by [`Trainer::init_from`], applied again when a restart starts from the beginning.
     init: Option<TensorMap>,
+    /// Set from outside (a signal handler) to stop after the current step.
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -382,7 +417,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
             pipeline,
             resumed: None,
             init: None,
+            stop: None,
         })
+    }
+
+    /// A flag checked between steps: once it is set (from a signal handler, another thread), the run finishes the
+    /// step in progress, evaluates, writes its final checkpoint as at a normal end and returns a summary with
+    /// [`RunSummary::interrupted`] set. A resumed run continues bitwise from that checkpoint.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
     }
 
     /// The pipeline (to inspect or sample from it; after [`Trainer::run`]: the trained model).
@@ -453,6 +496,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             skipped: 0,
             save_stalls_s: Vec::new(),
             checkpoint: None,
+            first_step,
+            interrupted: false,
         };
         let mut saver = AsyncSaver::default();
         let p = self.pipeline.num_stages();
@@ -462,17 +507,48 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut busy_steps = 0u32;
         let seq = eval_set.first().map_or(0, |b| b.seq);
         let flops_per_token = self.pipeline.model().flops_per_token(seq);
+        let stop_requested = |flag: &Option<Arc<AtomicBool>>| flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         while self.pipeline.step() < stop {
+            if stop_requested(&self.stop) {
+                summary.interrupted = true;
+                break;
+            }
             let step_started = started.elapsed().as_secs_f64();
             let batch = data.next_batch();
-            let report = match self.pipeline.train_step(&batch) {
+            // A failed step, or a background checkpoint write that failed meanwhile: both go back to the latest
+            // good checkpoint while restarts are left.
+            let outcome = match saver.poll() {
+                Some(Err(e)) => {
+                    let step = self.pipeline.step();
+                    observer.on_warning(&Warning::CheckpointFailed {
+                        step,
+                        cause: e.to_string(),
+                    });
+                    Err((step, e))
+                }
+                Some(Ok(dir)) => {
+                    summary.checkpoint = Some(dir);
+                    self.pipeline
+                        .train_step(&batch)
+                        .map_err(|e| (self.pipeline.step() + 1, e))
+                }
+                None => self
+                    .pipeline
+                    .train_step(&batch)
+                    .map_err(|e| (self.pipeline.step() + 1, e)),
+            };
+            let report = match outcome {
                 Ok(r) => r,
-                Err(e) if summary.restarts < c.max_restarts => {
+                Err((failed_step, e)) if summary.restarts < c.max_restarts => {
                     summary.restarts += 1;
-                    let failed_step = self.pipeline.step() + 1;
                     // The write in flight must finish before we look for the latest good checkpoint.
-                    if let Some(dir) = saver.wait()? {
-                        summary.checkpoint = Some(dir);
+                    match saver.wait() {
+                        Ok(Some(dir)) => summary.checkpoint = Some(dir),
+                        Ok(None) => {}
+                        Err(e) => observer.on_warning(&Warning::CheckpointFailed {
+                            step: self.pipeline.step(),
+                            cause: e.to_string(),
+                        }),
                     }
                     let from = match &c.checkpoint_dir {
                         Some(root) => checkpoint::latest(root)?,
@@ -488,6 +564,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                             data.restore(None)?
                         }
                     }
+                    summary.checkpoint = from.clone();
                     observer.on_restart(&RestartEvent {
                         restarts: summary.restarts,
                         max_restarts: c.max_restarts,
@@ -498,7 +575,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     });
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err((_, e)) => return Err(e),
             };
             let step = report.step;
             summary.steps_run += 1;
@@ -549,8 +626,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
             }
             let mut val_loss = None;
-            let eval_now = (c.eval_every > 0 && step % c.eval_every == 0) || step == c.steps || step == first_step + 1;
+            let interrupted_here = stop_requested(&self.stop);
+            let eval_now = (c.eval_every > 0 && step % c.eval_every == 0)
+                || step == c.steps
+                || step == first_step + 1
+                || interrupted_here;
             if !report.skipped && eval_now {
+                let eval_started = started.elapsed().as_secs_f64();
                 let val = evaluate(&mut self.pipeline, &eval_set)?;
                 summary.first_val.get_or_insert(val);
                 summary.last_val = Some(val);
@@ -559,6 +641,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     step,
                     train_loss: report.loss,
                     val_loss: val,
+                    started_s: eval_started,
+                    elapsed_s: started.elapsed().as_secs_f64() - eval_started,
                 });
             }
             let mut save_stall_s = None;
@@ -593,12 +677,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 skipped_total: summary.skipped,
                 restarts: summary.restarts,
                 started_s: step_started,
+                optimizer_started_s: step_started + report.pipeline_s,
+                unix_time_s: unix_time_s(),
+                tokens_seen: step * report.tokens as u64,
                 traced: step <= first_step + c.trace_steps,
             });
             summary.last = Some(report);
         }
         if let Some(dir) = saver.wait()? {
             summary.checkpoint = Some(dir);
+        }
+        if stop_requested(&self.stop) && self.pipeline.step() < stop {
+            summary.interrupted = true;
         }
         if let Some(root) = c.checkpoint_dir.as_ref() {
             let step = self.pipeline.step();

@@ -312,17 +312,25 @@ fn resharding_continues_bitwise() {
 }
 
 #[test]
-fn resave_of_the_same_step_replaces_it() {
+fn resave_of_the_same_step_is_refused_and_leaves_the_checkpoint_intact() {
     let root = tempfile::tempdir().unwrap();
     let mut pipe = pipeline(2, ScheduleKind::OneFOneB);
     let a = checkpoint::save(root.path(), &pipe, TokenizerKind::Bytes, None).unwrap();
+    let manifest_before = fs::read(a.join("manifest.json")).unwrap();
+    let before = checkpoint::load(&a).unwrap();
     train(&mut pipe, &batches()[..1]);
     pipe.set_step(0);
-    let b = checkpoint::save(root.path(), &pipe, TokenizerKind::Bytes, loader()).unwrap();
-    assert_eq!(a, b);
-    let ckpt = checkpoint::load(&b).unwrap();
-    assert_eq!(ckpt.manifest.loader, loader());
-    assert_maps_bitwise(&ckpt.params, &pipe.parameters().unwrap(), "re-saved");
+    let (p, reason) = match checkpoint::save(root.path(), &pipe, TokenizerKind::Bytes, loader()) {
+        Err(EngineError::Checkpoint { path, reason }) => (path, reason),
+        other => panic!("expected a checkpoint error, got {other:?}"),
+    };
+    assert!(p.ends_with("step-00000000"), "{p}");
+    assert!(reason.contains("never rewritten"), "{reason}");
+    assert_eq!(fs::read(a.join("manifest.json")).unwrap(), manifest_before);
+    let after = checkpoint::load(&a).unwrap();
+    assert_eq!(after.manifest.loader, None);
+    assert_maps_bitwise(&after.params, &before.params, "left as it was");
+    assert!(!root.path().join(".tmp-step-00000000").exists());
 }
 
 #[test]

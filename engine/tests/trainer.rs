@@ -303,3 +303,142 @@ fn bad_trainer_settings_are_errors() {
         assert!(matches!(Trainer::new(bad, build), Err(EngineError::Config { .. })));
     }
 }
+
+/// Sets the stop flag once step `at` is done, as a signal handler would between steps.
+struct StopAt {
+    at: u64,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    log: Log,
+    tokens_seen: Vec<u64>,
+}
+
+impl Observer for StopAt {
+    fn on_step(&mut self, e: &StepEvent<'_>) {
+        self.tokens_seen.push(e.tokens_seen);
+        assert!(e.unix_time_s > 1.7e9, "a Unix timestamp: {}", e.unix_time_s);
+        assert!(e.optimizer_started_s >= e.started_s);
+        if e.report.step == self.at {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+        self.log.on_step(e);
+    }
+    fn on_eval(&mut self, e: &EvalEvent) {
+        assert!(e.elapsed_s >= 0.0 && e.started_s >= 0.0);
+        self.log.on_eval(e);
+    }
+    fn on_checkpoint(&mut self, e: &CheckpointEvent) {
+        self.log.on_checkpoint(e);
+    }
+}
+
+#[test]
+fn the_stop_flag_ends_the_run_after_the_step_with_a_complete_checkpoint_that_resumes_bitwise() {
+    let (want, _) = reference();
+    let dir = tmp("stop-flag");
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut first = trainer(
+        TrainerConfig {
+            save_every: 0,
+            ..config(Some(dir.clone()))
+        },
+        ScheduleKind::OneFOneB,
+        4,
+        Arc::default(),
+    );
+    first.set_stop_flag(flag.clone());
+    let mut obs = StopAt {
+        at: 3,
+        flag,
+        log: Log::default(),
+        tokens_seen: Vec::new(),
+    };
+    let mut data = Fixed::new();
+    let run = first.run(&mut data, &mut obs).unwrap();
+    assert!(run.interrupted);
+    assert_eq!(run.step, 3);
+    // Set after step 3 was reported: no further step, and that step is saved although save_every is 0.
+    assert_eq!(obs.log.evals, vec![1, 2]);
+    assert_eq!(obs.log.checkpoints, vec![3]);
+    let per_step = common::batches(1)[0].inputs.len() as u64;
+    assert_eq!(obs.tokens_seen, vec![per_step, 2 * per_step, 3 * per_step]);
+    let ck = checkpoint::load(&dir).unwrap();
+    assert_eq!(ck.manifest.step, 3);
+    let mut second = trainer(config(Some(dir.clone())), ScheduleKind::OneFOneB, 4, Arc::default());
+    let mut data = Fixed::new();
+    second.resume(&ck, &mut data).unwrap();
+    let run = second.run(&mut data, &mut Log::default()).unwrap();
+    assert!(!run.interrupted);
+    assert_eq!(bits(&second), want, "the interrupted and resumed run differs from the uninterrupted one");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Removes `blocker` when the run restarts (the fault is gone the second time).
+struct Unblock {
+    blocker: PathBuf,
+    log: Log,
+}
+
+impl Observer for Unblock {
+    fn on_step(&mut self, e: &StepEvent<'_>) {
+        self.log.on_step(e);
+    }
+    fn on_restart(&mut self, e: &RestartEvent) {
+        let _ = std::fs::remove_file(&self.blocker);
+        self.log.on_restart(e);
+    }
+    fn on_warning(&mut self, w: &Warning) {
+        self.log.on_warning(w);
+    }
+}
+
+#[test]
+fn a_failed_background_save_is_reported_when_it_happens_and_restarts_like_a_failed_step() {
+    // A file where step 2's checkpoint directory would go: that write fails (a checkpoint is never rewritten).
+    let run_with = |restarts: u32, name: &str| {
+        let dir = tmp(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let blocker = dir.join("step-00000002");
+        std::fs::write(&blocker, "in the way").unwrap();
+        let mut t = trainer(
+            TrainerConfig {
+                steps: STEPS,
+                save_every: 2,
+                max_restarts: restarts,
+                ..config(Some(dir.clone()))
+            },
+            ScheduleKind::OneFOneB,
+            2,
+            Arc::default(),
+        );
+        let mut obs = Unblock {
+            blocker,
+            log: Log::default(),
+        };
+        let result = t.run(&mut Fixed::new(), &mut obs);
+        (dir, result.map(|r| (r, bits(&t))), obs.log)
+    };
+    let (dir, result, log) = run_with(0, "save-fails");
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("never rewritten"), "{err}");
+    let failed_at = log
+        .warnings
+        .iter()
+        .find_map(|w| match w {
+            Warning::CheckpointFailed { step, cause } => Some((*step, cause.clone())),
+            _ => None,
+        })
+        .expect("the failed write is reported as a warning");
+    // Reported before the next save (step 4), not only when it would have been waited for.
+    assert!(failed_at.0 < 4, "reported at step {}", failed_at.0);
+    assert!(log.steps.len() < 4, "the run went on after the failure: {:?}", log.steps);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let (dir, result, log) = run_with(1, "save-fails-restart");
+    let (run, _) = result.unwrap();
+    assert_eq!((run.step, run.restarts), (STEPS, 1));
+    assert_eq!(log.restarts.len(), 1);
+    assert!(log.restarts[0].cause.contains("never rewritten"), "{:?}", log.restarts[0]);
+    assert_eq!(log.restarts[0].resumed_step, 0, "no good checkpoint before step 2: from the start");
+    assert_eq!(checkpoint::load(&dir).unwrap().manifest.step, STEPS);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
