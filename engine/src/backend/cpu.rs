@@ -45,6 +45,9 @@ impl Backend for Cpu {
         buf.fill(0.0);
         Ok(buf)
     }
+    fn scratch(&self, len: usize) -> Result<CpuBuf> {
+        Ok(super::scratch::scratch().take(len))
+    }
     fn upload(&self, data: &[f32]) -> Result<CpuBuf> {
         let mut buf = super::scratch::scratch().take(data.len());
         buf.copy_from_slice(data);
@@ -100,11 +103,11 @@ impl Backend for Cpu {
         Ok(())
     }
     fn scale(&self, buf: &mut CpuBuf, alpha: f32) -> Result<()> {
-        buf.iter_mut().for_each(|x| *x *= alpha);
+        f::ops::scale(buf, alpha);
         Ok(())
     }
     fn sum_squares(&self, buf: &CpuBuf) -> Result<f64> {
-        Ok(buf.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+        Ok(f::ops::sum_squares(buf))
     }
     fn sum(&self, buf: &CpuBuf) -> Result<f64> {
         Ok(buf.iter().map(|&x| f64::from(x)).sum())

@@ -38,6 +38,11 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer of `len` elements whose contents are unspecified, for an op that overwrites every element (the
+    /// CPU hands out a reused scratch buffer without clearing it). By default [`Backend::zeros`].
+    fn scratch(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
     /// A buffer holding a copy of `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// A parameter's weights holding `data`. In a mixed-precision backend: the fp32 master copy (what the

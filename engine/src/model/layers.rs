@@ -267,7 +267,7 @@ impl<B: Backend> Layer<B> for Embedding<B> {
     }
     fn forward(&self, be: &B, _x: Option<B::Buf>, mb: &MicroBatch<B>) -> Result<Forward<B>> {
         let toks = mb.input_tokens("embedding")?;
-        let mut out = be.zeros(mb.b * mb.t * self.c)?;
+        let mut out = be.scratch(mb.b * mb.t * self.c)?;
         be.embedding_forward(
             &mut out,
             toks,
@@ -423,17 +423,17 @@ impl<B: Backend> Layer<B> for Block<B> {
         let (b, t, c, nh) = (mb.b, mb.t, self.c, self.nh);
         let n = b * t;
         let mut s = Saved::with_slots(BLOCK_SLOTS);
-        let (mut ln1, mut mean1, mut rstd1) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
+        let (mut ln1, mut mean1, mut rstd1) = (be.scratch(n * c)?, be.scratch(n)?, be.scratch(n)?);
         be.layernorm_forward(&mut ln1, &mut mean1, &mut rstd1, &x, self.w(LN1_W), self.w(LN1_B), n, c)?;
-        let mut qkv = be.zeros(n * 3 * c)?;
+        let mut qkv = be.scratch(n * 3 * c)?;
         be.matmul_forward(&mut qkv, &ln1, self.w(QKV_W), Some(self.w(QKV_B)), n, c, 3 * c)?;
-        let (mut atty, mut att) = (be.zeros(n * c)?, be.zeros(be.attention_stash_len(b, t, c, nh))?);
+        let (mut atty, mut att) = (be.scratch(n * c)?, be.scratch(be.attention_stash_len(b, t, c, nh))?);
         be.attention_forward(&mut atty, &mut att, &qkv, b, t, c, nh)?;
-        let mut proj = be.zeros(n * c)?;
+        let mut proj = be.scratch(n * c)?;
         be.matmul_forward(&mut proj, &atty, self.w(PROJ_W), Some(self.w(PROJ_B)), n, c, c)?;
-        let mut x2 = be.zeros(n * c)?;
+        let mut x2 = be.scratch(n * c)?;
         be.residual_forward(&mut x2, &x, &proj)?;
-        let (mut ln2, mut mean2, mut rstd2) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
+        let (mut ln2, mut mean2, mut rstd2) = (be.scratch(n * c)?, be.scratch(n)?, be.scratch(n)?);
         be.layernorm_forward(
             &mut ln2,
             &mut mean2,
@@ -444,11 +444,11 @@ impl<B: Backend> Layer<B> for Block<B> {
             n,
             c,
         )?;
-        let (mut fc, mut gelu) = (be.zeros(n * 4 * c)?, be.zeros(n * 4 * c)?);
+        let (mut fc, mut gelu) = (be.scratch(n * 4 * c)?, be.scratch(n * 4 * c)?);
         be.matmul_gelu_forward(&mut gelu, &mut fc, &ln2, self.w(FC_W), Some(self.w(FC_B)), n, c, 4 * c)?;
-        let mut mlp = be.zeros(n * c)?;
+        let mut mlp = be.scratch(n * c)?;
         be.matmul_forward(&mut mlp, &gelu, self.w(FCPROJ_W), Some(self.w(FCPROJ_B)), n, 4 * c, c)?;
-        let mut out = be.zeros(n * c)?;
+        let mut out = be.scratch(n * c)?;
         be.residual_forward(&mut out, &x2, &mlp)?;
         for (slot, buf) in [
             (S_X, x),
@@ -486,7 +486,7 @@ impl<B: Backend> Layer<B> for Block<B> {
         let (b, t, c, nh) = (mb.b, mb.t, self.c, self.nh);
         let n = b * t;
         // MLP branch.
-        let mut dfc = be.zeros(n * 4 * c)?;
+        let mut dfc = be.scratch(n * 4 * c)?;
         be.matmul_backward_input_gelu(&mut dfc, &dout, self.w(FCPROJ_W), s.get(S_FC, &name)?, n, 4 * c, c)?;
         let mut dln2 = be.zeros(n * c)?;
         be.matmul_backward_input(&mut dln2, &dfc, self.w(FC_W), n, c, 4 * c)?;
@@ -667,7 +667,7 @@ impl<B: Backend> Head<B> {
     /// Logits `(n, V)` for activations `x` of `n` tokens (for sampling; no loss, no stash).
     pub fn logits(&self, be: &B, x: &B::Buf, n: usize) -> Result<B::Buf> {
         let c = self.c;
-        let (mut lnf, mut mean, mut rstd) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
+        let (mut lnf, mut mean, mut rstd) = (be.scratch(n * c)?, be.scratch(n)?, be.scratch(n)?);
         be.layernorm_forward(
             &mut lnf,
             &mut mean,
@@ -678,7 +678,7 @@ impl<B: Backend> Head<B> {
             n,
             c,
         )?;
-        let mut logits = be.zeros(n * self.v)?;
+        let mut logits = be.scratch(n * self.v)?;
         be.matmul_forward(&mut logits, &lnf, &self.params[H_WTE].value, None, n, c, self.v)?;
         Ok(logits)
     }
@@ -698,7 +698,7 @@ impl<B: Backend> Layer<B> for Head<B> {
         let x = x.ok_or_else(|| EngineError::layer("head", "no input activation"))?;
         let targets = mb.target_tokens("head")?;
         let (n, c, v) = (mb.b * mb.t, self.c, self.v);
-        let (mut lnf, mut mean, mut rstd) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
+        let (mut lnf, mut mean, mut rstd) = (be.scratch(n * c)?, be.scratch(n)?, be.scratch(n)?);
         be.layernorm_forward(
             &mut lnf,
             &mut mean,
@@ -709,9 +709,9 @@ impl<B: Backend> Layer<B> for Head<B> {
             n,
             c,
         )?;
-        let mut logits = be.zeros(n * v)?;
+        let mut logits = be.scratch(n * v)?;
         be.matmul_forward(&mut logits, &lnf, &self.params[H_WTE].value, None, n, c, v)?;
-        let mut losses = be.zeros(n)?;
+        let mut losses = be.scratch(n)?;
         be.cross_entropy_forward(&mut losses, &logits, targets, n, v)?;
         let mut s = Saved::with_slots(HEAD_SLOTS);
         for (slot, buf) in [

@@ -82,6 +82,33 @@ pub fn gelu_backward_with(isa: Isa, dinp: &mut [f32], inp: &[f32], dout: &[f32],
     });
 }
 
+multiversion! {
+    /// `d = gelu'(inp) · d` on one chunk.
+    fn backward_inplace_chunk(d: &mut [f32], inp: &[f32]) {
+        for (d, &x) in d.iter_mut().zip(inp) {
+            let x2 = x * x;
+            let u = SQRT_2_OVER_PI * (GELU_COEF * x2).mul_add(x, x);
+            let du = SQRT_2_OVER_PI * (3.0 * GELU_COEF).mul_add(x2, 1.0);
+            let (s, s1) = sigmoid_pair(2.0 * u);
+            let grad = (2.0 * x * s * s1).mul_add(du, s);
+            *d = grad.mul_add(*d, 0.0);
+        }
+    }
+}
+
+/// `d = gelu'(inp) · d` in place: bitwise `gelu_backward_with(.., overwrite = true)` with `dout = d`.
+pub fn gelu_backward_in_place(d: &mut [f32], inp: &[f32]) {
+    assert_eq!(
+        inp.len(),
+        d.len(),
+        "gelu_backward_in_place: inp must have the length of d"
+    );
+    let isa = Isa::best();
+    for_chunks(d, per_chunk(inp.len(), 24), |start, d| {
+        backward_inplace_chunk(isa, d, &inp[start..start + d.len()])
+    });
+}
+
 /// `dinp += gelu'(inp) · dout`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     gelu_backward_with(Isa::best(), dinp, inp, dout, false)

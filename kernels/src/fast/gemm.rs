@@ -9,8 +9,6 @@
 use super::gelu;
 use super::pool::{chunk_rows, for_each};
 
-use super::vector::Isa;
-
 /// Smallest block edge (rows or columns of the output) worth a task: each block re-packs the other operand, so
 /// blocks are few and large.
 const BLOCK_MIN: usize = 64;
@@ -174,9 +172,24 @@ pub fn matmul_backward_input_gelu(
         n * c,
         "matmul_backward_input_gelu: pre must have n*c elements"
     );
-    let mut dact = vec![0.0f32; n * c];
-    matmul_backward_input(&mut dact, dout, weight, n, c, oc);
-    gelu::gelu_backward_with(Isa::best(), dinp, pre, &dact, true);
+    assert_eq!(
+        dinp.len(),
+        n * c,
+        "matmul_backward_input_gelu: dinp must have n*c elements"
+    );
+    assert_eq!(
+        dout.len(),
+        n * oc,
+        "matmul_backward_input_gelu: dout must have n*oc elements"
+    );
+    assert_eq!(
+        weight.len(),
+        oc * c,
+        "matmul_backward_input_gelu: weight must have oc*c elements"
+    );
+    // The product overwrites `dinp` (beta 0), then the GELU's derivative scales it in place.
+    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), 0.0, dinp);
+    gelu::gelu_backward_in_place(dinp, pre);
 }
 
 /// `dweight += doutᵀ · inp` and `dbias += Σ_rows dout`: `dweight` (OC, C), `dbias` (OC), `dout` (N, OC),

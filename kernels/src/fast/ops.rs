@@ -5,7 +5,60 @@
 use rayon::prelude::*;
 
 use super::pool::{chunk_rows, for_chunks, pool};
+use super::vector::{multiversion, Isa};
 use crate::cpu;
+
+/// Elements per partial sum of [`sum_squares`] (fixed: the sum's association depends on nothing else).
+pub const SUM_CHUNK: usize = 16 * 1024;
+
+multiversion! {
+    /// `Σ x²` of one chunk in f64: eight interleaved accumulators (lane `j` takes the elements `≡ j (mod 8)`),
+    /// combined pairwise.
+    fn chunk_sum_squares(x: &[f32], out: &mut f64) {
+        let mut acc = [0.0f64; 8];
+        let mut lanes = x.chunks_exact(8);
+        for group in &mut lanes {
+            for (a, &v) in acc.iter_mut().zip(group) {
+                let v = f64::from(v);
+                *a = v.mul_add(v, *a);
+            }
+        }
+        for (a, &v) in acc.iter_mut().zip(lanes.remainder()) {
+            let v = f64::from(v);
+            *a = v.mul_add(v, *a);
+        }
+        *out = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+}
+
+/// `Σ x²` in f64, in a fixed order: partial sums of [`SUM_CHUNK`]-element chunks (each in a fixed lane pattern),
+/// added in chunk order. The same for any thread count; threaded and vectorised.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    let isa = Isa::best();
+    let partials: Vec<f64> = if x.len() <= SUM_CHUNK {
+        let mut s = 0.0;
+        chunk_sum_squares(isa, x, &mut s);
+        vec![s]
+    } else {
+        pool().install(|| {
+            x.par_chunks(SUM_CHUNK)
+                .map(|c| {
+                    let mut s = 0.0;
+                    chunk_sum_squares(isa, c, &mut s);
+                    s
+                })
+                .collect()
+        })
+    };
+    partials.iter().sum()
+}
+
+/// `x *= alpha`.
+pub fn scale(x: &mut [f32], alpha: f32) {
+    for_chunks(x, chunk_rows(x.len(), 1, 16 * 1024, 64), |_, c| {
+        c.iter_mut().for_each(|v| *v *= alpha)
+    });
+}
 
 /// Layer norm: `out`, `inp` (N, C); `mean`, `rstd` (N); `weight`, `bias` (C).
 #[allow(clippy::too_many_arguments)]
@@ -309,6 +362,28 @@ mod tests {
         cpu::adamw_step(&cfg, &mut p1, &g, &mut ma, &mut va, 3);
         adamw(&cfg, &mut p2, &g, &mut mb, &mut vb, 3);
         assert!(same(&p1, &p2) && same(&ma, &mb) && same(&va, &vb), "adamw");
+    }
+
+    #[test]
+    fn sum_of_squares_is_fixed_order_and_close_to_the_exact_sum() {
+        let x = values(3 * SUM_CHUNK + 123, 21);
+        let exact: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let got = sum_squares(&x);
+        assert!((got - exact).abs() <= 1e-12 * exact, "{got} vs {exact}");
+        for threads in [1, 2, 3] {
+            crate::fast::set_threads(threads);
+            assert_eq!(sum_squares(&x).to_bits(), got.to_bits(), "{threads} threads");
+        }
+        for isa in Isa::available() {
+            let mut s = 0.0;
+            chunk_sum_squares(isa, &x[..SUM_CHUNK], &mut s);
+            let mut want = 0.0;
+            chunk_sum_squares(Isa::Portable, &x[..SUM_CHUNK], &mut want);
+            assert_eq!(s.to_bits(), want.to_bits(), "{isa:?}");
+        }
+        let mut y = x.clone();
+        scale(&mut y, 0.5);
+        assert!(y.iter().zip(&x).all(|(a, b)| a.to_bits() == (b * 0.5).to_bits()));
     }
 
     fn vb_abs(v: &[f32]) -> Vec<f32> {
