@@ -24,6 +24,12 @@ fi
 export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export BATON_CUDA_INCLUDE="$NVRTC_INCLUDE"
 
+# Debian's Chromium for the headless-browser tests of the run report and the SVG timeline (tests/cli_report.rs).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (Debian) for tests/cli_report.rs"
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -104,7 +104,11 @@ pub fn estimate_gpt2(
                 // Only the part's input activation is kept (none for the part that starts at the embedding: its
                 // input is the tokens); an I recomputes the forward, and what it recomputed waits for the W.
                 g = g.max(a);
-                a = if range.start == 0 { 0 } else { (mb_seqs * seq) as u64 * c };
+                a = if range.start == 0 {
+                    0
+                } else {
+                    (mb_seqs * seq) as u64 * c
+                };
             }
             (a, g, sc)
         })

@@ -27,7 +27,15 @@ fn estimated_stash_bytes_are_within_25_percent_of_the_measured_peak_per_stage() 
             let ranges = StageSplit::Uniform
                 .resolve::<Cpu>(model.as_ref() as &dyn Model<Cpu>, (p * v) as usize)
                 .unwrap();
-            let est = estimate_gpt2(&cfg, &schedule, &ranges, common::BATCH / m as usize, common::SEQ, recompute, 0);
+            let est = estimate_gpt2(
+                &cfg,
+                &schedule,
+                &ranges,
+                common::BATCH / m as usize,
+                common::SEQ,
+                recompute,
+                0,
+            );
             let mut pipeline = Pipeline::builder(model)
                 .schedule(schedule)
                 .split(StageSplit::Uniform)
@@ -40,7 +48,10 @@ fn estimated_stash_bytes_are_within_25_percent_of_the_measured_peak_per_stage() 
             let report = pipeline.train_step(batch).unwrap();
             for (s, (&measured, &estimated)) in report.peak_stash_bytes.iter().zip(&est.stash_bytes).enumerate() {
                 if measured == 0 {
-                    assert_eq!(estimated, 0, "{kind:?} recompute={recompute} stage {s}: nothing is stashed");
+                    assert_eq!(
+                        estimated, 0,
+                        "{kind:?} recompute={recompute} stage {s}: nothing is stashed"
+                    );
                     continue;
                 }
                 let ratio = estimated as f64 / measured as f64;

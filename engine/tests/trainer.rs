@@ -368,7 +368,11 @@ fn the_stop_flag_ends_the_run_after_the_step_with_a_complete_checkpoint_that_res
     second.resume(&ck, &mut data).unwrap();
     let run = second.run(&mut data, &mut Log::default()).unwrap();
     assert!(!run.interrupted);
-    assert_eq!(bits(&second), want, "the interrupted and resumed run differs from the uninterrupted one");
+    assert_eq!(
+        bits(&second),
+        want,
+        "the interrupted and resumed run differs from the uninterrupted one"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -430,15 +434,26 @@ fn a_failed_background_save_is_reported_when_it_happens_and_restarts_like_a_fail
         .expect("the failed write is reported as a warning");
     // Reported before the next save (step 4), not only when it would have been waited for.
     assert!(failed_at.0 < 4, "reported at step {}", failed_at.0);
-    assert!(log.steps.len() < 4, "the run went on after the failure: {:?}", log.steps);
+    assert!(
+        log.steps.len() < 4,
+        "the run went on after the failure: {:?}",
+        log.steps
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 
     let (dir, result, log) = run_with(1, "save-fails-restart");
     let (run, _) = result.unwrap();
     assert_eq!((run.step, run.restarts), (STEPS, 1));
     assert_eq!(log.restarts.len(), 1);
-    assert!(log.restarts[0].cause.contains("never rewritten"), "{:?}", log.restarts[0]);
-    assert_eq!(log.restarts[0].resumed_step, 0, "no good checkpoint before step 2: from the start");
+    assert!(
+        log.restarts[0].cause.contains("never rewritten"),
+        "{:?}",
+        log.restarts[0]
+    );
+    assert_eq!(
+        log.restarts[0].resumed_step, 0,
+        "no good checkpoint before step 2: from the start"
+    );
     assert_eq!(checkpoint::load(&dir).unwrap().manifest.step, STEPS);
     std::fs::remove_dir_all(&dir).unwrap();
 }

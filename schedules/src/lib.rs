@@ -20,7 +20,7 @@ pub use buffers::peak_receive_buffers;
 pub use error::ScheduleError;
 pub use generate::{generate, gpipe, interleaved, one_f_one_b, zb_h1, zb_v};
 pub use ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBATCHES_MAX, STAGES_MAX};
-pub use render::{to_json, to_svg, to_text, TEXT_COLUMNS_MAX};
+pub use render::{to_json, to_svg, to_svg_with, to_text, SvgOptions, SVG_WIDTH_MAX, TEXT_COLUMNS_MAX};
 pub use simulate::{simulate, Costs, SimReport, Span};
 pub use text::{
     check_comms, from_csv, schedule_from_rank_actions, to_csv, to_rank_actions, CommOp, ParamOp, PipeAction,

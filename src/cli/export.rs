@@ -16,9 +16,12 @@ pub struct ExportArgs {
     /// Target layout.
     #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
     pub format: ExportFormat,
-    /// Output directory.
+    /// Output directory (must be empty or absent unless --force).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Write into a non-empty --out, replacing the files of the same names there.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Export layouts.
@@ -30,6 +33,22 @@ pub enum ExportFormat {
 
 /// Runs `baton export`.
 pub fn run(args: &ExportArgs) -> Result<(), CliError> {
+    if !args.force {
+        if let Ok(mut entries) = std::fs::read_dir(&args.out) {
+            if let Some(Ok(first)) = entries.next() {
+                return Err(CliError::usage(format!(
+                    "--out {} is not empty (it holds {}); pass --force to overwrite, or choose an empty directory",
+                    args.out.display(),
+                    first.file_name().to_string_lossy()
+                )));
+            }
+        } else if args.out.exists() {
+            return Err(CliError::usage(format!(
+                "--out {} exists and is not a directory",
+                args.out.display()
+            )));
+        }
+    }
     let ckpt = checkpoint::load(&args.checkpoint).map_err(|e| CliError::failure(e.to_string()))?;
     match args.format {
         ExportFormat::Hf => {

@@ -2,13 +2,15 @@
 
 mod export;
 mod generate;
+pub mod report;
 mod schedule;
+pub mod tensorboard;
 mod trace;
 pub mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exit code for bad command-line arguments.
 pub const EXIT_USAGE: u8 = 2;
@@ -35,31 +37,51 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Write a checkpoint in the Hugging Face GPT-2 layout.
     Export(export::ExportArgs),
+    /// Write a run's report (`report.html`, `loss.svg`) from its directory (`baton train` writes one at its end).
+    Report(report::ReportArgs),
+}
+
+/// The command line as `baton` parses it: the derived [`Cli`] with every `baton train` default appended to its
+/// help (`[default: 300]`, taken from [`train::TrainConfig::default`], so help and behaviour cannot disagree) and
+/// negative numbers accepted as values (so `--steps -1` is reported as a bad value of `--steps`).
+pub fn command() -> clap::Command {
+    let defaults = train::defaults_for_help();
+    Cli::command()
+        .mut_subcommands(|sub| {
+            sub.mut_args(|a| {
+                if a.get_action().takes_values() {
+                    a.allow_negative_numbers(true)
+                } else {
+                    a
+                }
+            })
+        })
+        .mut_subcommand("train", |t| {
+            t.mut_args(|a| match defaults.get(a.get_id().as_str()) {
+                Some(v) => {
+                    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    a.help(format!("{help} [default: {v}]"))
+                }
+                None => a,
+            })
+        })
 }
 
 /// Parses `std::env::args`, runs the command, and maps errors to a one-line message and exit code.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return if e.use_stderr() {
-                    ExitCode::from(EXIT_USAGE)
-                } else {
-                    ExitCode::SUCCESS
-                };
-            }
-            let text = e.to_string();
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
-            eprintln!("baton: {}", first.trim_start_matches("error: "));
-            return ExitCode::from(EXIT_USAGE);
+            // clap's whole message: what is wrong (every missing argument, the valid values), the usage line and
+            // where help is. Help and version go to stdout with status 0; every usage error exits 2.
+            let _ = e.print();
+            return if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_USAGE)
+            };
         }
     };
     let result = match cli.command {
@@ -67,6 +89,7 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Report(args) => report::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

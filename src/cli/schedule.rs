@@ -142,6 +142,44 @@ pub fn run(args: &ScheduleArgs) -> Result<(), CliError> {
     write_output(args.out.as_deref(), &text)
 }
 
+/// Most compute actions `baton schedule` generates (stages × chunks × micro-batches × 2, or × 3 for the
+/// zero-bubble families): beyond it the tables and drawings take minutes and gigabytes.
+pub const SCHEDULE_ACTIONS_MAX: u64 = 1 << 24;
+
+/// Bytes per action the output formats need at their peak (measured: 1F1B, 64 stages × 2048 micro-batches:
+/// text 160, SVG 315, JSON 1,720), with headroom.
+fn bytes_per_action(format: Format) -> u64 {
+    match format {
+        Format::Text => 256,
+        Format::Svg | Format::Csv => 512,
+        Format::Json => 2048,
+    }
+}
+
+/// Refuses a size whose tables cannot be allocated (or would take far too long), before generating anything.
+fn check_size(kind: ScheduleKind, p: u32, m: u32, v: u32, format: Format) -> Result<(), CliError> {
+    let per_part = match kind {
+        ScheduleKind::ZbH1 | ScheduleKind::ZbV => 3,
+        _ => 2,
+    };
+    let actions = u64::from(p) * u64::from(v) * u64::from(m) * per_part;
+    let need = actions * bytes_per_action(format);
+    let available = crate::engine::memory::available_bytes();
+    if actions > SCHEDULE_ACTIONS_MAX || available.is_some_and(|a| need > a) {
+        return Err(CliError::usage(format!(
+            "--stages {p} --microbatches {m}{}: {actions} actions, which would need about {} to build and draw \
+             ({}); at most {SCHEDULE_ACTIONS_MAX} actions are generated here: use fewer stages or micro-batches",
+            if v > 1 { format!(" --chunks {v}") } else { String::new() },
+            crate::engine::memory::human_bytes(need),
+            available.map_or("available memory unknown".into(), |a| format!(
+                "{} available",
+                crate::engine::memory::human_bytes(a)
+            ))
+        )));
+    }
+    Ok(())
+}
+
 fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
     if let Some(path) = &args.from_csv {
         let text =
@@ -163,19 +201,16 @@ fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
         }
         return Ok(schedule);
     }
-    let kind: ScheduleKind = args
-        .schedule
-        .expect("clap requires --schedule without --from-csv")
-        .into();
-    let Some(p) = args.stages else {
-        return Err(CliError::usage("--stages is required unless --from-csv is given"));
+    let (Some(kind), Some(p), Some(m)) = (args.schedule, args.stages, args.microbatches) else {
+        return Err(CliError::usage(
+            "--schedule, --stages and --microbatches are required unless --from-csv is given",
+        ));
     };
-    let m = args
-        .microbatches
-        .expect("clap requires --microbatches without --from-csv");
+    let kind: ScheduleKind = kind.into();
     let v = args.chunks.unwrap_or(match kind {
         ScheduleKind::Interleaved | ScheduleKind::ZbV => 2,
         _ => 1,
     });
+    check_size(kind, p, m, v, args.format)?;
     generate(kind, p, m, v).map_err(|e| CliError::usage(e.to_string()))
 }

@@ -1,32 +1,42 @@
-//! `baton train`: arguments → configuration → the engine's [`Trainer`] → summary. The progress bar,
-//! `metrics.jsonl` and the optional Chrome/Perfetto trace are an [`Observer`] of the loop.
+//! `baton train`: arguments → configuration → memory check → the engine's [`Trainer`] → summary and report. The
+//! progress bar (or plain lines without a terminal), `metrics.jsonl`, TensorBoard scalars and the optional
+//! Chrome/Perfetto trace are an [`Observer`] of the loop; SIGINT / SIGTERM stop it after the current step with a
+//! complete checkpoint.
 
 mod args;
 mod progress;
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
-pub use args::{check, pipeline_config, TrainArgs, TrainConfig};
+pub use args::{
+    check, defaults_for_help, pipeline_config, TrainArgs, TrainConfig, LR_DEFAULT, SAVE_EVERY_DEFAULT,
+    TRACE_STEPS_DEFAULT, TRACE_STEPS_MAX, WARMUP_DEFAULT,
+};
 
 use super::CliError;
 use crate::engine::backend::{Backend, Cuda, Precision};
 use crate::engine::checkpoint::{self, Checkpoint};
 use crate::engine::data::{default_corpus, load_tokens, Split, Tokenizer};
 use crate::engine::executor::FailurePoint;
+use crate::engine::memory::{self, MemoryEstimate};
 use crate::engine::pipeline::{NonFinitePolicy, TensorMap};
 use crate::engine::{Cpu, Pipeline, PipelineConfig, SplitData, Trainer, TrainerConfig};
-use crate::schedules::Schedule;
+use crate::schedules::{validate, Schedule};
 use progress::{summary, CliObserver};
 
 /// Environment variable that injects a failure: `stage:2,action:7,kind:panic|error|stall|hang|nan[,step:5]`.
 pub const FAIL_AT_ENV: &str = "BATON_FAIL_AT";
 
-/// Most steps a trace records (each step adds one span per action).
-pub const TRACE_STEPS_MAX: u64 = 20;
+/// Environment variable that overrides the memory the check believes available, bytes (for tests).
+pub const MEM_AVAILABLE_ENV: &str = "BATON_MEM_AVAILABLE";
+
+/// Exit status after SIGINT (128 + 2), as shells report an interrupted command.
+pub const EXIT_SIGINT: u8 = 130;
+/// Exit status after SIGTERM (128 + 15).
+pub const EXIT_SIGTERM: u8 = 143;
 
 fn engine_err(e: impl std::fmt::Display) -> CliError {
     CliError::failure(e.to_string())
@@ -39,6 +49,8 @@ struct Setup {
     schedule: Schedule,
     init: Option<TensorMap>,
     resume: Option<Checkpoint>,
+    /// The memory estimate (set once the data is known).
+    estimate: Option<MemoryEstimate>,
 }
 
 /// Reads `--schedule-csv`: the schedule, checked against the flags that would contradict it.
@@ -81,9 +93,58 @@ fn setup(args: &TrainArgs, c: &mut TrainConfig, ckpt_root: &Path) -> Result<Setu
     check(c)?;
     let resume = match c.resume.as_deref() {
         None => None,
-        Some("latest") => Some(checkpoint::load(ckpt_root).map_err(engine_err)?),
+        Some("latest") => {
+            for (dir, why) in checkpoint::skipped_newer(ckpt_root).map_err(engine_err)? {
+                eprintln!(
+                    "warning: skipping {} (newer than the latest complete checkpoint): {why}",
+                    dir.display()
+                );
+            }
+            Some(checkpoint::load(ckpt_root).map_err(|e| {
+                CliError::failure(format!(
+                    "{e} (pass --resume DIR to continue from an older checkpoint under {})",
+                    ckpt_root.display()
+                ))
+            })?)
+        }
         Some(dir) => Some(checkpoint::load(Path::new(dir)).map_err(engine_err)?),
     };
+    // Printed once every flag is checked (an error must stay the only line).
+    let mut lr_warning = None;
+    if let Some(ck) = &resume {
+        let at = ck.manifest.step;
+        if at >= c.steps {
+            return Err(CliError::usage(format!(
+                "--steps {}: {} is already at step {at}; nothing to train (give a --steps above {at} to continue; \
+                 the checkpoint is left as it is)",
+                c.steps,
+                ck.dir.display()
+            )));
+        }
+        if let Some(newer) = checkpoint::latest(ckpt_root)
+            .map_err(engine_err)?
+            .filter(|p| !p.ends_with(checkpoint::step_dir_name(at)) && *p != ck.dir)
+        {
+            let newer_step = checkpoint::load(&newer).map(|n| n.manifest.step).unwrap_or(u64::MAX);
+            if newer_step > at {
+                return Err(CliError::usage(format!(
+                    "--resume {}: {} holds a newer checkpoint ({}); resuming the older one there would mix two runs \
+                     (use --resume latest, or another --out)",
+                    ck.dir.display(),
+                    ckpt_root.display(),
+                    newer.display()
+                )));
+            }
+        }
+        let saved_total = ck.manifest.options.optimizer.total_steps;
+        if saved_total != c.steps {
+            lr_warning = Some(format!(
+                "warning: the checkpoint's run was {saved_total} steps; training to --steps {} changes the learning-rate \
+                 schedule (warm-up and cosine decay now span {} steps) from step {at} on",
+                c.steps, c.steps
+            ));
+        }
+    }
     if resume.is_none() {
         if let Some(existing) = checkpoint::latest(ckpt_root).map_err(engine_err)? {
             return Err(CliError::usage(format!(
@@ -158,17 +219,267 @@ fn setup(args: &TrainArgs, c: &mut TrainConfig, ckpt_root: &Path) -> Result<Setu
     // Check the configuration before any data is read.
     pcfg.model.validate().map_err(|e| CliError::usage(e.to_string()))?;
     pcfg.optimizer.validate().map_err(|e| CliError::usage(e.to_string()))?;
+    if schedule_csv.is_none() && c.split.is_none() {
+        parts_fit(&pcfg)?;
+    }
     let schedule = match schedule_csv {
         Some(s) => s,
         None => pcfg.generate_schedule().map_err(|e| CliError::usage(e.to_string()))?,
     };
+    if let Some(w) = lr_warning {
+        eprintln!("{w}");
+    }
     Ok(Setup {
         tokenizer,
         pcfg,
         schedule,
         init,
         resume,
+        estimate: None,
     })
+}
+
+/// `--dry-run`: the resolved configuration, split, schedule, simulated step and memory estimate.
+fn dry_run(
+    c: &TrainConfig,
+    setup: &Setup,
+    est: &MemoryEstimate,
+    available: Option<u64>,
+    out: &Path,
+) -> Result<(), CliError> {
+    use crate::schedules::{simulate, to_text, Costs};
+    let model = crate::engine::Gpt2::new(setup.pcfg.model.clone(), setup.pcfg.seed).map_err(engine_err)?;
+    let parts = setup.schedule.placement.num_parts();
+    let ranges = setup
+        .pcfg
+        .split
+        .resolve::<Cpu>(&model, parts as usize)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let m = &setup.pcfg.model;
+    let mut text = String::new();
+    let _ = std::fmt::Write::write_fmt(
+        &mut text,
+        format_args!(
+            "configuration (defaults < --config file < flags):\n{}\n",
+            toml::to_string(c).unwrap_or_default()
+        ),
+    );
+    text.push_str(&format!(
+        "model: GPT-2, {} parameters ({} layers, d_model {}, {} heads, context {}, vocabulary {} ({}))\n",
+        m.num_params(),
+        m.layers,
+        m.d_model,
+        m.heads,
+        c.seq,
+        m.vocab_size,
+        setup.tokenizer.name()
+    ));
+    text.push_str("split (units: 0 embedding, 1..=L blocks, L+1 head):\n");
+    for (part, r) in ranges.iter().enumerate() {
+        let holder = (0..setup.schedule.stages())
+            .flat_map(|s| (0..setup.schedule.chunks()).map(move |ch| (s, ch)))
+            .find(|&(s, ch)| setup.schedule.placement.part(s, ch) == Some(part as u32));
+        let names: Vec<String> = r
+            .clone()
+            .map(|u| crate::engine::Model::<Cpu>::unit_name(&model, u))
+            .collect();
+        text.push_str(&format!(
+            "  part {part}: units {}..{} ({}){}\n",
+            r.start,
+            r.end,
+            names.join(", "),
+            holder.map_or(String::new(), |(s, ch)| format!(" on stage {s}, chunk {ch}"))
+        ));
+    }
+    // One step with F = 1, B = 2, I = W = 1 per block-equivalent part: the shape of the step, not its time.
+    let costs = Costs::uniform(parts, 1.0, 2.0, 1.0, 1.0, 0.0);
+    if let Ok(sim) = simulate(&setup.schedule, &costs) {
+        text.push_str(&format!(
+            "schedule: simulated step (F = 1, B = 2, I = W = 1 per part):\n{}",
+            to_text(&setup.schedule, &sim)
+        ));
+    }
+    text.push_str(&format!(
+        "memory estimate: {} in all — parameters {}, gradients {}, AdamW moments {}, stashed activations {} (per \
+         stage: {}), receive buffers {}, scratch {}, data {}, process {}\n",
+        memory::human_bytes(est.total_bytes()),
+        memory::human_bytes(est.params_bytes),
+        memory::human_bytes(est.grads_bytes),
+        memory::human_bytes(est.adam_bytes),
+        memory::human_bytes(est.stash_bytes.iter().sum()),
+        est.stash_bytes
+            .iter()
+            .map(|b| memory::human_bytes(*b))
+            .collect::<Vec<_>>()
+            .join(", "),
+        memory::human_bytes(est.receive_bytes.iter().sum()),
+        memory::human_bytes(est.scratch_bytes),
+        memory::human_bytes(est.data_bytes),
+        memory::human_bytes(est.base_bytes),
+    ));
+    text.push_str(&match available {
+        Some(a) if est.total_bytes() > a => format!(
+            "available memory: {} — this run would be refused\n",
+            memory::human_bytes(a)
+        ),
+        Some(a) => format!("available memory: {} — fits\n", memory::human_bytes(a)),
+        None => "available memory: unknown\n".into(),
+    });
+    text.push_str(&format!(
+        "output: {} (nothing was written; drop --dry-run to train)\n",
+        out.display()
+    ));
+    super::write_output(None, &text)
+}
+
+/// Refuses a generated schedule whose parts (stages × chunks) outnumber the model's units, saying what would fit.
+fn parts_fit(p: &PipelineConfig) -> Result<(), CliError> {
+    let parts = p.stages as usize * p.chunks as usize;
+    let units = p.model.num_units();
+    if parts <= units {
+        return Ok(());
+    }
+    let per_stage = if p.chunks > 1 {
+        format!("{} needs {} parts per stage: ", p.schedule.name(), p.chunks)
+    } else {
+        String::new()
+    };
+    let fit_stages = units / p.chunks as usize;
+    let stages_hint = if fit_stages >= 1 {
+        format!(" or --stages {fit_stages}")
+    } else {
+        String::new()
+    };
+    Err(CliError::usage(format!(
+        "{per_stage}{parts} parts for {} stages; the model has {units} units (embedding, {} blocks, head): \
+         use --layers {}{stages_hint}",
+        p.stages,
+        p.model.layers,
+        parts - 2
+    )))
+}
+
+/// Checks a `BATON_FAIL_AT` value against the schedule: its numbers fit their types (no wrap-around), the stage
+/// and action exist, the step is one this run takes.
+fn check_fail_at(text: &str, fail: &FailurePoint, schedule: &Schedule, steps: u64) -> Result<(), CliError> {
+    for field in text.split(',') {
+        if let Some((key, value)) = field.split_once(':') {
+            let key = key.trim();
+            if matches!(key, "stage" | "action") && value.trim().parse::<u32>().is_err() {
+                return Err(CliError::usage(format!(
+                    "{FAIL_AT_ENV}: {key} = `{}` is out of range",
+                    value.trim()
+                )));
+            }
+        }
+    }
+    let stages = schedule.stages();
+    if fail.stage >= stages {
+        return Err(CliError::usage(format!(
+            "{FAIL_AT_ENV}: stage {} does not exist; the schedule has stages 0..={}",
+            fail.stage,
+            stages - 1
+        )));
+    }
+    let actions = schedule.actions[fail.stage as usize].len();
+    if fail.action >= actions {
+        return Err(CliError::usage(format!(
+            "{FAIL_AT_ENV}: stage {} has actions 0..={} per step; action {} does not exist",
+            fail.stage,
+            actions.saturating_sub(1),
+            fail.action
+        )));
+    }
+    if let Some(step) = fail.step.filter(|&s| s == 0 || s > steps) {
+        return Err(CliError::usage(format!(
+            "{FAIL_AT_ENV}: step {step} is not one of this run's steps 1..={steps}"
+        )));
+    }
+    Ok(())
+}
+
+/// The memory the configuration needs, from the schedule and split, before anything is allocated.
+fn estimate(c: &TrainConfig, setup: &Setup, data_tokens: usize) -> Result<MemoryEstimate, CliError> {
+    let model = crate::engine::Gpt2::new(setup.pcfg.model.clone(), setup.pcfg.seed).map_err(engine_err)?;
+    let parts = setup.schedule.placement.num_parts() as usize;
+    let ranges = setup
+        .pcfg
+        .split
+        .resolve::<Cpu>(&model, parts)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let mb_seqs = c.batch / setup.schedule.microbatches.max(1) as usize;
+    Ok(memory::estimate_gpt2(
+        &setup.pcfg.model,
+        &setup.schedule,
+        &ranges,
+        mb_seqs,
+        c.seq,
+        c.recompute,
+        data_tokens,
+    ))
+}
+
+/// The memory a run may use: [`MEM_AVAILABLE_ENV`] if set, else what the machine says.
+fn available_memory() -> Option<u64> {
+    std::env::var(MEM_AVAILABLE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .or_else(memory::available_bytes)
+}
+
+/// The resolved run, for `--dry-run` and `config.json`.
+fn resolved_json(
+    c: &TrainConfig,
+    pcfg: &PipelineConfig,
+    schedule: &Schedule,
+    tokenizer: &str,
+    est: &MemoryEstimate,
+    ranges: &[std::ops::Range<usize>],
+) -> serde_json::Value {
+    serde_json::json!({
+        "config": c,
+        "model": pcfg.model,
+        "params": pcfg.model.num_params(),
+        "schedule": {
+            "kind": schedule.kind.name(),
+            "stages": schedule.stages(),
+            "microbatches": schedule.microbatches,
+            "chunks": schedule.chunks(),
+        },
+        "split": ranges.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
+        "memory_estimate": est,
+        "memory_estimate_bytes": est.total_bytes(),
+        "tokenizer": tokenizer,
+    })
+}
+
+/// The command that resumes this run: the same arguments with `--resume latest` (and `--steps steps` when given).
+pub(crate) fn resume_command(steps: Option<u64>) -> String {
+    let mut out = vec!["baton".to_string()];
+    let mut args = std::env::args().skip(1).peekable();
+    while let Some(a) = args.next() {
+        if a == "--resume" || (steps.is_some() && a == "--steps") {
+            args.next();
+            continue;
+        }
+        if a.starts_with("--resume=") || a == "--dry-run" || (steps.is_some() && a.starts_with("--steps=")) {
+            continue;
+        }
+        out.push(
+            if a.is_empty() || a.contains(|ch: char| ch.is_whitespace() || ch == '"' || ch == '\'') {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a
+            },
+        );
+    }
+    out.push("--resume".into());
+    out.push("latest".into());
+    if let Some(n) = steps {
+        out.push("--steps".into());
+        out.push(n.to_string());
+    }
+    out.join(" ")
 }
 
 /// Runs `baton train`.
@@ -192,20 +503,48 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     };
     let out = c.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&c.run_name));
     let ckpt_root = out.join("checkpoints");
-    let fail_at: Option<FailurePoint> = match std::env::var(FAIL_AT_ENV) {
-        Ok(text) => Some(
+    let fail_text = std::env::var(FAIL_AT_ENV).ok();
+    let fail_at: Option<FailurePoint> = match &fail_text {
+        Some(text) => Some(
             text.parse()
                 .map_err(|e: crate::engine::EngineError| CliError::usage(format!("{FAIL_AT_ENV}: {e}")))?,
         ),
-        Err(_) => None,
+        None => None,
     };
     let setup = setup(args, &mut c, &ckpt_root)?;
+    if let (Some(text), Some(fail)) = (&fail_text, &fail_at) {
+        check_fail_at(text, fail, &setup.schedule, c.steps)?;
+    }
+    validate(&setup.schedule).map_err(|e| CliError::usage(e.to_string()))?;
     let tokens = match &c.data {
         Some(path) => load_tokens(path, &setup.tokenizer).map_err(engine_err)?,
         None => setup.tokenizer.encode(default_corpus()),
     };
-    let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
     let token_count = tokens.len();
+    let est = estimate(&c, &setup, token_count)?;
+    let available = available_memory();
+    if args.dry_run {
+        return dry_run(&c, &setup, &est, available, &out);
+    }
+    if let Some(avail) = available.filter(|&a| est.total_bytes() > a) {
+        return Err(CliError::failure(format!(
+            "this configuration needs about {} ({} parameters, gradients and AdamW state, {} stashed activations, \
+             {} receive buffers, {} scratch); the machine has {} available: use a smaller --batch, --seq, \
+             --d-model or --layers, more --microbatches, or --recompute (see --dry-run)",
+            memory::human_bytes(est.total_bytes()),
+            memory::human_bytes(est.params_bytes + est.grads_bytes + est.adam_bytes),
+            memory::human_bytes(est.stash_bytes.iter().sum()),
+            memory::human_bytes(est.receive_bytes.iter().sum()),
+            memory::human_bytes(est.scratch_bytes),
+            memory::human_bytes(avail)
+        )));
+    }
+    let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
+    drop(tokens);
+    let setup = Setup {
+        estimate: Some(est),
+        ..setup
+    };
     match device {
         Device::Cpu => train_on(&c, setup, split, token_count, &out, fail_at, &|| {
             Ok(vec![Cpu; c.stages as usize])
@@ -253,6 +592,23 @@ fn device(name: &str) -> Result<Device, CliError> {
     }
 }
 
+/// SIGINT and SIGTERM: the first sets the stop flag (and records which signal came), a second while the flag is
+/// set exits at once with the conventional status.
+fn install_signal_handlers() -> Result<(Arc<AtomicBool>, Arc<AtomicUsize>), CliError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    let which = Arc::new(AtomicUsize::new(0));
+    for sig in [SIGINT, SIGTERM] {
+        let status = if sig == SIGINT { EXIT_SIGINT } else { EXIT_SIGTERM };
+        // Registered first, so it sees the flag as the earlier signal left it: set means "second signal".
+        signal_hook::flag::register_conditional_shutdown(sig, i32::from(status), Arc::clone(&stop))
+            .and_then(|_| signal_hook::flag::register_usize(sig, Arc::clone(&which), sig as usize))
+            .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
+            .map_err(|e| CliError::failure(format!("installing the signal handlers: {e}")))?;
+    }
+    Ok((stop, which))
+}
+
 /// The run on backend `B` (`make` builds one backend per stage, again after a restart).
 fn train_on<B: Backend>(
     c: &TrainConfig,
@@ -280,7 +636,7 @@ fn train_on<B: Backend>(
         save_every: c.save_every,
         keep_last: c.keep_last,
         max_restarts: c.max_restarts,
-        trace_steps: if c.trace { TRACE_STEPS_MAX } else { 0 },
+        trace_steps: if c.trace { c.trace_steps } else { 0 },
         peak_tflops: c.peak_tflops,
         tokenizer: setup.tokenizer.kind(),
     };
@@ -292,8 +648,19 @@ fn train_on<B: Backend>(
         trainer.init_from(params).map_err(engine_err)?;
     }
     trainer.pipeline_mut().set_failure(fail_at);
+    let (stop, which_signal) = install_signal_handlers()?;
+    trainer.set_stop_flag(Arc::clone(&stop));
 
     std::fs::create_dir_all(out).map_err(|e| CliError::failure(format!("creating {}: {e}", out.display())))?;
+    let ranges = trainer.pipeline().ranges().to_vec();
+    if let Some(est) = &setup.estimate {
+        let config_path = out.join(CONFIG_FILE);
+        let mut doc = resolved_json(c, &setup.pcfg, &setup.schedule, setup.tokenizer.name(), est, &ranges);
+        doc["started_unix_s"] = serde_json::json!(crate::engine::trainer::unix_time_s());
+        doc["resumed_from"] = serde_json::json!(setup.resume.as_ref().map(|ck| ck.dir.display().to_string()));
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| CliError::failure(e.to_string()))? + "\n";
+        super::write_output(Some(&config_path), &text).map_err(|e| CliError::failure(e.message))?;
+    }
     let metrics_path = out.join("metrics.jsonl");
     let metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -302,6 +669,15 @@ fn train_on<B: Backend>(
         .truncate(setup.resume.is_none())
         .open(&metrics_path)
         .map_err(|e| CliError::failure(format!("{}: {e}", metrics_path.display())))?;
+    let tensorboard = if c.tensorboard {
+        let dir = out.join("tensorboard");
+        Some(
+            crate::cli::tensorboard::EventWriter::create(&dir)
+                .map_err(|e| CliError::failure(format!("{}: {e}", dir.display())))?,
+        )
+    } else {
+        None
+    };
     let m = &setup.pcfg.model;
     let split = data.split();
     eprintln!(
@@ -323,22 +699,31 @@ fn train_on<B: Backend>(
         setup.tokenizer.name(),
         setup.resume.as_ref().map_or(String::new(), |ck| format!(", resuming {} at step {}", ck.dir.display(), ck.manifest.step))
     );
-    let mut observer = CliObserver {
-        bar: ProgressBar::new(c.steps),
-        metrics: BufWriter::new(metrics_file),
-        trace: c.trace.then(super::trace::Trace::default),
-        error: None,
-    };
-    observer.bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    if c.trace {
+        let first = trainer.pipeline().step() + 1;
+        eprintln!(
+            "trace: steps {first}..={} (--trace-steps {}) go to {}",
+            (first + c.trace_steps - 1).min(c.steps),
+            c.trace_steps,
+            out.join("trace.json").display()
+        );
+    }
+    let mut observer = CliObserver::new(
+        c,
+        setup.schedule.stages() as usize,
+        BufWriter::new(metrics_file),
+        tensorboard,
     );
     let result = trainer.run(&mut data, &mut observer);
-    observer.bar.finish();
+    observer.finish();
     observer
         .metrics
         .flush()
         .map_err(|e| CliError::failure(format!("writing metrics.jsonl: {e}")))?;
+    if let Some(tb) = observer.tensorboard.as_mut() {
+        tb.flush()
+            .map_err(|e| CliError::failure(format!("writing TensorBoard events: {e}")))?;
+    }
     if let Some(e) = observer.error.take() {
         return Err(e);
     }
@@ -346,25 +731,47 @@ fn train_on<B: Backend>(
     if let Some(trace) = &observer.trace {
         let path = out.join("trace.json");
         super::write_output(Some(&path), &trace.to_json()).map_err(|e| CliError::failure(e.message))?;
-        eprintln!("trace: {}", path.display());
     }
     if let Some(report) = &run.last {
-        summary(c.seq, c.copy_gbps, &setup.pcfg.model, trainer.pipeline(), report, &run);
+        let svg = progress::measured_timeline_svg(trainer.pipeline(), report);
+        super::write_output(Some(&out.join(crate::cli::report::TIMELINE_FILE)), &svg)
+            .map_err(|e| CliError::failure(e.message))?;
     }
-    if !run.save_stalls_s.is_empty() {
-        let mean = run.save_stalls_s.iter().sum::<f64>() / run.save_stalls_s.len() as f64;
-        eprintln!(
-            "checkpoint stall (host snapshot; the write runs in the background): mean {:.2} ms over {} saves",
-            mean * 1e3,
-            run.save_stalls_s.len()
-        );
+    let report_paths = crate::cli::report::write_report(out);
+    let peak_rss = memory::peak_rss_bytes();
+    summary(&progress::SummaryInputs {
+        c,
+        out,
+        model: &setup.pcfg.model,
+        pipeline: trainer.pipeline(),
+        run: &run,
+        report_html: report_paths.as_ref().ok().map(|(html, _)| html.clone()),
+        report_error: report_paths.as_ref().err().map(|e| e.message.clone()),
+        estimate: setup.estimate.as_ref(),
+        peak_rss,
+        resume_command: &resume_command(None),
+        continue_command: &resume_command(Some(c.steps * 2)),
+        trace: c.trace.then(|| out.join("trace.json")),
+        metrics: &metrics_path,
+    });
+    if run.interrupted {
+        let sig = which_signal.load(Ordering::SeqCst);
+        let (name, code) = if sig == signal_hook::consts::SIGTERM as usize {
+            ("SIGTERM", EXIT_SIGTERM)
+        } else {
+            ("SIGINT", EXIT_SIGINT)
+        };
+        return Err(CliError {
+            message: format!(
+                "interrupted by {name} at step {}; the checkpoint above is complete: resume with `{}`",
+                run.step,
+                resume_command(None)
+            ),
+            code,
+        });
     }
-    if run.restarts > 0 || run.skipped > 0 {
-        eprintln!("restarts: {}, skipped steps: {}", run.restarts, run.skipped);
-    }
-    if let Some(dir) = &run.checkpoint {
-        eprintln!("checkpoint: {}", dir.display());
-    }
-    eprintln!("metrics: {}", metrics_path.display());
     Ok(())
 }
+
+/// The configuration file every run writes at its start.
+pub const CONFIG_FILE: &str = "config.json";
