@@ -124,6 +124,18 @@ impl<B: Backend> LocalGroup<B> {
     }
 }
 
+/// The buffers at positions `a` and `b` (distinct) of `bufs`, the first mutable.
+fn pair_mut<'s, T: ?Sized>(bufs: &'s mut [(usize, &mut T)], a: usize, b: usize) -> (&'s mut T, &'s mut T) {
+    debug_assert_ne!(a, b);
+    if a < b {
+        let (lo, hi) = bufs.split_at_mut(b);
+        (&mut *lo[a].1, &mut *hi[0].1)
+    } else {
+        let (lo, hi) = bufs.split_at_mut(a);
+        (&mut *hi[0].1, &mut *lo[b].1)
+    }
+}
+
 fn comm_err(stage: usize, reason: String) -> EngineError {
     EngineError::Comm {
         seam: "collective",
@@ -143,18 +155,25 @@ impl<B: Backend> Collective<B> for LocalGroup<B> {
         for (m, &pos) in order.iter().enumerate() {
             self.check_len(m, self.be(m).len(bufs[pos].1), len, "the buffer")?;
         }
-        if order.len() == 1 {
-            return Ok(());
-        }
-        // The sum, on member 0's stage, in member order.
-        let mut acc = self.be(0).duplicate(bufs[order[0]].1)?;
+        // Member 0's buffer becomes the sum, in member order: ((x0 + x1) + x2) + …
+        let p0 = order[0];
         for (m, &pos) in order.iter().enumerate().skip(1) {
-            let x = self.copy_to(m, 0, bufs[pos].1)?;
-            self.be(0).add_assign(&mut acc, &x)?;
+            let (sum, x) = pair_mut(bufs, p0, pos);
+            if self.stages[m] == self.stages[0] {
+                self.be(0).add_assign(sum, x)?;
+            } else {
+                let x = self.copy_to(m, 0, x)?;
+                self.be(0).add_assign(sum, &x)?;
+            }
         }
-        for (m, &pos) in order.iter().enumerate() {
-            let sum = self.copy_to(0, m, &acc)?;
-            self.be(m).copy(bufs[pos].1, &sum)?;
+        for (m, &pos) in order.iter().enumerate().skip(1) {
+            let (sum, x) = pair_mut(bufs, p0, pos);
+            if self.stages[m] == self.stages[0] {
+                self.be(m).copy(x, sum)?;
+            } else {
+                let y = self.copy_to(0, m, sum)?;
+                self.be(m).copy(x, &y)?;
+            }
         }
         Ok(())
     }
