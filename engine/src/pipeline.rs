@@ -812,9 +812,6 @@ impl<B: Backend> Pipeline<B> {
             for part in &mut stage.parts {
                 for layer in &mut part.layers {
                     for p in layer.params_mut() {
-                        if let Some(scale) = scale {
-                            be.scale(&mut p.grad, scale)?;
-                        }
                         let cfg = AdamW {
                             lr,
                             beta1: o.beta1,
@@ -822,8 +819,7 @@ impl<B: Backend> Pipeline<B> {
                             eps: o.eps,
                             weight_decay: if p.decay { o.weight_decay } else { 0.0 },
                         };
-                        be.adamw(&cfg, &mut p.value, &p.grad, &mut p.m, &mut p.v, step)?;
-                        be.fill_zero(&mut p.grad)?;
+                        be.optimizer_step(&cfg, &mut p.value, &mut p.grad, &mut p.m, &mut p.v, step, scale)?;
                     }
                 }
             }

@@ -334,6 +334,22 @@ impl Backend for Cpu {
         f::ops::cross_entropy_backward(dlogits, logits, targets, scale, n, v);
         Ok(())
     }
+    fn optimizer_step(
+        &self,
+        cfg: &k::AdamW,
+        params: &mut CpuBuf,
+        grads: &mut CpuBuf,
+        m: &mut CpuBuf,
+        v: &mut CpuBuf,
+        step: u32,
+        clip_scale: Option<f32>,
+    ) -> Result<()> {
+        check("optimizer_step", "grads", grads.len(), params.len())?;
+        check("optimizer_step", "m", m.len(), params.len())?;
+        check("optimizer_step", "v", v.len(), params.len())?;
+        f::ops::adamw_fused(cfg, params, grads, m, v, step, clip_scale);
+        Ok(())
+    }
     fn adamw(
         &self,
         cfg: &k::AdamW,

@@ -320,6 +320,25 @@ pub trait Backend: Send + Sync + 'static {
         n: usize,
         v: usize,
     ) -> Result<()>;
+    /// The optimizer's whole work on one parameter: `grads *= clip_scale` (when given), one AdamW step, then
+    /// `grads = 0`. By default those three ops; a backend may fuse them into one pass (bitwise the same).
+    #[allow(clippy::too_many_arguments)]
+    fn optimizer_step(
+        &self,
+        cfg: &AdamW,
+        params: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        step: u32,
+        clip_scale: Option<f32>,
+    ) -> Result<()> {
+        if let Some(scale) = clip_scale {
+            self.scale(grads, scale)?;
+        }
+        self.adamw(cfg, params, grads, m, v, step)?;
+        self.fill_zero(grads)
+    }
     /// One AdamW step (1-based `step`) on `params` with moments `m`, `v`.
     #[allow(clippy::too_many_arguments)]
     fn adamw(

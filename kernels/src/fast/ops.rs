@@ -348,6 +348,65 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// [`adamw_chunk`] with the gradient scaled first (`g · scale`, as `Backend::scale` would) and cleared after.
+    fn adamw_fused_chunk(
+        cfg: &cpu::AdamW,
+        bc1: f32,
+        bc2: f32,
+        scale: f32,
+        scaled: bool,
+        params: &mut [f32],
+        grads: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
+        let cpu::AdamW { lr, beta1, beta2, eps, weight_decay } = *cfg;
+        for (((p, g), m), v) in params.iter_mut().zip(grads.iter_mut()).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g0 = if scaled { *g * scale } else { *g };
+            *g = 0.0;
+            *m = beta1 * *m + (1.0 - beta1) * g0;
+            *v = beta2 * *v + (1.0 - beta2) * g0 * g0;
+            let (mhat, vhat) = (*m / bc1, *v / bc2);
+            *p -= lr * (mhat / (vhat.sqrt() + eps) + weight_decay * *p);
+        }
+    }
+}
+
+/// `grads *= clip_scale` (when given), one AdamW step, `grads = 0`, in one pass over the four arrays: bitwise the
+/// three separate ops.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_fused(
+    cfg: &cpu::AdamW,
+    params: &mut [f32],
+    grads: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    step: u32,
+    clip_scale: Option<f32>,
+) {
+    assert!(step >= 1, "adamw: step is 1-based");
+    let len = params.len();
+    assert_eq!(
+        (grads.len(), m.len(), v.len()),
+        (len, len, len),
+        "adamw: grads, m and v must have the length of params"
+    );
+    let bc1 = 1.0 - cfg.beta1.powf(step as f32);
+    let bc2 = 1.0 - cfg.beta2.powf(step as f32);
+    let per = chunk_rows(len, 12, 4096, 64);
+    let isa = Isa::best();
+    let (scale, scaled) = (clip_scale.unwrap_or(1.0), clip_scale.is_some());
+    pool().install(|| {
+        params
+            .par_chunks_mut(per)
+            .zip(grads.par_chunks_mut(per))
+            .zip(m.par_chunks_mut(per))
+            .zip(v.par_chunks_mut(per))
+            .for_each(|(((p, g), m), v)| adamw_fused_chunk(isa, cfg, bc1, bc2, scale, scaled, p, g, m, v))
+    });
+}
+
 /// One AdamW step (1-based `step`), elementwise on chunks; bitwise [`cpu::adamw_step`].
 pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: u32) {
     assert!(step >= 1, "adamw: step is 1-based");
@@ -478,6 +537,33 @@ mod tests {
         cpu::adamw_step(&cfg, &mut p1, &g, &mut ma, &mut va, 3);
         adamw(&cfg, &mut p2, &g, &mut mb, &mut vb, 3);
         assert!(same(&p1, &p2) && same(&ma, &mb) && same(&va, &vb), "adamw");
+    }
+
+    #[test]
+    fn fused_optimizer_step_is_bitwise_scale_then_adamw_then_zero() {
+        let cfg = cpu::AdamW {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let len = 70_001;
+        for clip in [None, Some(0.37f32)] {
+            let (mut p1, mut g1, mut m1) = (values(len, 31), values(len, 32), values(len, 33));
+            let mut v1: Vec<f32> = values(len, 34).iter().map(|x| x.abs()).collect();
+            let (mut p2, mut g2, mut m2, mut v2) = (p1.clone(), g1.clone(), m1.clone(), v1.clone());
+            if let Some(s) = clip {
+                scale(&mut g1, s);
+            }
+            cpu::adamw_step(&cfg, &mut p1, &g1, &mut m1, &mut v1, 5);
+            g1.fill(0.0);
+            adamw_fused(&cfg, &mut p2, &mut g2, &mut m2, &mut v2, 5, clip);
+            assert!(
+                same(&p1, &p2) && same(&m1, &m2) && same(&v1, &v2) && same(&g1, &g2),
+                "{clip:?}"
+            );
+        }
     }
 
     #[test]
