@@ -112,6 +112,8 @@ pub struct TrainConfig {
     /// Copy bandwidth between devices in GB/s, for the layout prediction printed at the end of
     /// a run (0: transfers are free).
     pub copy_gbps: f64,
+    /// CPU compute threads, shared by all stages (0: one per core). Results do not depend on it.
+    pub threads: usize,
 }
 
 impl Default for TrainConfig {
@@ -157,6 +159,7 @@ impl Default for TrainConfig {
             peak_tflops: 0.0,
             precision: "auto".into(),
             copy_gbps: 0.0,
+            threads: 0,
         }
     }
 }
@@ -291,6 +294,9 @@ pub struct TrainArgs {
     /// Copy bandwidth between devices in GB/s for the end-of-run layout prediction (0: free).
     #[arg(long, value_name = "GBPS")]
     pub copy_gbps: Option<f64>,
+    /// CPU compute threads shared by all stages (0: one per core); the results are the same for any number.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 impl TrainArgs {
@@ -354,6 +360,9 @@ impl TrainArgs {
         }
         if let Some(gbps) = self.copy_gbps {
             c.copy_gbps = gbps;
+        }
+        if let Some(n) = self.threads {
+            c.threads = n;
         }
         if self.out.is_some() {
             c.out = self.out.clone();

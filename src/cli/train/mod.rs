@@ -485,6 +485,16 @@ pub(crate) fn resume_command(steps: Option<u64>) -> String {
 /// Runs `baton train`.
 pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let mut c = args.resolve()?;
+    if c.threads > crate::kernels::fast::THREADS_MAX {
+        return Err(CliError::usage(format!(
+            "--threads {}: at most {}",
+            c.threads,
+            crate::kernels::fast::THREADS_MAX
+        )));
+    }
+    if c.threads > 0 {
+        crate::kernels::fast::set_threads(c.threads);
+    }
     // Checked in `setup`, once a `--schedule-csv` has set the stages and micro-batches.
     let device = device(&c.device)?;
     let precision = match (c.precision.as_str(), &device) {
