@@ -343,6 +343,8 @@ pub fn write_report(dir: &Path) -> Result<(PathBuf, PathBuf), CliError> {
                 let text = match v {
                     serde_json::Value::String(s) => s.clone(),
                     serde_json::Value::Null => "—".into(),
+                    // f32 settings as written (0.002, not 0.0020000000949949026).
+                    serde_json::Value::Number(n) if n.is_f64() => format!("{}", n.as_f64().unwrap_or(0.0) as f32),
                     other => other.to_string(),
                 };
                 html.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>\n", escape(k), escape(&text)));
