@@ -219,12 +219,15 @@ fn setup(args: &TrainArgs, c: &mut TrainConfig, ckpt_root: &Path) -> Result<Setu
     // Check the configuration before any data is read.
     pcfg.model.validate().map_err(|e| CliError::usage(e.to_string()))?;
     pcfg.optimizer.validate().map_err(|e| CliError::usage(e.to_string()))?;
-    if schedule_csv.is_none() && c.split.is_none() {
-        parts_fit(&pcfg)?;
-    }
     let schedule = match schedule_csv {
         Some(s) => s,
-        None => pcfg.generate_schedule().map_err(|e| CliError::usage(e.to_string()))?,
+        None => {
+            let s = pcfg.generate_schedule().map_err(|e| CliError::usage(e.to_string()))?;
+            if c.split.is_none() {
+                parts_fit(&pcfg)?;
+            }
+            s
+        }
     };
     if let Some(w) = lr_warning {
         eprintln!("{w}");
