@@ -378,6 +378,14 @@ impl<B: Backend> Layer<B> for ParallelBlock<B> {
 }
 
 // --- the last unit: layer norm, output projection tied to `tok.weight`, cross-entropy ---------------------
+/// The head's forward intermediates: normalised input, its mean and rstd, and the logits.
+type Normed<B> = (
+    <B as Backend>::Buf,
+    <B as Backend>::Buf,
+    <B as Backend>::Buf,
+    <B as Backend>::Buf,
+);
+
 struct TiedHead<B: Backend> {
     params: Vec<Param<B>>,
     c: usize,
@@ -401,7 +409,8 @@ impl<B: Backend> TiedHead<B> {
             v: s.vocab,
         })
     }
-    fn logits(&self, be: &B, x: &B::Buf, n: usize) -> Result<(B::Buf, B::Buf, B::Buf, B::Buf)> {
+    /// `(normalised input, mean, rstd, logits)` for activations `x` of `n` tokens.
+    fn logits(&self, be: &B, x: &B::Buf, n: usize) -> Result<Normed<B>> {
         let (mut h, mut mean, mut rstd) = (be.zeros(n * self.c)?, be.zeros(n)?, be.zeros(n)?);
         be.layernorm_forward(
             &mut h,

@@ -264,6 +264,10 @@ impl Backend for Cpu {
         f::gemm::matmul_backward_input_gelu(dinp, dout, weight, pre, n, c, oc);
         Ok(())
     }
+    fn attention_stash_len(&self, b: usize, t: usize, _c: usize, nh: usize) -> usize {
+        // The fused (flash) attention keeps one log-sum-exp per row, not the probabilities.
+        f::flash::stash_len(b, t, nh)
+    }
     fn attention_forward(
         &self,
         out: &mut CpuBuf,
@@ -275,7 +279,9 @@ impl Backend for Cpu {
         nh: usize,
     ) -> Result<()> {
         check("attention_forward", "qkv", qkv.len(), b * t * 3 * c)?;
-        f::attention::attention_forward(out, att, qkv, b, t, c, nh);
+        check("attention_forward", "out", out.len(), b * t * c)?;
+        check("attention_forward", "stash", att.len(), f::flash::stash_len(b, t, nh))?;
+        f::flash::attention_forward(out, att, qkv, b, t, c, nh);
         Ok(())
     }
     fn attention_backward(
@@ -283,7 +289,7 @@ impl Backend for Cpu {
         dqkv: &mut CpuBuf,
         dout: &CpuBuf,
         qkv: &CpuBuf,
-        _out: &CpuBuf,
+        out: &CpuBuf,
         att: &CpuBuf,
         b: usize,
         t: usize,
@@ -291,7 +297,10 @@ impl Backend for Cpu {
         nh: usize,
     ) -> Result<()> {
         check("attention_backward", "dout", dout.len(), b * t * c)?;
-        f::attention::attention_backward(dqkv, dout, qkv, att, b, t, c, nh);
+        check("attention_backward", "out", out.len(), b * t * c)?;
+        check("attention_backward", "stash", att.len(), f::flash::stash_len(b, t, nh))?;
+        check("attention_backward", "dqkv", dqkv.len(), b * t * 3 * c)?;
+        f::flash::attention_backward(dqkv, dout, qkv, out, att, b, t, c, nh);
         Ok(())
     }
     fn gelu_forward(&self, out: &mut CpuBuf, inp: &CpuBuf) -> Result<()> {

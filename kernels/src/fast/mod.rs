@@ -14,6 +14,7 @@
 //! from [`vector::tanh`] (within 2e-7 absolute of the libm `tanh` the reference calls).
 
 pub mod attention;
+pub mod flash;
 pub mod gelu;
 pub mod gemm;
 pub mod ops;
