@@ -105,7 +105,7 @@ fn usage_errors_carry_clap_details_and_exit_2() {
 fn train_help_shows_every_default_and_every_setting_has_a_flag() {
     let help = String::from_utf8(baton(&["train", "--help"]).stdout).unwrap();
     for needle in [
-        "--steps <STEPS>                Optimizer steps [default: 300]",
+        "--steps <STEPS>                Optimizer steps [default: 800]",
         "[default: 0.1]",
         "--grad-clip <GRAD_CLIP>",
         "--eval-batches <N>",
