@@ -30,6 +30,16 @@ if ! command -v chromium >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
 
+# The real `tensorboard` package, for the test that reads Baton's event files with its reader
+# (tests/cli_ux.rs, scripts/tensorboard_readback.py), in a venv under target/.
+TB_VENV="$PWD/target/tb-venv"
+if ! "$TB_VENV/bin/python" -c "import tensorboard" >/dev/null 2>&1; then
+  echo "== installing tensorboard into $TB_VENV"
+  python3 -m venv "$TB_VENV"
+  "$TB_VENV/bin/pip" install --quiet --disable-pip-version-check tensorboard
+fi
+export BATON_TENSORBOARD_PYTHON="$TB_VENV/bin/python"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

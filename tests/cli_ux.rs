@@ -529,6 +529,56 @@ fn tensorboard_events_read_back_with_every_crc_checked_and_match_the_metrics() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// The same event files load in the real `tensorboard` package's reader (`EventAccumulator`), with the values of
+/// `metrics.jsonl`. scripts/test.sh installs `tensorboard` into target/tb-venv and names its Python in
+/// `BATON_TENSORBOARD_PYTHON`; without it the test fails under CI and says it skipped otherwise.
+#[test]
+fn tensorboard_events_load_in_the_real_tensorboard_reader() {
+    let Ok(python) = std::env::var("BATON_TENSORBOARD_PYTHON") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "BATON_TENSORBOARD_PYTHON is not set under CI (scripts/test.sh sets it)"
+        );
+        eprintln!("SKIPPED: BATON_TENSORBOARD_PYTHON not set (run scripts/test.sh)");
+        return;
+    };
+    let out = tmp("tensorboard-real");
+    let run = tiny(&out, &["--steps", "3", "--tensorboard"]);
+    assert!(run.status.success(), "{}", err(&run));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tensorboard_readback.py");
+    let read = std::process::Command::new(python)
+        .arg(script)
+        .arg(out.join("tensorboard"))
+        .output()
+        .expect("python runs");
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let series: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let loss = series["train/loss"].as_array().expect("a train/loss series");
+    assert_eq!(loss.len(), 3, "{series}");
+    for (point, m) in loss.iter().zip(&metrics) {
+        assert_eq!(point[0].as_u64(), m["step"].as_u64());
+        assert_eq!(point[1].as_f64().unwrap() as f32, m["loss"].as_f64().unwrap() as f32);
+    }
+    for tag in [
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "pipeline/bubble",
+        "val/loss",
+    ] {
+        assert!(
+            series[tag].as_array().is_some_and(|s| !s.is_empty()),
+            "{tag} missing: {series}"
+        );
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn the_trace_covers_the_steps_asked_for_with_names_optimizer_and_eval_spans() {
     let out = tmp("trace");

@@ -58,10 +58,13 @@ fn unit_elems(m: &GptConfig, unit: usize, b: usize, t: usize) -> (u64, u64, u64)
     let (act, w, scratch) = if unit == 0 {
         (0, n * c, n * c)
     } else if unit <= m.layers {
-        // x, ln1, qkv (3c), atty, x2, ln2, fc (4c), gelu (4c): 16c per token; 4 row statistics; the attention
-        // probabilities b·nh·t·t. Between I and W: the inputs of the weight gradients and the output gradients.
-        let att = b * nh * t * t;
-        (n * 16 * c + 4 * n + att, n * 16 * c, n * 10 * c + att)
+        // x, ln1, qkv (3c), atty, x2, ln2, fc (4c), gelu (4c): 16c per token; 4 row statistics; the attention's
+        // stash, one log-sum-exp per row and head (the CPU's fused attention: b·nh·t, not the b·nh·t·t
+        // probabilities). Between I and W: the inputs of the weight gradients and the output gradients. The
+        // backward's scratch adds the fused attention's score blocks (two of 64 query rows per batch row).
+        let att = b * nh * t;
+        let blocks = b * 2 * baton_kernels::fast::flash::QUERY_BLOCK.min(t) * t;
+        (n * 16 * c + 4 * n + att, n * 16 * c, n * 10 * c + blocks)
     } else {
         // x, lnf, statistics, logits; after I: lnf and the logits' gradient.
         (n * 2 * c + 2 * n + n * v, n * c + n * v, n * v + 2 * n * c)
