@@ -176,49 +176,6 @@ impl EngineError {
     }
 }
 
-/// Errors raised where they cannot be returned (in `Drop`), kept for the caller to collect with
-/// [`take_drop_errors`] instead of being discarded or panicking. At most [`DROP_ERRORS_MAX`] are kept; later
-/// ones are counted.
-static DROP_ERRORS: std::sync::Mutex<(Vec<String>, u64)> = std::sync::Mutex::new((Vec::new(), 0));
-
-/// Most errors from `Drop` kept between two [`take_drop_errors`] calls.
-pub const DROP_ERRORS_MAX: usize = 64;
-
-/// Records an error raised in a `Drop` implementation (`what` says which object).
-pub fn record_drop_error(what: &str, error: impl std::fmt::Display) {
-    let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if guard.0.len() < DROP_ERRORS_MAX {
-        guard.0.push(format!("{what}: {error}"));
-    } else {
-        guard.1 += 1;
-    }
-}
-
-/// The errors recorded in `Drop` since the last call (the engine's and the CUDA kernels crate's), and how many
-/// more were dropped past the limits.
-pub fn take_drop_errors() -> (Vec<String>, u64) {
-    let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (mut list, mut more) = (std::mem::take(&mut guard.0), std::mem::take(&mut guard.1));
-    let (kernels, kernels_more) = baton_kernels::cuda::error::take_drop_errors();
-    list.extend(kernels);
-    more += kernels_more;
-    (list, more)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drop_errors_are_kept_up_to_the_limit_then_counted() {
-        let _ = take_drop_errors();
-        for i in 0..DROP_ERRORS_MAX + 3 {
-            record_drop_error("a test object", format!("failure {i}"));
-        }
-        let (list, more) = take_drop_errors();
-        assert_eq!(list.len(), DROP_ERRORS_MAX);
-        assert_eq!(list[0], "a test object: failure 0");
-        assert_eq!(more, 3);
-        assert_eq!(take_drop_errors(), (Vec::new(), 0));
-    }
-}
+/// The process's recorder of errors raised in `Drop` (shared with the kernels crate): record with
+/// [`record_drop_error`], collect with [`take_drop_errors`] (the trainer reports them as a warning).
+pub use baton_kernels::cuda::error::{record_drop_error, take_drop_errors, DROP_ERRORS_MAX};

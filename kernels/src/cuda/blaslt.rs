@@ -148,7 +148,7 @@ impl<T: Copy> Drop for Owned<T> {
     fn drop(&mut self) {
         // SAFETY: `raw` was created by the matching cuBLASLt create call and is destroyed exactly once, here.
         if let Err(e) = unsafe { (self.destroy)(self.raw) } {
-            crate::cuda::error::record_drop_error("destroying a cuBLASLt descriptor", e);
+            crate::cuda::error::record_drop_error("destroying a cuBLASLt descriptor", format!("{e:?}"));
         }
     }
 }
@@ -185,7 +185,7 @@ impl Drop for Blaslt {
     fn drop(&mut self) {
         // SAFETY: the handle was created in `new` and is destroyed once; queued work holds no reference to it.
         if let Err(e) = unsafe { lt::destroy_handle(self.handle) } {
-            crate::cuda::error::record_drop_error("destroying the cuBLASLt handle", e);
+            crate::cuda::error::record_drop_error("destroying the cuBLASLt handle", format!("{e:?}"));
         }
     }
 }

@@ -105,8 +105,9 @@ pub(crate) fn check_len(op: &'static str, what: &str, got: usize, want: usize) -
     }
 }
 
-/// Errors raised where they cannot be returned (destroying a cuBLASLt handle or an NVRTC program in `Drop`), kept
-/// for the caller to collect with [`take_drop_errors`]. At most [`DROP_ERRORS_MAX`] are kept; later ones are
+/// Errors raised where they cannot be returned (in `Drop`: destroying a cuBLASLt handle or an NVRTC program, the
+/// engine's pinned staging buffers and checkpoint writer), kept for the caller to collect with
+/// [`take_drop_errors`]. One recorder for the whole process; at most [`DROP_ERRORS_MAX`] are kept, later ones are
 /// counted.
 static DROP_ERRORS: std::sync::Mutex<(Vec<String>, u64)> = std::sync::Mutex::new((Vec::new(), 0));
 
@@ -114,10 +115,10 @@ static DROP_ERRORS: std::sync::Mutex<(Vec<String>, u64)> = std::sync::Mutex::new
 pub const DROP_ERRORS_MAX: usize = 64;
 
 /// Records an error raised in a `Drop` implementation (`what` says which object).
-pub fn record_drop_error(what: &str, error: impl std::fmt::Debug) {
+pub fn record_drop_error(what: &str, error: impl std::fmt::Display) {
     let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if guard.0.len() < DROP_ERRORS_MAX {
-        guard.0.push(format!("{what}: {error:?}"));
+        guard.0.push(format!("{what}: {error}"));
     } else {
         guard.1 += 1;
     }
@@ -127,4 +128,22 @@ pub fn record_drop_error(what: &str, error: impl std::fmt::Debug) {
 pub fn take_drop_errors() -> (Vec<String>, u64) {
     let mut guard = DROP_ERRORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     (std::mem::take(&mut guard.0), std::mem::take(&mut guard.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_errors_are_kept_up_to_the_limit_then_counted() {
+        let _ = take_drop_errors();
+        for i in 0..DROP_ERRORS_MAX + 3 {
+            record_drop_error("a test object", format!("failure {i}"));
+        }
+        let (list, more) = take_drop_errors();
+        assert_eq!(list.len(), DROP_ERRORS_MAX);
+        assert_eq!(list[0], "a test object: failure 0");
+        assert_eq!(more, 3);
+        assert_eq!(take_drop_errors(), (Vec::new(), 0));
+    }
 }

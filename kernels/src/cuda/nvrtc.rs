@@ -355,7 +355,7 @@ impl Drop for Program {
         // SAFETY: the program was created by nvrtcCreateProgram and is destroyed once. A failure to destroy
         // only leaks the program; it is recorded.
         if let Err(e) = unsafe { nvrtc_result::destroy_program(self.0) } {
-            crate::cuda::error::record_drop_error("destroying an NVRTC program", e);
+            crate::cuda::error::record_drop_error("destroying an NVRTC program", format!("{e:?}"));
         }
     }
 }

@@ -347,18 +347,7 @@ pub fn attention_backward(
 mod tests {
     use super::*;
     use crate::cpu;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s % 2001) as f32 - 1000.0) / 400.0
-            })
-            .collect()
-    }
+    use crate::fast::testutil::values;
 
     fn rel(got: &[f32], want: &[f64]) -> f64 {
         let num: f64 = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).powi(2)).sum();
@@ -369,8 +358,8 @@ mod tests {
     #[test]
     fn matches_the_f64_reference_and_is_the_same_on_every_isa_and_thread_count() {
         for (b, t, c, nh) in [(3, 37, 24, 3), (2, 64, 64, 2), (1, 1, 8, 1)] {
-            let qkv = values(b * t * 3 * c, 5 + t as u64);
-            let dout = values(b * t * c, 7 + c as u64);
+            let qkv = values(b * t * 3 * c, 5 + t as u64, 400.0);
+            let dout = values(b * t * c, 7 + c as u64, 400.0);
             let q64: Vec<f64> = qkv.iter().map(|&v| f64::from(v)).collect();
             let d64: Vec<f64> = dout.iter().map(|&v| f64::from(v)).collect();
             let (mut o64, mut a64) = (vec![0.0f64; b * t * c], vec![0.0f64; b * nh * t * t]);

@@ -234,18 +234,7 @@ pub fn matmul_backward_weight(
 mod tests {
     use super::*;
     use crate::cpu;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s % 2001) as f32 - 1000.0) / 1000.0
-            })
-            .collect()
-    }
+    use crate::fast::testutil::values;
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
@@ -271,19 +260,23 @@ mod tests {
             (200, 1000, 64),
             (0, 4, 4),
         ] {
-            let (inp, w, b) = (values(n * c, 1), values(oc * c, 2), values(oc, 3));
-            let dout = values(n * oc, 4);
+            let (inp, w, b) = (
+                values(n * c, 1, 1000.0),
+                values(oc * c, 2, 1000.0),
+                values(oc, 3, 1000.0),
+            );
+            let dout = values(n * oc, 4, 1000.0);
             let mut want = vec![f32::NAN; n * oc];
             cpu::matmul_forward(&mut want, &inp, &w, Some(&b), n, c, oc);
             let mut got = vec![f32::NAN; n * oc];
             matmul_forward(&mut got, &inp, &w, Some(&b), n, c, oc);
             assert_eq!(bits(&got), bits(&want), "forward n={n} c={c} oc={oc}");
-            let (mut want_di, mut got_di) = (values(n * c, 5), values(n * c, 5));
+            let (mut want_di, mut got_di) = (values(n * c, 5, 1000.0), values(n * c, 5, 1000.0));
             cpu::matmul_backward_input(&mut want_di, &dout, &w, n, c, oc);
             matmul_backward_input(&mut got_di, &dout, &w, n, c, oc);
             assert_eq!(bits(&got_di), bits(&want_di), "backward input n={n} c={c} oc={oc}");
-            let (mut want_dw, mut got_dw) = (values(oc * c, 6), values(oc * c, 6));
-            let (mut want_db, mut got_db) = (values(oc, 7), values(oc, 7));
+            let (mut want_dw, mut got_dw) = (values(oc * c, 6, 1000.0), values(oc * c, 6, 1000.0));
+            let (mut want_db, mut got_db) = (values(oc, 7, 1000.0), values(oc, 7, 1000.0));
             cpu::matmul_backward_weight(&mut want_dw, Some(&mut want_db), &dout, &inp, n, c, oc);
             matmul_backward_weight(&mut got_dw, Some(&mut got_db), &dout, &inp, n, c, oc);
             assert_eq!(bits(&got_dw), bits(&want_dw), "backward weight n={n} c={c} oc={oc}");

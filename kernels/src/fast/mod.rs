@@ -19,6 +19,8 @@ pub mod gelu;
 pub mod gemm;
 pub mod ops;
 pub mod pool;
+#[cfg(test)]
+mod testutil;
 pub mod vector;
 
 pub use pool::{set_threads, threads, THREADS_MAX};

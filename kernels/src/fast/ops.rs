@@ -437,37 +437,32 @@ pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32],
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s % 2001) as f32 - 1000.0) / 500.0
-            })
-            .collect()
-    }
-
-    fn same(a: &[f32], b: &[f32]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-    }
+    use crate::fast::testutil::{same, values};
 
     #[test]
     fn row_ops_equal_the_reference_bitwise() {
         let (n, c, v) = (301, 96, 257);
-        let (inp, w, b, dout) = (values(n * c, 1), values(c, 2), values(c, 3), values(n * c, 4));
+        let (inp, w, b, dout) = (
+            values(n * c, 1, 500.0),
+            values(c, 2, 500.0),
+            values(c, 3, 500.0),
+            values(n * c, 4, 500.0),
+        );
         let (mut o1, mut m1, mut r1) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
         let (mut o2, mut m2, mut r2) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
         cpu::layernorm_forward(&mut o1, &mut m1, &mut r1, &inp, &w, &b, n, c);
         layernorm_forward(&mut o2, &mut m2, &mut r2, &inp, &w, &b, n, c);
         assert!(same(&o1, &o2) && same(&m1, &m2) && same(&r1, &r2), "layernorm forward");
-        let (mut d1, mut d2) = (values(n * c, 5), values(n * c, 5));
+        let (mut d1, mut d2) = (values(n * c, 5, 500.0), values(n * c, 5, 500.0));
         cpu::layernorm_backward_input(&mut d1, &dout, &inp, &w, &m1, &r1, n, c);
         layernorm_backward_input(&mut d2, &dout, &inp, &w, &m1, &r1, n, c);
         assert!(same(&d1, &d2), "layernorm backward input");
-        let (mut w1, mut b1, mut w2, mut b2) = (values(c, 6), values(c, 7), values(c, 6), values(c, 7));
+        let (mut w1, mut b1, mut w2, mut b2) = (
+            values(c, 6, 500.0),
+            values(c, 7, 500.0),
+            values(c, 6, 500.0),
+            values(c, 7, 500.0),
+        );
         cpu::layernorm_backward_weight(&mut w1, &mut b1, &dout, &inp, &m1, &r1, n, c);
         layernorm_backward_weight(&mut w2, &mut b2, &dout, &inp, &m1, &r1, n, c);
         assert!(same(&w1, &w2) && same(&b1, &b2), "layernorm backward weight");
@@ -479,19 +474,22 @@ mod tests {
 
         let (bs, t) = (7, 43);
         let tokens: Vec<u32> = (0..bs * t).map(|i| (i * 31 % v) as u32).collect();
-        let (wte, wpe) = (values(v * c, 8), values(t * c, 9));
+        let (wte, wpe) = (values(v * c, 8, 500.0), values(t * c, 9, 500.0));
         let (mut e1, mut e2) = (vec![0.0; bs * t * c], vec![0.0; bs * t * c]);
         cpu::embedding_forward(&mut e1, &tokens, &wte, &wpe, bs, t, c);
         embedding_forward(&mut e2, &tokens, &wte, &wpe, bs, t, c);
         assert!(same(&e1, &e2), "embedding");
 
-        let logits = values(n * v, 10);
+        let logits = values(n * v, 10, 500.0);
         let targets: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
         // The cross-entropy against the reference in f64: within a few ulp, on every instruction set alike.
         let l64: Vec<f64> = logits.iter().map(|&x| f64::from(x)).collect();
         let mut want = vec![0.0f64; n];
         cpu::softmax_cross_entropy_forward(&mut want, &l64, &targets, n, v);
-        let mut want_g = values(n * v, 11).iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+        let mut want_g = values(n * v, 11, 500.0)
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect::<Vec<_>>();
         cpu::softmax_cross_entropy_backward(&mut want_g, &l64, &targets, &vec![0.3; n], n, v);
         let mut firsts: Option<(Vec<f32>, Vec<f32>)> = None;
         for isa in Isa::available() {
@@ -503,7 +501,7 @@ mod tests {
                     "{isa:?} loss {got} vs {want}"
                 );
             }
-            let mut g = values(n * v, 11);
+            let mut g = values(n * v, 11, 500.0);
             ce_backward_rows(isa, &mut g, &logits, &targets, 0.3, v);
             for (got, want) in g.iter().zip(&want_g) {
                 assert!(
@@ -516,7 +514,7 @@ mod tests {
                 Some((l0, g0)) => assert!(same(l0, &l) && same(g0, &g), "{isa:?} differs from the first ISA"),
             }
         }
-        let (mut l2, mut g2) = (vec![0.0; n], values(n * v, 11));
+        let (mut l2, mut g2) = (vec![0.0; n], values(n * v, 11, 500.0));
         cross_entropy_forward(&mut l2, &logits, &targets, n, v);
         cross_entropy_backward(&mut g2, &logits, &targets, 0.3, n, v);
         let (l0, g0) = firsts.unwrap();
@@ -530,7 +528,12 @@ mod tests {
             weight_decay: 0.1,
         };
         let len = 100_003;
-        let (mut p1, g, mut ma, mut va) = (values(len, 12), values(len, 13), values(len, 14), values(len, 15));
+        let (mut p1, g, mut ma, mut va) = (
+            values(len, 12, 500.0),
+            values(len, 13, 500.0),
+            values(len, 14, 500.0),
+            values(len, 15, 500.0),
+        );
         let (mut p2, mut mb, mut vb) = (p1.clone(), ma.clone(), vb_abs(&va));
         let va_abs = vb_abs(&va);
         va = va_abs;
@@ -550,8 +553,8 @@ mod tests {
         };
         let len = 70_001;
         for clip in [None, Some(0.37f32)] {
-            let (mut p1, mut g1, mut m1) = (values(len, 31), values(len, 32), values(len, 33));
-            let mut v1: Vec<f32> = values(len, 34).iter().map(|x| x.abs()).collect();
+            let (mut p1, mut g1, mut m1) = (values(len, 31, 500.0), values(len, 32, 500.0), values(len, 33, 500.0));
+            let mut v1: Vec<f32> = values(len, 34, 500.0).iter().map(|x| x.abs()).collect();
             let (mut p2, mut g2, mut m2, mut v2) = (p1.clone(), g1.clone(), m1.clone(), v1.clone());
             if let Some(s) = clip {
                 scale(&mut g1, s);
@@ -568,7 +571,7 @@ mod tests {
 
     #[test]
     fn sum_of_squares_is_fixed_order_and_close_to_the_exact_sum() {
-        let x = values(3 * SUM_CHUNK + 123, 21);
+        let x = values(3 * SUM_CHUNK + 123, 21, 500.0);
         let exact: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
         let got = sum_squares(&x);
         assert!((got - exact).abs() <= 1e-12 * exact, "{got} vs {exact}");

@@ -1,0 +1,19 @@
+//! Shared helpers of the fast ops' tests.
+
+/// `n` deterministic pseudo-random values in `[-1000, 1000] / divisor` (xorshift from `seed`).
+pub fn values(n: usize, seed: u64, divisor: f32) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s % 2001) as f32 - 1000.0) / divisor
+        })
+        .collect()
+}
+
+/// Bitwise equality of two slices (same length, same bits everywhere).
+pub fn same(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
