@@ -299,7 +299,9 @@ fn a_second_sigint_exits_at_once_without_waiting_for_the_step() {
 
 #[test]
 fn a_configuration_too_large_for_memory_is_refused_with_the_figures() {
-    for extra in [&["--seq", "65536"][..], &["--d-model", "65536"][..]] {
+    // (The fused CPU attention keeps no T×T matrix, so a long context alone fits now: a long context with a large
+    // batch does not.)
+    for extra in [&["--seq", "65536", "--batch", "256"][..], &["--d-model", "65536"][..]] {
         let mut args = vec!["train", "--out", "/nonexistent/never-written"];
         args.extend(extra);
         let out = baton(&args);
@@ -370,11 +372,11 @@ fn the_memory_estimate_is_near_the_peak_resident_memory() {
     };
     let (peak, estimate) = (mib("peak resident "), mib("estimated before the run: "));
     let ratio = estimate / peak;
-    // The stash part of the estimate is held to 25% of the executor's measured peak per stage
-    // (engine/tests/memory.rs). The whole process only to a factor 1.6 here: the CPU backend's scratch cache
-    // (landed 2026-12-01) keeps freed buffers by length, which the estimate does not model yet.
+    // The whole process within 25%: parameters, gradients, moments, the stash replayed per stage (itself held to
+    // 25% of the executor's measured peak per stage in engine/tests/memory.rs), receive pools, scratch, data, the
+    // checkpoint snapshot taken at the end, and the process's resident memory when the estimate is made.
     assert!(
-        (0.6..=1.6).contains(&ratio),
+        (0.75..=1.25).contains(&ratio),
         "estimate {estimate} MiB vs peak {peak} MiB: {line}"
     );
     std::fs::remove_dir_all(&out).unwrap();

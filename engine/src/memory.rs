@@ -33,11 +33,24 @@ pub struct MemoryEstimate {
     pub scratch_bytes: u64,
     /// Tokens of the training data and the train / validation split.
     pub data_bytes: u64,
-    /// [`PROCESS_BASE_BYTES`].
+    /// A checkpoint being taken: the host snapshot of every parameter and both AdamW moments, and one stage file
+    /// being serialised beside it (the stages' shares taken as even).
+    pub checkpoint_bytes: u64,
+    /// The process itself besides the above: [`PROCESS_BASE_BYTES`], or (raised by the caller with
+    /// [`MemoryEstimate::with_process_now`]) what it holds when the estimate is made.
     pub base_bytes: u64,
 }
 
 impl MemoryEstimate {
+    /// The estimate with its base raised to this process's resident memory now (the binary, its libraries,
+    /// the thread pools and what is already loaded), where Linux says: a measured base instead of a guessed one.
+    pub fn with_process_now(mut self) -> Self {
+        if let Some(now) = current_rss_bytes() {
+            self.base_bytes = self.base_bytes.max(now);
+        }
+        self
+    }
+
     /// Everything together, bytes.
     pub fn total_bytes(&self) -> u64 {
         self.params_bytes
@@ -47,6 +60,7 @@ impl MemoryEstimate {
             + self.receive_bytes.iter().sum::<u64>()
             + self.scratch_bytes
             + self.data_bytes
+            + self.checkpoint_bytes
             + self.base_bytes
     }
 }
@@ -150,6 +164,7 @@ pub fn estimate_gpt2(
         scratch_bytes: scratch_max.iter().sum::<u64>() * elem + eval,
         // The tokens (u32), and the split's train and validation copies.
         data_bytes: 2 * data_tokens as u64 * 4,
+        checkpoint_bytes: 3 * params * elem + (3 * params * elem).div_ceil(stages.max(1) as u64),
         base_bytes: PROCESS_BASE_BYTES,
     }
 }
@@ -180,9 +195,19 @@ pub fn available_bytes() -> Option<u64> {
 
 /// This process's peak resident memory so far (`VmHWM`), bytes, where Linux says.
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// Resident memory of this process now (`VmRSS`), bytes, where Linux says.
+pub fn current_rss_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+/// A `/proc/self/status` field in kB, as bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
 }

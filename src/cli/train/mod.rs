@@ -304,7 +304,7 @@ fn dry_run(
     }
     text.push_str(&format!(
         "memory estimate: {} in all — parameters {}, gradients {}, AdamW moments {}, stashed activations {} (per \
-         stage: {}), receive buffers {}, scratch {}, data {}, process {}\n",
+         stage: {}), receive buffers {}, scratch {}, data {}, checkpoint snapshot {}, process {}\n",
         memory::human_bytes(est.total_bytes()),
         memory::human_bytes(est.params_bytes),
         memory::human_bytes(est.grads_bytes),
@@ -318,6 +318,7 @@ fn dry_run(
         memory::human_bytes(est.receive_bytes.iter().sum()),
         memory::human_bytes(est.scratch_bytes),
         memory::human_bytes(est.data_bytes),
+        memory::human_bytes(est.checkpoint_bytes),
         memory::human_bytes(est.base_bytes),
     ));
     text.push_str(&match available {
@@ -534,7 +535,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         None => setup.tokenizer.encode(default_corpus()),
     };
     let token_count = tokens.len();
-    let est = estimate(&c, &setup, token_count)?;
+    let est = estimate(&c, &setup, token_count)?.with_process_now();
     let available = available_memory();
     if args.dry_run {
         return dry_run(&c, &setup, &est, available, &out);
