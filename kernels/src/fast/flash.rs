@@ -330,7 +330,6 @@ pub fn attention_backward(
     let isa = Isa::best();
     pool().install(|| {
         dqkv.par_chunks_mut(t * 3 * c).enumerate().for_each(|(bi, dx)| {
-            let _ = out;
             let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
             let g = &dout[bi * t * c..(bi + 1) * t * c];
             let block = QUERY_BLOCK.min(t) * t;
