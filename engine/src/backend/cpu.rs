@@ -157,6 +157,26 @@ impl Backend for Cpu {
         f::ops::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
         Ok(())
     }
+    fn residual_layernorm_forward(
+        &self,
+        sum: &mut CpuBuf,
+        out: &mut CpuBuf,
+        mean: &mut CpuBuf,
+        rstd: &mut CpuBuf,
+        a: &CpuBuf,
+        b: &CpuBuf,
+        weight: &CpuBuf,
+        bias: &CpuBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        check("residual_layernorm_forward", "a", a.len(), n * c)?;
+        check("residual_layernorm_forward", "b", b.len(), n * c)?;
+        check("residual_layernorm_forward", "sum", sum.len(), n * c)?;
+        check("residual_layernorm_forward", "out", out.len(), n * c)?;
+        f::ops::residual_layernorm_forward(sum, out, mean, rstd, a, b, weight, bias, n, c);
+        Ok(())
+    }
     fn layernorm_backward_input(
         &self,
         dinp: &mut CpuBuf,

@@ -196,6 +196,26 @@ pub trait Backend: Send + Sync + 'static {
         n: usize,
         c: usize,
     ) -> Result<()>;
+    /// `sum = a + b`, then the layer norm of `sum` into `out`, `mean`, `rstd` (`sum`, `out`, `a`, `b` (N, C)): a
+    /// residual add and the layer norm after it. A backend may fuse them (one pass over each row, bitwise the two
+    /// ops); by default the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(
+        &self,
+        sum: &mut Self::Buf,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        self.residual_forward(sum, a, b)?;
+        self.layernorm_forward(out, mean, rstd, sum, weight, bias, n, c)
+    }
     /// `out (n,oc) = inp (n,c) · weight(oc,c)ᵀ + bias`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_forward(

@@ -432,13 +432,14 @@ impl<B: Backend> Layer<B> for Block<B> {
         let mut proj = be.scratch(n * c)?;
         be.matmul_forward(&mut proj, &atty, self.w(PROJ_W), Some(self.w(PROJ_B)), n, c, c)?;
         let mut x2 = be.scratch(n * c)?;
-        be.residual_forward(&mut x2, &x, &proj)?;
         let (mut ln2, mut mean2, mut rstd2) = (be.scratch(n * c)?, be.scratch(n)?, be.scratch(n)?);
-        be.layernorm_forward(
+        be.residual_layernorm_forward(
+            &mut x2,
             &mut ln2,
             &mut mean2,
             &mut rstd2,
-            &x2,
+            &x,
+            &proj,
             self.w(LN2_W),
             self.w(LN2_B),
             n,

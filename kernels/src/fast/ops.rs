@@ -94,6 +94,47 @@ pub fn layernorm_forward(
     });
 }
 
+/// `sum = a + b` and the layer norm of `sum`, chunk by chunk of rows, each row in cache for both: bitwise
+/// [`residual_forward`] then [`layernorm_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layernorm_forward(
+    sum: &mut [f32],
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    n: usize,
+    c: usize,
+) {
+    assert!(c > 0, "residual_layernorm_forward: c must be positive");
+    assert_eq!(
+        (sum.len(), out.len(), a.len(), b.len()),
+        (n * c, n * c, n * c, n * c),
+        "residual_layernorm_forward: sum, out, a and b must have n*c elements"
+    );
+    assert_eq!(
+        (mean.len(), rstd.len()),
+        (n, n),
+        "residual_layernorm_forward: mean and rstd must have n elements"
+    );
+    let per = chunk_rows(n, 9 * c, 1, 1);
+    pool().install(|| {
+        sum.par_chunks_mut(per * c)
+            .zip(out.par_chunks_mut(per * c))
+            .zip(mean.par_chunks_mut(per))
+            .zip(rstd.par_chunks_mut(per))
+            .enumerate()
+            .for_each(|(i, (((s, o), m), r))| {
+                let range = i * per * c..i * per * c + s.len();
+                cpu::residual_forward(s, &a[range.clone()], &b[range]);
+                cpu::layernorm_forward(o, m, r, s, weight, bias, m.len(), c);
+            })
+    });
+}
+
 /// `dinp += ∂L/∂inp` of the layer norm (rows independent).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward_input(
@@ -471,6 +512,15 @@ mod tests {
         cpu::residual_forward(&mut s1, &inp, &dout);
         residual_forward(&mut s2, &inp, &dout);
         assert!(same(&s1, &s2), "residual");
+        let (mut o3, mut m3, mut r3) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        let mut s3 = vec![0.0; n * c];
+        residual_layernorm_forward(&mut s3, &mut o3, &mut m3, &mut r3, &inp, &dout, &w, &b, n, c);
+        let (mut o4, mut m4, mut r4) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        cpu::layernorm_forward(&mut o4, &mut m4, &mut r4, &s1, &w, &b, n, c);
+        assert!(
+            same(&s3, &s1) && same(&o3, &o4) && same(&m3, &m4) && same(&r3, &r4),
+            "residual + layernorm"
+        );
 
         let (bs, t) = (7, 43);
         let tokens: Vec<u32> = (0..bs * t).map(|i| (i * 31 % v) as u32).collect();
