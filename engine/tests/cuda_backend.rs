@@ -672,3 +672,57 @@ fn fused_mlp_ops_match_the_cpu() {
         }
     }
 }
+
+/// The fused residual + layer norm kernel against the CPU's two ops, in both precisions (outputs poisoned first).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_residual_layernorm_matches_the_cpu() {
+    let (n, c) = (300usize, 96usize);
+    let mut random = Fresh::new("");
+    let (a, b, w, bias) = (
+        random.values(n * c),
+        random.values(n * c),
+        random.values(c),
+        random.values(c),
+    );
+    let cpu = Cpu;
+    let (ca, cb, cw, cbias) = (
+        cpu.upload(&a).unwrap(),
+        cpu.upload(&b).unwrap(),
+        cpu.upload(&w).unwrap(),
+        cpu.upload(&bias).unwrap(),
+    );
+    let (mut sum, mut out, mut mean, mut rstd) = (
+        cpu.zeros(n * c).unwrap(),
+        cpu.zeros(n * c).unwrap(),
+        cpu.zeros(n).unwrap(),
+        cpu.zeros(n).unwrap(),
+    );
+    cpu.residual_forward(&mut sum, &ca, &cb).unwrap();
+    cpu.layernorm_forward(&mut out, &mut mean, &mut rstd, &sum, &cw, &cbias, n, c)
+        .unwrap();
+    let want = [sum, out, mean, rstd].map(|x| cpu.download(&x).unwrap());
+    for precision in Precision::ALL {
+        let cuda = Cuda::with_precision(0, precision).unwrap();
+        let (ga, gb, gw, gbias) = (
+            cuda.upload(&a).unwrap(),
+            cuda.upload(&b).unwrap(),
+            cuda.upload_param(&w).unwrap(),
+            cuda.upload_param(&bias).unwrap(),
+        );
+        let mut bufs = [n * c, n * c, n, n].map(|len| {
+            let mut x = cuda.zeros(len).unwrap();
+            cuda.scale(&mut x, f32::NAN).unwrap();
+            x
+        });
+        let [s, o, m, r] = &mut bufs;
+        cuda.residual_layernorm_forward(s, o, m, r, &ga, &gb, &gw, &gbias, n, c)
+            .unwrap();
+        let tol = if precision == Precision::F32 { 1e-5 } else { 2e-2 };
+        for (what, (buf, want)) in ["sum", "out", "mean", "rstd"].iter().zip(bufs.iter().zip(&want)) {
+            let e = rel_err(&cuda.download(buf).unwrap(), want);
+            println!("{precision} fused residual + layer norm: {what} rel err {e:.2e}");
+            assert!(e < tol, "{precision} {what}: {e}");
+        }
+    }
+}

@@ -653,6 +653,52 @@ impl Cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward_t<T: Stored>(
+        &self,
+        sum: &mut CudaBuf,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "residual_layernorm_forward";
+        let (a, b, weight, bias) = (
+            self.read::<T>(op, a)?,
+            self.read::<T>(op, b)?,
+            self.read::<T>(op, weight)?,
+            self.read::<T>(op, bias)?,
+        );
+        let mut s = self.write::<T>(op, sum, Mode::Overwrite)?;
+        let mut o = self.write::<T>(op, out, Mode::Overwrite)?;
+        // The statistics are fp32 in both precisions, as in `layernorm_forward_t`.
+        let mut mu = self.write::<f32>(op, mean, Mode::Overwrite)?;
+        let mut rs = self.write::<f32>(op, rstd, Mode::Overwrite)?;
+        kc::layernorm::residual_layernorm_forward(
+            &self.dev,
+            s.slice(),
+            o.slice(),
+            mu.slice(),
+            rs.slice(),
+            &a,
+            &b,
+            &weight,
+            &bias,
+            n,
+            c,
+        )
+        .map_err(|e| self.err(op, e))?;
+        self.finish(op, s)?;
+        self.finish(op, o)?;
+        self.finish(op, mu)?;
+        self.finish(op, rs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn layernorm_backward_input_t<T: Stored>(
         &self,
         dinp: &mut CudaBuf,
@@ -1481,6 +1527,25 @@ impl Backend for Cuda {
         dispatch!(
             self.precision,
             self.layernorm_forward_t(out, mean, rstd, inp, weight, bias, n, c)
+        )
+    }
+    fn residual_layernorm_forward(
+        &self,
+        sum: &mut CudaBuf,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        // One kernel: the residual sum and its layer norm in one pass over the inputs.
+        dispatch!(
+            self.precision,
+            self.residual_layernorm_forward_t(sum, out, mean, rstd, a, b, weight, bias, n, c)
         )
     }
     fn layernorm_backward_input(
