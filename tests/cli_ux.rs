@@ -675,3 +675,60 @@ fn generation_stops_at_stop_sequences_and_samples_with_top_p() {
     assert!(r.status.success(), "{}", err(&r));
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// The default run trains smoothly: over its first 60 steps (the warm-up and beyond, with the learning-rate
+/// schedule of the whole run: `--stop-at 60`) no step's loss rises by more than 0.3 and no gradient norm after
+/// step 2 exceeds 5. The previous defaults (lr 3e-3, 10 warm-up steps) fail the same check (a jump to 7.37 at
+/// step 8), so the check can fail.
+#[test]
+fn the_default_run_has_no_loss_spike_where_the_old_defaults_had_one() {
+    let smooth = |extra: &[&str]| -> (Vec<(u64, f64)>, f64) {
+        let out = tmp(&format!("spike{}", extra.len()));
+        let mut args = vec![
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--stop-at",
+            "60",
+            "--eval-every",
+            "0",
+        ];
+        args.extend(extra);
+        let run = baton(&args);
+        assert!(run.status.success(), "{}", err(&run));
+        let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v.get("loss").is_some())
+            .collect();
+        assert_eq!(metrics.len(), 60);
+        let rises: Vec<(u64, f64)> = metrics
+            .windows(2)
+            .map(|w| {
+                (
+                    w[1]["step"].as_u64().unwrap(),
+                    w[1]["loss"].as_f64().unwrap() - w[0]["loss"].as_f64().unwrap(),
+                )
+            })
+            .filter(|&(_, d)| d > 0.3)
+            .collect();
+        let norm = metrics
+            .iter()
+            .filter(|m| m["step"].as_u64().unwrap() > 2)
+            .map(|m| m["grad_norm"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        std::fs::remove_dir_all(&out).unwrap();
+        (rises, norm)
+    };
+    let (rises, norm) = smooth(&[]);
+    assert!(
+        rises.is_empty() && norm <= 5.0,
+        "default run: rises {rises:?}, max gradient norm {norm}"
+    );
+    let (rises, norm) = smooth(&["--lr", "0.003", "--warmup", "10"]);
+    assert!(
+        !rises.is_empty() || norm > 5.0,
+        "the old defaults trained smoothly too: the check proves nothing"
+    );
+}
