@@ -2,43 +2,26 @@
 //! binary, each in fresh processes: the results must be bitwise those of an uninterrupted run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use baton::engine::checkpoint;
 
-const TINY: &[&str] = &[
-    "train",
-    "--layers",
-    "2",
-    "--d-model",
-    "16",
-    "--heads",
-    "2",
-    "--seq",
-    "16",
-    "--batch",
-    "4",
-    "--microbatches",
-    "2",
-    "--stages",
-    "4",
-    "--eval-every",
-    "0",
-    "--keep-last",
-    "0",
-];
+mod common;
+
+/// The tiny model on 4 stages, no evaluation in between, every checkpoint kept.
+fn tiny() -> Vec<&'static str> {
+    common::tiny_with(&["--stages", "4", "--eval-every", "0", "--keep-last", "0"])
+}
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-cli-recovery-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    common::tmp("cli-recovery", name)
 }
 
 fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut args: Vec<&str> = TINY.to_vec();
+    let mut args: Vec<&str> = tiny();
     args.extend(["--out", out.to_str().unwrap()]);
     args.extend(extra);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    let mut cmd = common::bin();
     cmd.args(&args);
     for (k, v) in env {
         cmd.env(k, v);

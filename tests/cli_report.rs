@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn baton(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_baton")).args(args).output().unwrap()
-}
+mod common;
+use common::baton;
 
 fn chromium() -> Option<PathBuf> {
     [

@@ -1,13 +1,9 @@
 //! `baton schedule` end to end: every format, import from CSV, and one-line errors for bad arguments.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn baton(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(args)
-        .output()
-        .expect("the baton binary runs")
-}
+mod common;
+use common::baton;
 
 fn stdout(out: &Output) -> String {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));

@@ -1,46 +1,25 @@
 //! `baton train`, `generate` and `export` end to end on a tiny model, and the bad-input table.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn baton(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(args)
-        .output()
-        .expect("the baton binary runs")
-}
+mod common;
+use common::baton;
 
+/// A fresh, empty directory.
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-cli-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::tmp("cli-train", name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-const TINY: &[&str] = &[
-    "train",
-    "--layers",
-    "2",
-    "--d-model",
-    "16",
-    "--heads",
-    "2",
-    "--seq",
-    "16",
-    "--batch",
-    "4",
-    "--microbatches",
-    "2",
-    "--stages",
-    "2",
-    "--steps",
-    "4",
-    "--eval-every",
-    "2",
-];
+/// The tiny model on 2 stages for 4 steps, evaluated every 2.
+fn tiny() -> Vec<&'static str> {
+    common::tiny_with(&["--stages", "2", "--steps", "4", "--eval-every", "2"])
+}
 
 fn train(out: &Path, extra: &[&str]) -> Output {
-    let mut args: Vec<&str> = TINY.to_vec();
+    let mut args: Vec<&str> = tiny();
     args.extend(["--out", out.to_str().unwrap()]);
     args.extend(extra);
     baton(&args)

@@ -7,48 +7,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_baton"))
-}
-
-fn baton(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the baton binary runs")
-}
-
-fn err(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+mod common;
+use common::{baton, bin, err};
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-cli-ux-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    common::tmp("cli-ux", name)
 }
 
-const TINY: &[&str] = &[
-    "train",
-    "--layers",
-    "2",
-    "--d-model",
-    "16",
-    "--heads",
-    "2",
-    "--seq",
-    "16",
-    "--batch",
-    "4",
-    "--microbatches",
-    "2",
-    "--stages",
-    "2",
-    "--eval-every",
-    "2",
-    "--eval-batches",
-    "1",
-];
+/// The tiny model on 2 stages, evaluated every 2 steps on one batch.
+fn tiny_args() -> Vec<&'static str> {
+    common::tiny_with(&["--stages", "2", "--eval-every", "2", "--eval-batches", "1"])
+}
 
 fn tiny(out: &Path, extra: &[&str]) -> Output {
-    let mut args: Vec<&str> = TINY.to_vec();
+    let mut args: Vec<&str> = tiny_args();
     args.extend(["--out", out.to_str().unwrap()]);
     args.extend(extra);
     baton(&args)
@@ -205,7 +177,7 @@ fn without_a_terminal_progress_comes_as_plain_lines_and_the_summary_says_what_ne
 
 /// Starts a tiny run of many steps in the background; returns once its first step is in metrics.jsonl.
 fn start_long_run(out: &Path, model: &[&str]) -> std::process::Child {
-    let mut args: Vec<&str> = TINY.to_vec();
+    let mut args: Vec<&str> = tiny_args();
     args.extend(model);
     args.extend(["--steps", "100000", "--save-every", "0", "--out", out.to_str().unwrap()]);
     let child = bin()
@@ -473,7 +445,7 @@ fn out_of_range_fail_at_values_are_refused() {
         ),
     ] {
         let out = tmp("fail-at");
-        let mut args: Vec<&str> = TINY.to_vec();
+        let mut args: Vec<&str> = tiny_args();
         args.extend(["--steps", "4", "--out", out.to_str().unwrap()]);
         let r = bin().args(&args).env("BATON_FAIL_AT", value).output().unwrap();
         assert_eq!(r.status.code(), Some(2), "{value}: {}", err(&r));
