@@ -238,6 +238,23 @@ fn head_backward(
     }
 }
 
+thread_local! {
+    /// Each pool thread's score blocks, kept between calls (grown, never shrunk) so a step allocates none.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` elements of this thread's scratch (contents unspecified: every user writes before it reads;
+/// nothing inside calls back into the pool, so a thread never borrows it twice).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
 fn check(c: usize, nh: usize, op: &str) -> usize {
     assert!(
         nh > 0 && c % nh == 0,
@@ -276,10 +293,11 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
             .enumerate()
             .for_each(|(bi, (o, l))| {
                 let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
-                let mut s = vec![0.0f32; QUERY_BLOCK.min(t) * t];
-                for (h, lh) in l.chunks_mut(t).enumerate() {
-                    head_forward(isa, x, o, lh, &mut s, t, c, h, hs);
-                }
+                with_scratch(QUERY_BLOCK.min(t) * t, |s| {
+                    for (h, lh) in l.chunks_mut(t).enumerate() {
+                        head_forward(isa, x, o, lh, s, t, c, h, hs);
+                    }
+                })
             })
     });
 }
@@ -333,11 +351,14 @@ pub fn attention_backward(
             let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
             let g = &dout[bi * t * c..(bi + 1) * t * c];
             let block = QUERY_BLOCK.min(t) * t;
-            let (mut s, mut dp, mut tmp) = (vec![0.0f32; block], vec![0.0f32; block], vec![0.0f32; t]);
-            for h in 0..nh {
-                let l = &lse[(bi * nh + h) * t..(bi * nh + h + 1) * t];
-                head_backward(isa, x, dx, g, l, &mut s, &mut dp, &mut tmp, t, c, h, hs);
-            }
+            with_scratch(2 * block + t, |scratch| {
+                let (s, rest) = scratch.split_at_mut(block);
+                let (dp, tmp) = rest.split_at_mut(block);
+                for h in 0..nh {
+                    let l = &lse[(bi * nh + h) * t..(bi * nh + h + 1) * t];
+                    head_backward(isa, x, dx, g, l, s, dp, tmp, t, c, h, hs);
+                }
+            })
         })
     });
 }
@@ -367,6 +388,7 @@ mod tests {
             cpu::attention_backward(&mut dx64, &d64, &q64, &a64, b, t, c, nh);
 
             let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+            let _pool = crate::fast::testutil::pool_lock();
             for threads in [1, 3] {
                 crate::fast::set_threads(threads);
                 let (mut o, mut l) = (vec![f32::NAN; b * t * c], vec![f32::NAN; stash_len(b, t, nh)]);

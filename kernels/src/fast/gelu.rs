@@ -35,17 +35,30 @@ multiversion! {
     }
 }
 
+/// `gelu'(x)` = `σ(2u) + 2x·σ(2u)(1 − σ(2u))·u'`.
+#[inline(always)]
+fn grad(x: f32) -> f32 {
+    let x2 = x * x;
+    let u = SQRT_2_OVER_PI * (GELU_COEF * x2).mul_add(x, x);
+    let du = SQRT_2_OVER_PI * (3.0 * GELU_COEF).mul_add(x2, 1.0);
+    let (s, s1) = sigmoid_pair(2.0 * u);
+    (2.0 * x * s * s1).mul_add(du, s)
+}
+
 multiversion! {
-    /// `dinp += gelu'(inp) · dout` on one chunk (`overwrite`: `dinp = …`).
-    fn backward_chunk(dinp: &mut [f32], inp: &[f32], dout: &[f32], overwrite: bool) {
+    /// `dinp += gelu'(inp) · dout` on one chunk.
+    fn backward_chunk(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         for ((d, &x), &g) in dinp.iter_mut().zip(inp).zip(dout) {
-            let x2 = x * x;
-            let u = SQRT_2_OVER_PI * (GELU_COEF * x2).mul_add(x, x);
-            let du = SQRT_2_OVER_PI * (3.0 * GELU_COEF).mul_add(x2, 1.0);
-            let (s, s1) = sigmoid_pair(2.0 * u);
-            let grad = (2.0 * x * s * s1).mul_add(du, s);
-            let add = if overwrite { 0.0 } else { *d };
-            *d = grad.mul_add(g, add);
+            *d = grad(x).mul_add(g, *d);
+        }
+    }
+}
+
+multiversion! {
+    /// `d = gelu'(inp) · d` on one chunk (as `backward_chunk` from a zeroed `dinp`, bit for bit).
+    fn backward_in_place_chunk(d: &mut [f32], inp: &[f32]) {
+        for (d, &x) in d.iter_mut().zip(inp) {
+            *d = grad(x).mul_add(*d, 0.0);
         }
     }
 }
@@ -68,8 +81,8 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     gelu_forward_with(Isa::best(), out, inp)
 }
 
-/// `dinp += gelu'(inp) · dout` (or `=` with `overwrite`) with instruction set `isa`.
-pub fn gelu_backward_with(isa: Isa, dinp: &mut [f32], inp: &[f32], dout: &[f32], overwrite: bool) {
+/// `dinp += gelu'(inp) · dout` with instruction set `isa`.
+pub fn gelu_backward_with(isa: Isa, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     assert_eq!(inp.len(), dinp.len(), "gelu_backward: inp must have the length of dinp");
     assert_eq!(
         dout.len(),
@@ -78,40 +91,31 @@ pub fn gelu_backward_with(isa: Isa, dinp: &mut [f32], inp: &[f32], dout: &[f32],
     );
     for_chunks(dinp, per_chunk(inp.len(), 24), |start, d| {
         let end = start + d.len();
-        backward_chunk(isa, d, &inp[start..end], &dout[start..end], overwrite)
-    });
-}
-
-multiversion! {
-    /// `d = gelu'(inp) · d` on one chunk.
-    fn backward_inplace_chunk(d: &mut [f32], inp: &[f32]) {
-        for (d, &x) in d.iter_mut().zip(inp) {
-            let x2 = x * x;
-            let u = SQRT_2_OVER_PI * (GELU_COEF * x2).mul_add(x, x);
-            let du = SQRT_2_OVER_PI * (3.0 * GELU_COEF).mul_add(x2, 1.0);
-            let (s, s1) = sigmoid_pair(2.0 * u);
-            let grad = (2.0 * x * s * s1).mul_add(du, s);
-            *d = grad.mul_add(*d, 0.0);
-        }
-    }
-}
-
-/// `d = gelu'(inp) · d` in place: bitwise `gelu_backward_with(.., overwrite = true)` with `dout = d`.
-pub fn gelu_backward_in_place(d: &mut [f32], inp: &[f32]) {
-    assert_eq!(
-        inp.len(),
-        d.len(),
-        "gelu_backward_in_place: inp must have the length of d"
-    );
-    let isa = Isa::best();
-    for_chunks(d, per_chunk(inp.len(), 24), |start, d| {
-        backward_inplace_chunk(isa, d, &inp[start..start + d.len()])
+        backward_chunk(isa, d, &inp[start..end], &dout[start..end])
     });
 }
 
 /// `dinp += gelu'(inp) · dout`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-    gelu_backward_with(Isa::best(), dinp, inp, dout, false)
+    gelu_backward_with(Isa::best(), dinp, inp, dout)
+}
+
+/// `d = gelu'(inp) · d` in place with instruction set `isa`: bitwise [`gelu_backward_with`] into a zeroed buffer
+/// with `dout = d`.
+pub fn gelu_backward_in_place_with(isa: Isa, d: &mut [f32], inp: &[f32]) {
+    assert_eq!(
+        inp.len(),
+        d.len(),
+        "gelu_backward_in_place: inp must have the length of d"
+    );
+    for_chunks(d, per_chunk(inp.len(), 24), |start, d| {
+        backward_in_place_chunk(isa, d, &inp[start..start + d.len()])
+    });
+}
+
+/// `d = gelu'(inp) · d` in place.
+pub fn gelu_backward_in_place(d: &mut [f32], inp: &[f32]) {
+    gelu_backward_in_place_with(Isa::best(), d, inp)
 }
 
 #[cfg(test)]
@@ -148,7 +152,7 @@ mod tests {
             let mut out = vec![f32::NAN; n];
             gelu_forward_with(isa, &mut out, &inp);
             let mut d = vec![0.25f32; n];
-            gelu_backward_with(isa, &mut d, &inp, &dout, false);
+            gelu_backward_with(isa, &mut d, &inp, &dout);
             for i in 0..n {
                 // Rounding `u` to f32 moves σ(2u) by about |2u|·ulp relative: the conditioning of the f32 input.
                 let x = inp64[i];
@@ -165,13 +169,14 @@ mod tests {
                     "{isa:?} gelu'({x}): {g} vs {w}"
                 );
             }
-            let mut over = vec![f32::NAN; n];
-            gelu_backward_with(isa, &mut over, &inp, &dout, true);
+            // In place (the fused MLP backward's form) is bitwise the accumulation into zeros.
+            let mut in_place = dout.clone();
+            gelu_backward_in_place_with(isa, &mut in_place, &inp);
             let mut from_zero = vec![0.0f32; n];
-            gelu_backward_with(isa, &mut from_zero, &inp, &dout, false);
+            gelu_backward_with(isa, &mut from_zero, &inp, &dout);
             assert!(
-                over.iter().zip(&from_zero).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{isa:?} overwrite"
+                in_place.iter().zip(&from_zero).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?} in place"
             );
             match &first {
                 None => first = Some((out, d)),

@@ -245,6 +245,7 @@ mod tests {
     #[test]
     fn blocked_products_equal_the_reference_bitwise() {
         // Every thread count cuts the outputs differently; none may change a bit.
+        let _pool = crate::fast::testutil::pool_lock();
         for threads in [1, 2, 3, 5] {
             crate::fast::set_threads(threads);
             products_equal_the_reference_bitwise();

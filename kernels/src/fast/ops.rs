@@ -375,16 +375,44 @@ pub fn cross_entropy_backward(dlogits: &mut [f32], logits: &[f32], targets: &[u3
     });
 }
 
+/// One element of [`cpu::adamw_step`]'s loop, the same operations in the same order (no fused multiply-adds), so
+/// bitwise the reference's.
+#[inline(always)]
+fn adamw_update(cfg: &cpu::AdamW, (bc1, bc2): (f32, f32), p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+    let cpu::AdamW {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+    } = *cfg;
+    *m = beta1 * *m + (1.0 - beta1) * g;
+    *v = beta2 * *v + (1.0 - beta2) * g * g;
+    let (mhat, vhat) = (*m / bc1, *v / bc2);
+    *p -= lr * (mhat / (vhat.sqrt() + eps) + weight_decay * *p);
+}
+
+/// The bias corrections `(1 − β₁^step, 1 − β₂^step)` as the reference computes them, after checking the lengths.
+fn adamw_setup(cfg: &cpu::AdamW, len: usize, others: (usize, usize, usize), step: u32) -> (f32, f32) {
+    assert!(step >= 1, "adamw: step is 1-based");
+    assert_eq!(
+        others,
+        (len, len, len),
+        "adamw: grads, m and v must have the length of params"
+    );
+    (1.0 - cfg.beta1.powf(step as f32), 1.0 - cfg.beta2.powf(step as f32))
+}
+
+/// Elements per chunk of the optimizer's passes.
+fn adamw_chunk_len(len: usize) -> usize {
+    chunk_rows(len, 12, 4096, 64)
+}
+
 multiversion! {
-    /// One chunk of [`cpu::adamw_step`]'s loop, the same operations in the same order (no fused multiply-adds),
-    /// so bitwise the reference's; the bias corrections `bc1`, `bc2` come from the caller.
-    fn adamw_chunk(cfg: &cpu::AdamW, bc1: f32, bc2: f32, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32]) {
-        let cpu::AdamW { lr, beta1, beta2, eps, weight_decay } = *cfg;
+    /// One chunk of [`cpu::adamw_step`].
+    fn adamw_chunk(cfg: &cpu::AdamW, bc: (f32, f32), params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32]) {
         for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-            *m = beta1 * *m + (1.0 - beta1) * g;
-            *v = beta2 * *v + (1.0 - beta2) * g * g;
-            let (mhat, vhat) = (*m / bc1, *v / bc2);
-            *p -= lr * (mhat / (vhat.sqrt() + eps) + weight_decay * *p);
+            adamw_update(cfg, bc, p, g, m, v);
         }
     }
 }
@@ -393,23 +421,20 @@ multiversion! {
     /// [`adamw_chunk`] with the gradient scaled first (`g · scale`, as `Backend::scale` would) and cleared after.
     fn adamw_fused_chunk(
         cfg: &cpu::AdamW,
-        bc1: f32,
-        bc2: f32,
-        scale: f32,
-        scaled: bool,
+        bc: (f32, f32),
+        scale: Option<f32>,
         params: &mut [f32],
         grads: &mut [f32],
         m: &mut [f32],
         v: &mut [f32],
     ) {
-        let cpu::AdamW { lr, beta1, beta2, eps, weight_decay } = *cfg;
         for (((p, g), m), v) in params.iter_mut().zip(grads.iter_mut()).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let g0 = if scaled { *g * scale } else { *g };
+            let g0 = match scale {
+                Some(s) => *g * s,
+                None => *g,
+            };
             *g = 0.0;
-            *m = beta1 * *m + (1.0 - beta1) * g0;
-            *v = beta2 * *v + (1.0 - beta2) * g0 * g0;
-            let (mhat, vhat) = (*m / bc1, *v / bc2);
-            *p -= lr * (mhat / (vhat.sqrt() + eps) + weight_decay * *p);
+            adamw_update(cfg, bc, p, g0, m, v);
         }
     }
 }
@@ -426,42 +451,22 @@ pub fn adamw_fused(
     step: u32,
     clip_scale: Option<f32>,
 ) {
-    assert!(step >= 1, "adamw: step is 1-based");
-    let len = params.len();
-    assert_eq!(
-        (grads.len(), m.len(), v.len()),
-        (len, len, len),
-        "adamw: grads, m and v must have the length of params"
-    );
-    let bc1 = 1.0 - cfg.beta1.powf(step as f32);
-    let bc2 = 1.0 - cfg.beta2.powf(step as f32);
-    let per = chunk_rows(len, 12, 4096, 64);
-    let isa = Isa::best();
-    let (scale, scaled) = (clip_scale.unwrap_or(1.0), clip_scale.is_some());
+    let bc = adamw_setup(cfg, params.len(), (grads.len(), m.len(), v.len()), step);
+    let (per, isa) = (adamw_chunk_len(params.len()), Isa::best());
     pool().install(|| {
         params
             .par_chunks_mut(per)
             .zip(grads.par_chunks_mut(per))
             .zip(m.par_chunks_mut(per))
             .zip(v.par_chunks_mut(per))
-            .for_each(|(((p, g), m), v)| adamw_fused_chunk(isa, cfg, bc1, bc2, scale, scaled, p, g, m, v))
+            .for_each(|(((p, g), m), v)| adamw_fused_chunk(isa, cfg, bc, clip_scale, p, g, m, v))
     });
 }
 
 /// One AdamW step (1-based `step`), elementwise on chunks; bitwise [`cpu::adamw_step`].
 pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: u32) {
-    assert!(step >= 1, "adamw: step is 1-based");
-    let len = params.len();
-    assert_eq!(
-        (grads.len(), m.len(), v.len()),
-        (len, len, len),
-        "adamw: grads, m and v must have the length of params"
-    );
-    // As the reference computes them.
-    let bc1 = 1.0 - cfg.beta1.powf(step as f32);
-    let bc2 = 1.0 - cfg.beta2.powf(step as f32);
-    let per = chunk_rows(len, 12, 4096, 64);
-    let isa = Isa::best();
+    let bc = adamw_setup(cfg, params.len(), (grads.len(), m.len(), v.len()), step);
+    let (per, isa) = (adamw_chunk_len(params.len()), Isa::best());
     pool().install(|| {
         params
             .par_chunks_mut(per)
@@ -470,7 +475,7 @@ pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32],
             .enumerate()
             .for_each(|(i, ((p, m), v))| {
                 let start = i * per;
-                adamw_chunk(isa, cfg, bc1, bc2, p, &grads[start..start + p.len()], m, v);
+                adamw_chunk(isa, cfg, bc, p, &grads[start..start + p.len()], m, v);
             })
     });
 }
@@ -625,6 +630,7 @@ mod tests {
         let exact: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
         let got = sum_squares(&x);
         assert!((got - exact).abs() <= 1e-12 * exact, "{got} vs {exact}");
+        let _pool = crate::fast::testutil::pool_lock();
         for threads in [1, 2, 3] {
             crate::fast::set_threads(threads);
             assert_eq!(sum_squares(&x).to_bits(), got.to_bits(), "{threads} threads");

@@ -3,7 +3,6 @@
 //! One pool for the process, shared by all stage threads: a stage thread that calls an op hands its chunks to
 //! the pool and waits, so however many stages run at once, at most [`threads`] threads compute.
 
-use std::ops::Range;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use rayon::prelude::*;
@@ -72,36 +71,6 @@ pub fn chunk_rows(rows: usize, row_cost: usize, min_rows: usize, align: usize) -
     rows_per.div_ceil(align) * align
 }
 
-/// Calls `f(range, out_chunk)` for consecutive row ranges of `rows` rows, where `out` holds `row_len` elements per
-/// row and `out_chunk` is the part of `out` for the range; chunks run in parallel on the pool.
-pub fn for_rows<T: Send>(
-    out: &mut [T],
-    rows: usize,
-    row_len: usize,
-    rows_per_chunk: usize,
-    f: impl Fn(Range<usize>, &mut [T]) + Sync,
-) {
-    assert_eq!(
-        out.len(),
-        rows * row_len,
-        "for_rows: out must hold rows * row_len elements"
-    );
-    if rows == 0 || row_len == 0 {
-        return;
-    }
-    let per = rows_per_chunk.max(1);
-    if per >= rows {
-        f(0..rows, out);
-        return;
-    }
-    pool().install(|| {
-        out.par_chunks_mut(per * row_len).enumerate().for_each(|(i, chunk)| {
-            let start = i * per;
-            f(start..start + chunk.len() / row_len, chunk)
-        })
-    });
-}
-
 /// Calls `f(start, chunk)` for consecutive chunks of `per` elements of `out` (the last one may be shorter), where
 /// `start` is the chunk's offset; chunks run in parallel on the pool.
 pub fn for_chunks<T: Send>(out: &mut [T], per: usize, f: impl Fn(usize, &mut [T]) + Sync) {
@@ -136,11 +105,12 @@ mod tests {
         assert_eq!(chunk_rows(1024, 128, 1, 1), 256); // by work: 32 Ki / 128
         assert_eq!(chunk_rows(1024, 100_000, 1, 1), 64); // by count: 1024 / 16
         assert_eq!(chunk_rows(10, 1, 1, 4), 12); // one chunk, aligned
+        let _pool = crate::fast::testutil::pool_lock();
         for n in [1, 3] {
             set_threads(n);
             let mut out = vec![0u32; 1000 * 3];
-            for_rows(&mut out, 1000, 3, 7, |r, chunk| {
-                for (i, row) in r.zip(chunk.chunks_mut(3)) {
+            for_chunks(&mut out, 7 * 3, |start, chunk| {
+                for (i, row) in (start / 3..).zip(chunk.chunks_mut(3)) {
                     row.fill(i as u32);
                 }
             });

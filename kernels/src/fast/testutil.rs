@@ -17,3 +17,9 @@ pub fn values(n: usize, seed: u64, divisor: f32) -> Vec<f32> {
 pub fn same(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
+
+/// Held by every test that resizes the process-wide pool, so no other such test resizes it meanwhile.
+pub fn pool_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
