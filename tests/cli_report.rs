@@ -93,20 +93,7 @@ fn the_run_report_renders_in_headless_chromium_with_its_curves() {
     };
     let out = std::env::temp_dir().join(format!("baton-cli-report-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let run = baton(&[
-        "train",
-        "--layers",
-        "2",
-        "--d-model",
-        "16",
-        "--heads",
-        "2",
-        "--seq",
-        "16",
-        "--batch",
-        "4",
-        "--microbatches",
-        "2",
+    let mut args = common::tiny_with(&[
         "--stages",
         "2",
         "--steps",
@@ -115,9 +102,9 @@ fn the_run_report_renders_in_headless_chromium_with_its_curves() {
         "3",
         "--eval-batches",
         "1",
-        "--out",
-        out.to_str().unwrap(),
     ]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    let run = baton(&args);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let html_path = out.join("report.html");
     let html = std::fs::read_to_string(&html_path).unwrap();

@@ -244,8 +244,9 @@ pub struct Pipeline<B: Backend> {
     /// Every stage of the replica: the global gradient norm.
     stage_group: Box<dyn Collective<B>>,
     tied: Vec<TiedCopies<B>>,
-    /// Non-primary copies of tied parameters (not counted again in the gradient norm).
-    tied_copies: std::collections::BTreeSet<String>,
+    /// Each non-primary copy of a tied parameter → its group's primary (not counted again in the gradient norm;
+    /// where a checkpoint without the copy loads it from).
+    primaries: BTreeMap<String, String>,
     stages: Vec<Stage<B>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
@@ -421,7 +422,7 @@ impl<B: Backend> Pipeline<B> {
             transport,
             stage_group,
             tied: Vec::new(),
-            tied_copies: Default::default(),
+            primaries: BTreeMap::new(),
             stages,
             step: 0,
             lost: None,
@@ -458,7 +459,9 @@ impl<B: Backend> Pipeline<B> {
             }
             let stages_of: Vec<usize> = at.iter().map(|a| a.0).collect();
             let coll = collectives.group(&stages_of)?;
-            pipeline.tied_copies.extend(group.names[1..].iter().cloned());
+            pipeline
+                .primaries
+                .extend(group.names[1..].iter().map(|n| (n.clone(), group.names[0].clone())));
             pipeline.tied.push(TiedCopies {
                 names: group.names,
                 at,
@@ -771,7 +774,7 @@ impl<B: Backend> Pipeline<B> {
             for part in &stage.parts {
                 for (unit, layer) in part.units.clone().zip(&part.layers) {
                     for (pi, p) in layer.params().iter().enumerate() {
-                        if !self.tied_copies.contains(&p.name) {
+                        if !self.primaries.contains_key(&p.name) {
                             keys.push((unit, pi));
                             grads.push(&p.grad);
                         }
@@ -886,14 +889,6 @@ impl<B: Backend> Pipeline<B> {
             })?;
         }
         Ok(())
-    }
-
-    /// The primary copy's name for a tied copy `name` (where a checkpoint without the copy loads it from).
-    fn primary_of(&self, name: &str) -> Option<&str> {
-        self.tied
-            .iter()
-            .find(|t| t.names.iter().skip(1).any(|n| n == name))
-            .map(|t| t.names[0].as_str())
     }
 
     /// Runs every part in pipeline order, one stage after another on the calling thread,
@@ -1072,16 +1067,13 @@ impl<B: Backend> Pipeline<B> {
     /// loaded from `wte` when `lm_head.weight` is absent.
     pub fn load(&mut self, values: &TensorMap, moments: Option<(&TensorMap, &TensorMap)>) -> Result<()> {
         self.check_whole()?;
+        let primaries = &self.primaries;
         let lookup = |map: &TensorMap, p: &Param<B>, what: &str| -> Result<()> {
-            let key = if map.contains_key(&p.name) {
-                p.name.as_str()
-            } else {
-                self.primary_of(&p.name).unwrap_or(p.name.as_str())
-            };
-            let HostTensor { shape, data } = map.get(key).ok_or_else(|| EngineError::Checkpoint {
-                path: what.into(),
-                reason: format!("missing tensor `{}`", p.name),
-            })?;
+            let HostTensor { shape, data } =
+                stored(primaries, map, &p.name).ok_or_else(|| EngineError::Checkpoint {
+                    path: what.into(),
+                    reason: format!("missing tensor `{}`", p.name),
+                })?;
             if shape != &p.shape || data.len() != p.len() {
                 return Err(EngineError::Checkpoint {
                     path: what.into(),
@@ -1107,20 +1099,11 @@ impl<B: Backend> Pipeline<B> {
                 }
             }
         }
-        let primaries: BTreeMap<String, String> = self
-            .tied
-            .iter()
-            .flat_map(|t| t.names.iter().skip(1).map(|n| (n.clone(), t.names[0].clone())))
-            .collect();
         for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
             for part in &mut stage.parts {
                 for layer in &mut part.layers {
                     for p in layer.params_mut() {
-                        let get = |map: &TensorMap| {
-                            map.get(&p.name)
-                                .or_else(|| primaries.get(&p.name).and_then(|t| map.get(t)))
-                                .map(|h| h.data.clone())
-                        };
+                        let get = |map: &TensorMap| stored(primaries, map, &p.name).map(|h| h.data.clone());
                         let value = get(values).expect("checked above");
                         p.value = be.upload_param(&value)?;
                         if let Some((m, v)) = moments {
@@ -1133,4 +1116,10 @@ impl<B: Backend> Pipeline<B> {
         }
         Ok(())
     }
+}
+
+/// The tensor `map` holds for parameter `name`: its own entry, else (for a tied copy) its group's primary's.
+fn stored<'m>(primaries: &BTreeMap<String, String>, map: &'m TensorMap, name: &str) -> Option<&'m HostTensor> {
+    map.get(name)
+        .or_else(|| primaries.get(name).and_then(|primary| map.get(primary)))
 }

@@ -4,7 +4,7 @@
 //! and reports everything through an [`Observer`]. `baton train` is one observer (progress bar and
 //! `metrics.jsonl`); a model author embeds the same loop.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -505,8 +505,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // Busy shares averaged over recent steps (one step's are noisy), and how many steps fed them.
         let mut busy_avg = vec![0.0f64; p];
         let mut busy_steps = 0u32;
-        let seq = eval_set.first().map_or(0, |b| b.seq);
-        let flops_per_token = self.pipeline.model().flops_per_token(seq);
         let stop_requested = |flag: &Option<Arc<AtomicBool>>| flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         while self.pipeline.step() < stop {
             if stop_requested(&self.stop) {
@@ -515,6 +513,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             let step_started = started.elapsed().as_secs_f64();
             let batch = data.next_batch();
+            let flops_per_token = self.pipeline.model().flops_per_token(batch.seq);
             // A failed step, or a background checkpoint write that failed meanwhile: both go back to the latest
             // good checkpoint while restarts are left.
             let outcome = match saver.poll() {
@@ -728,12 +727,4 @@ fn restore<B: Backend>(pipeline: &mut Pipeline<B>, ck: &Checkpoint, data: &mut d
     pipeline.load(&ck.params, Some((&ck.adam_m, &ck.adam_v)))?;
     pipeline.set_step(ck.manifest.step);
     data.restore(ck.manifest.loader)
-}
-
-/// The newest complete checkpoint under `root`, loaded, or `None` when there is none.
-pub fn latest_checkpoint(root: &Path) -> Result<Option<Checkpoint>> {
-    match checkpoint::latest(root)? {
-        Some(dir) => Ok(Some(checkpoint::load(&dir)?)),
-        None => Ok(None),
-    }
 }
