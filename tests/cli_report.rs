@@ -26,7 +26,11 @@ fn screenshot(browser: &Path, page: &Path, name: &str, width: u32, height: u32) 
     let png = dir.join(format!("{name}.png"));
     let _ = std::fs::remove_file(&png);
     let profile = std::env::temp_dir().join(format!("baton-chromium-{}-{name}", std::process::id()));
-    let out = Command::new(browser)
+    // Bounded: a browser that hangs ends the test with its log instead of holding it forever (coreutils `timeout`
+    // kills it after 120 s).
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(browser)
         .args([
             "--headless",
             "--no-sandbox",
@@ -45,8 +49,8 @@ fn screenshot(browser: &Path, page: &Path, name: &str, width: u32, height: u32) 
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success() && png.exists(), "chromium failed: {log}");
     let _ = std::fs::remove_dir_all(&profile);
+    assert!(out.status.success() && png.exists(), "chromium failed: {log}");
     (png, log)
 }
 

@@ -176,7 +176,41 @@ fn without_a_terminal_progress_comes_as_plain_lines_and_the_summary_says_what_ne
 }
 
 /// Starts a tiny run of many steps in the background; returns once its first step is in metrics.jsonl.
-fn start_long_run(out: &Path, model: &[&str]) -> std::process::Child {
+/// A long run, killed (SIGKILL) and reaped if the test ends before it does, so a failing test never leaves it
+/// running.
+struct LongRun(Option<std::process::Child>);
+
+impl LongRun {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    /// Waits for the run to exit, at most `limit` (then it is killed and the test fails).
+    fn wait(mut self, limit: Duration) -> Output {
+        let mut child = self.0.take().expect("the run is still ours");
+        let t = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the run did not exit within {limit:?} of the signal");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for LongRun {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_long_run(out: &Path, model: &[&str]) -> LongRun {
     let mut args: Vec<&str> = tiny_args();
     args.extend(model);
     args.extend(["--steps", "100000", "--save-every", "0", "--out", out.to_str().unwrap()]);
@@ -186,17 +220,18 @@ fn start_long_run(out: &Path, model: &[&str]) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let run = LongRun(Some(child));
     let t = Instant::now();
     while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 2 {
         assert!(t.elapsed() < Duration::from_secs(120), "the run did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    child
+    run
 }
 
-fn kill(child: &std::process::Child, signal: &str) {
+fn kill(run: &LongRun, signal: &str) {
     let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
+        .args([signal, &run.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -208,7 +243,7 @@ fn sigint_and_sigterm_finish_the_step_save_a_complete_checkpoint_and_say_how_to_
         let out = tmp(&format!("signal{code}"));
         let child = start_long_run(&out, &[]);
         kill(&child, signal);
-        let done = child.wait_with_output().unwrap();
+        let done = child.wait(Duration::from_secs(120));
         let e = err(&done);
         assert_eq!(done.status.code(), Some(code), "{e}");
         assert!(e.contains(&format!("interrupted by {name} at step ")), "{e}");
@@ -259,7 +294,7 @@ fn a_second_sigint_exits_at_once_without_waiting_for_the_step() {
     kill(&child, "-INT");
     std::thread::sleep(Duration::from_millis(100));
     kill(&child, "-INT");
-    let done = child.wait_with_output().unwrap();
+    let done = child.wait(Duration::from_secs(60));
     let e = err(&done);
     assert_eq!(done.status.code(), Some(130), "{e}");
     assert!(
