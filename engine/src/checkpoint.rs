@@ -149,6 +149,8 @@ impl Manifest {
             recv_timeout_ms: o.recv_timeout_ms,
             nonfinite: o.nonfinite,
             max_consecutive_skips: o.max_consecutive_skips,
+            // Not part of what was trained: a checkpoint resumes with any number of replicas.
+            data_parallel: crate::DataParallel::default(),
         })
     }
 }

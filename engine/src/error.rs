@@ -166,6 +166,30 @@ impl EngineError {
         matches!(self, EngineError::Aborted { .. })
     }
 
+    /// The same error, saying which data-parallel replica it happened on (stage failures and communication errors;
+    /// other kinds are returned as they are).
+    pub fn in_replica(self, replica: usize) -> Self {
+        match self {
+            EngineError::StageFailed {
+                stage,
+                index,
+                action,
+                cause,
+            } => EngineError::StageFailed {
+                stage,
+                index,
+                action,
+                cause: format!("replica {replica}: {cause}"),
+            },
+            EngineError::Comm { seam, stage, reason } => EngineError::Comm {
+                seam,
+                stage,
+                reason: format!("replica {replica}: {reason}"),
+            },
+            other => other,
+        }
+    }
+
     /// A configuration error.
     pub fn config(field: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
         EngineError::Config {

@@ -19,6 +19,10 @@ use crate::comm::{Endpoint, MessageKey, MessageKind, Transport};
 use crate::error::{EngineError, Result};
 use crate::model::{Layer, MicroBatch, Saved};
 
+/// Receives a part's final gradients during the step (data-parallel overlap): `(stage, chunk, grads[layer][param])`,
+/// copies the stage's worker made right after the stage's last `B`/`W` on the part.
+pub(crate) type GradSink<B> = Arc<dyn Fn(usize, usize, Vec<Vec<<B as Backend>::Buf>>) -> Result<()> + Send + Sync>;
+
 /// How often an injected stall looks at the abort flag.
 const STALL_POLL: Duration = Duration::from_millis(20);
 
@@ -259,6 +263,7 @@ pub(crate) fn run_step<B: Backend>(
     transport: &dyn Transport<B>,
     mbs: Vec<Vec<MicroBatch<B>>>,
     cfg: &ExecConfig,
+    sink: Option<GradSink<B>>,
 ) -> StepRun<B> {
     let p = stages.len();
     assert_eq!(p, schedule.actions.len(), "one stage per action list");
@@ -342,6 +347,8 @@ pub(crate) fn run_step<B: Backend>(
             host_busy: 0.0,
             host_since: t0,
             done: Vec::new(),
+            sink: sink.clone(),
+            last_weight: crate::data_parallel::last_weight_actions(&schedule, s),
         };
         let done_tx = done_tx.clone();
         let spawned = std::thread::Builder::new()
@@ -545,6 +552,10 @@ struct Worker<B: Backend> {
     host_since: Instant,
     /// Actions done, resolved into [`ActionSpan`]s at the end of the step.
     done: Vec<PendingSpan<B>>,
+    /// Where a part's final gradients go as soon as they are final (data-parallel overlap).
+    sink: Option<GradSink<B>>,
+    /// Per chunk: the index of the last `B`/`W` on it.
+    last_weight: Vec<Option<usize>>,
 }
 
 /// An action whose marks are not resolved yet.
@@ -640,6 +651,9 @@ impl<B: Backend> Worker<B> {
             out.peak_stashed = out.peak_stashed.max(stashed);
             out.peak_stash_bytes = out.peak_stash_bytes.max(bytes);
             self.finish_action(action).map_err(fail)?;
+            if self.last_weight.get(action.chunk as usize).copied().flatten() == Some(index) {
+                self.hand_over(action.chunk as usize).map_err(fail)?;
+            }
         }
         debug_assert_eq!(stashed, 0, "every activation stash was consumed");
         out.spans = self.action_spans().map_err(|e| WorkerError::Failed {
@@ -668,6 +682,20 @@ impl<B: Backend> Worker<B> {
             cause: format!("timing the transfers: {e}"),
         })?;
         Ok(out)
+    }
+
+    /// Hands copies of chunk `chunk`'s final gradients to the sink, if there is one.
+    fn hand_over(&mut self, chunk: usize) -> Result<()> {
+        let Some(sink) = &self.sink else {
+            return Ok(());
+        };
+        let be = &self.backends[self.s];
+        let grads = self.stage.parts[chunk]
+            .layers
+            .iter()
+            .map(|layer| layer.params().iter().map(|p| be.duplicate(&p.grad)).collect())
+            .collect::<Result<Vec<Vec<_>>>>()?;
+        sink(self.s, chunk, grads)
     }
 
     /// Marks the start of the current action's work on the stage's queue, once: called after its

@@ -16,6 +16,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod comm;
 pub mod data;
+pub mod data_parallel;
 pub mod error;
 pub mod executor;
 pub mod export;
@@ -29,6 +30,7 @@ pub mod trainer;
 
 pub use backend::{Backend, Cpu};
 pub use comm::{Collective, Collectives, Endpoint, LocalCollectives, LocalTransport, Transport};
+pub use data_parallel::DataParallel;
 pub use error::{EngineError, Result};
 pub use model::{Gpt2, GptConfig, Layer, Model, TiedGroup};
 pub use optim::OptimizerConfig;

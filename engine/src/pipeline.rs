@@ -2,6 +2,7 @@
 //! (executor → tied-gradient sum → global norm → clip → AdamW).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,10 +12,14 @@ use baton_kernels::cpu::AdamW;
 use baton_schedules::{generate, peak_receive_buffers, validate, Schedule, ScheduleKind, Validation};
 
 use crate::backend::{Backend, PoolStats};
-use crate::comm::{Collective, Collectives, LocalCollectives, LocalTransport, Transport};
+use crate::comm::{Collective, Collectives, LocalCollectives, LocalTransport, Transport, Workers};
 use crate::data::Batch;
+use crate::data_parallel::{
+    assign_owners, last_weight_actions, plan_buckets, reduce_tensor, Bucket, CommSpan, DataParallel, ReadyPart,
+    Reducer, Slot, StageGrads,
+};
 use crate::error::{EngineError, Result};
-use crate::executor::{run_step, ActionSpan, CopySpan, ExecConfig, FailurePoint, Part, Stage};
+use crate::executor::{run_step, ActionSpan, CopySpan, ExecConfig, FailurePoint, GradSink, Part, Stage, StepRun};
 use crate::model::{Gpt2, GptConfig, Layer, MicroBatch, Model, Param};
 use crate::optim::OptimizerConfig;
 use crate::split::StageSplit;
@@ -111,6 +116,9 @@ pub struct PipelineConfig {
     /// With `NonFinitePolicy::Skip`: this many consecutive skipped steps abort the run.
     #[serde(default = "default_max_skips")]
     pub max_consecutive_skips: u32,
+    /// Data-parallel replicas of the pipeline (and ZeRO-1, overlap, buckets).
+    #[serde(default)]
+    pub data_parallel: DataParallel,
 }
 
 fn default_max_skips() -> u32 {
@@ -152,6 +160,7 @@ impl PipelineConfig {
             recv_timeout_ms: o.recv_timeout_ms,
             nonfinite: o.nonfinite,
             max_consecutive_skips: o.max_consecutive_skips,
+            data_parallel: DataParallel::default(),
         }
     }
 
@@ -213,6 +222,18 @@ pub struct StepReport {
     /// Every transfer between stages (on the destination queue's clock).
     #[serde(skip)]
     pub copies: Vec<CopySpan>,
+    /// Per replica, per stage: seconds spent computing actions (`busy_s` is replica 0's).
+    pub replica_busy_s: Vec<Vec<f64>>,
+    /// Per stage: seconds its data-parallel group spent reducing gradients (0 with one replica).
+    pub comm_s: Vec<f64>,
+    /// Per stage: seconds of gradient reduction after the last replica's schedule ended (what overlap did not
+    /// hide).
+    pub exposed_comm_s: Vec<f64>,
+    /// Gradient bytes each replica contributed to the data-parallel reduction this step.
+    pub reduced_bytes: usize,
+    /// Every bucket's reduction (seconds since the step began).
+    #[serde(skip)]
+    pub comm: Vec<CommSpan>,
     /// The optimizer step was skipped because the loss or gradient norm was not finite.
     pub skipped: bool,
     /// Stage where a non-finite value first appeared (when `skipped`).
@@ -222,37 +243,51 @@ pub struct StepReport {
 /// Where a parameter lives: (stage, chunk, layer in the part, parameter in the layer).
 type ParamAt = (usize, usize, usize, usize);
 
-/// A tied group as the pipeline holds it: the collective over the stages of its copies, and where each is.
+/// A tied group as one replica holds it: the collective over the workers of its copies, and where each is.
 struct TiedCopies<B: Backend> {
     names: Vec<String>,
     at: Vec<ParamAt>,
     group: Box<dyn Collective<B>>,
 }
 
-/// A model split into pipeline stages on backend `B`, trained with a validated schedule: one replica's stages on
-/// this process's workers. A step runs the schedule (activations and gradients through the [`Transport`]), then
-/// reduces gradients (tied groups; data parallelism plugs in here), clips by the global norm (through the stage
-/// group's [`Collective`]) and steps AdamW.
+/// One replica of the pipeline: its stages, their backends and its seams.
+struct Replica<B: Backend> {
+    backends: Arc<Vec<B>>,
+    transport: Arc<dyn Transport<B>>,
+    tied: Vec<TiedCopies<B>>,
+    stages: Vec<Stage<B>>,
+}
+
+/// A model split into pipeline stages on backend `B`, trained with a validated schedule, in `D` data-parallel
+/// replicas (one by default) on this process's workers. A step runs the schedule on every replica (activations and
+/// gradients through each replica's [`Transport`]), sums the gradients across replicas in replica order (bucketed,
+/// overlapped with the schedule; see [`crate::data_parallel`]), sums tied groups, clips by the global norm
+/// (through the [`Collective`] over every worker) and steps AdamW (under ZeRO-1 each tensor on its owner, then
+/// broadcast). Every replica holds the same parameters after every step, bit for bit.
 pub struct Pipeline<B: Backend> {
     model: Arc<dyn Model<B>>,
     options: TrainOptions,
+    dp: DataParallel,
     schedule: Arc<Schedule>,
     validation: Validation,
     ranges: Vec<std::ops::Range<usize>>,
-    backends: Arc<Vec<B>>,
-    transport: Arc<dyn Transport<B>>,
-    /// Every stage of the replica: the global gradient norm.
-    stage_group: Box<dyn Collective<B>>,
-    tied: Vec<TiedCopies<B>>,
+    replicas: Vec<Replica<B>>,
+    /// Every worker (`replica·p + stage`): the global gradient norm.
+    world: Box<dyn Collective<B>>,
+    /// Per stage: its group across the replicas (member `r` = replica `r`); empty with one replica.
+    dp_groups: Vec<Box<dyn Collective<B>>>,
+    /// Per stage: the gradient buckets, in readiness order.
+    buckets: Vec<Vec<Bucket>>,
+    /// Per stage: the replica that takes each tensor's norm and (ZeRO-1) holds its moments and steps it.
+    owners: Vec<BTreeMap<Slot, usize>>,
     /// Each non-primary copy of a tied parameter → its group's primary (not counted again in the gradient norm;
     /// where a checkpoint without the copy loads it from).
     primaries: BTreeMap<String, String>,
-    stages: Vec<Stage<B>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
     lost: Option<String>,
-    /// A failure to inject (see [`FailurePoint`]); cleared once it fires.
-    fail: Option<FailurePoint>,
+    /// A failure to inject on a replica (see [`FailurePoint`]); cleared once it fires.
+    fail: Option<(usize, FailurePoint)>,
     consecutive_skips: u32,
 }
 
@@ -265,9 +300,17 @@ pub struct PipelineBuilder<B: Backend> {
     options: TrainOptions,
     transport: Option<Arc<dyn Transport<B>>>,
     collectives: Option<Arc<dyn Collectives<B>>>,
+    data_parallel: DataParallel,
 }
 
 impl<B: Backend> PipelineBuilder<B> {
+    /// Data-parallel replicas (default: one): `build` then takes `replicas × stages` backends, replica-major
+    /// (`backends[r·p + s]` runs stage `s` of replica `r`).
+    pub fn data_parallel(mut self, dp: DataParallel) -> Self {
+        self.data_parallel = dp;
+        self
+    }
+
     /// The schedule to run: from a generator, a CSV ([`baton_schedules::schedule_from_csv`]) or built by hand. It is
     /// validated when the pipeline is built; its stage count must equal the number of backends.
     pub fn schedule(mut self, schedule: Schedule) -> Self {
@@ -288,20 +331,21 @@ impl<B: Backend> PipelineBuilder<B> {
     }
 
     /// Moves activations and gradients between stages (default: [`LocalTransport`] with receive pools sized from
-    /// the schedule).
+    /// the schedule; one per replica). A transport given here serves one replica, so it needs `replicas == 1`.
     pub fn transport(mut self, transport: Arc<dyn Transport<B>>) -> Self {
         self.transport = Some(transport);
         self
     }
 
-    /// Makes the groups the optimizer phase reduces over (default: [`LocalCollectives`]).
+    /// Makes the groups the optimizer phase reduces over (default: [`LocalCollectives`] over every backend). Group
+    /// members are named by worker: `replica·p + stage`.
     pub fn collectives(mut self, collectives: Arc<dyn Collectives<B>>) -> Self {
         self.collectives = Some(collectives);
         self
     }
 
     /// Validates the schedule, splits the model and builds every stage's units on its backend (`backends[s]` for
-    /// stage `s`).
+    /// stage `s`; with `D` replicas, `backends[r·p + s]`).
     pub fn build(self, backends: Vec<B>) -> Result<Pipeline<B>> {
         let schedule = self
             .schedule
@@ -314,6 +358,7 @@ impl<B: Backend> PipelineBuilder<B> {
             backends,
             self.transport,
             self.collectives,
+            self.data_parallel,
         )
     }
 }
@@ -332,6 +377,7 @@ impl<B: Backend> Pipeline<B> {
             backends,
             None,
             None,
+            config.data_parallel.clone(),
         )
     }
 
@@ -344,9 +390,11 @@ impl<B: Backend> Pipeline<B> {
             options: TrainOptions::default(),
             transport: None,
             collectives: None,
+            data_parallel: DataParallel::default(),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         model: Arc<dyn Model<B>>,
         schedule: Schedule,
@@ -355,81 +403,123 @@ impl<B: Backend> Pipeline<B> {
         backends: Vec<B>,
         transport: Option<Arc<dyn Transport<B>>>,
         collectives: Option<Arc<dyn Collectives<B>>>,
+        dp: DataParallel,
     ) -> Result<Self> {
         options.validate()?;
-        let p = schedule.stages();
-        if backends.len() != p as usize {
+        dp.validate()?;
+        let p = schedule.stages() as usize;
+        let d = dp.replicas as usize;
+        if backends.len() != p * d {
             return Err(EngineError::config(
                 "stages",
                 p,
-                format!(
-                    "the schedule has {p} stages but {} backends (devices) were given",
-                    backends.len()
-                ),
+                if d == 1 {
+                    format!(
+                        "the schedule has {p} stages but {} backends (devices) were given",
+                        backends.len()
+                    )
+                } else {
+                    format!(
+                        "{d} replicas of {p} stages need {} backends (devices), {} were given",
+                        d * p,
+                        backends.len()
+                    )
+                },
+            ));
+        }
+        if transport.is_some() && d > 1 {
+            return Err(EngineError::config(
+                "transport",
+                "custom",
+                format!("a transport serves one replica; {d} replicas use one in-process transport each"),
             ));
         }
         let validation = validate(&schedule)?;
         let parts = schedule.placement.num_parts() as usize;
         let ranges = split.resolve(model.as_ref(), parts)?;
-        let mut stages = Vec::with_capacity(p as usize);
-        for (s, be) in backends.iter().enumerate() {
-            let mut chunk_parts = Vec::new();
-            for chunk in 0..schedule.chunks() {
-                let index = schedule.placement.part(s as u32, chunk).ok_or_else(|| {
-                    EngineError::Schedule(baton_schedules::ScheduleError::Placement(format!(
-                        "the placement gives stage {s} no part for chunk {chunk}"
-                    )))
-                })?;
-                let units = ranges[index as usize].clone();
-                let layers = units
-                    .clone()
-                    .map(|u| model.build_unit(u, be))
-                    .collect::<Result<Vec<_>>>()?;
-                chunk_parts.push(Part { index, units, layers });
+        let pools = peak_receive_buffers(&schedule)?;
+        let mut replicas = Vec::with_capacity(d);
+        let mut transport = transport;
+        let mut given = backends.into_iter();
+        for _ in 0..d {
+            let backends: Vec<B> = given.by_ref().take(p).collect();
+            let mut stages = Vec::with_capacity(p);
+            for (s, be) in backends.iter().enumerate() {
+                let mut chunk_parts = Vec::new();
+                for chunk in 0..schedule.chunks() {
+                    let index = schedule.placement.part(s as u32, chunk).ok_or_else(|| {
+                        EngineError::Schedule(baton_schedules::ScheduleError::Placement(format!(
+                            "the placement gives stage {s} no part for chunk {chunk}"
+                        )))
+                    })?;
+                    let units = ranges[index as usize].clone();
+                    let layers = units
+                        .clone()
+                        .map(|u| model.build_unit(u, be))
+                        .collect::<Result<Vec<_>>>()?;
+                    chunk_parts.push(Part { index, units, layers });
+                }
+                stages.push(Stage {
+                    index: s as u32,
+                    parts: chunk_parts,
+                });
             }
-            stages.push(Stage {
-                index: s as u32,
-                parts: chunk_parts,
+            let backends = Arc::new(backends);
+            let transport: Arc<dyn Transport<B>> = match transport.take() {
+                Some(t) => t,
+                None => Arc::new(LocalTransport::new(Arc::clone(&backends), &pools)?),
+            };
+            if transport.stages() != p {
+                return Err(EngineError::config(
+                    "transport",
+                    transport.stages(),
+                    format!(
+                        "the transport connects {} stages, the schedule has {p}",
+                        transport.stages()
+                    ),
+                ));
+            }
+            replicas.push(Replica {
+                backends,
+                transport,
+                tied: Vec::new(),
+                stages,
             });
         }
-        let backends = Arc::new(backends);
-        let transport = match transport {
-            Some(t) => t,
-            None => Arc::new(LocalTransport::new(
-                Arc::clone(&backends),
-                &peak_receive_buffers(&schedule)?,
-            )?),
+        let collectives = match collectives {
+            Some(c) => c,
+            None => Arc::new(LocalCollectives::over(Workers::new(
+                replicas.iter().map(|r| Arc::clone(&r.backends)).collect(),
+            )?)),
         };
-        if transport.stages() != p as usize {
-            return Err(EngineError::config(
-                "transport",
-                transport.stages(),
-                format!(
-                    "the transport connects {} stages, the schedule has {p}",
-                    transport.stages()
-                ),
-            ));
-        }
-        let collectives = collectives.unwrap_or_else(|| Arc::new(LocalCollectives::new(Arc::clone(&backends))));
-        let stage_group = collectives.group(&(0..p as usize).collect::<Vec<_>>())?;
+        let world = collectives.group(&(0..p * d).collect::<Vec<_>>())?;
+        let dp_groups = if d > 1 {
+            (0..p)
+                .map(|s| collectives.group(&(0..d).map(|r| r * p + s).collect::<Vec<_>>()))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let mut pipeline = Pipeline {
             model,
             options,
+            dp,
             schedule: Arc::new(schedule),
             validation,
             ranges,
-            backends,
-            transport,
-            stage_group,
-            tied: Vec::new(),
+            replicas,
+            world,
+            dp_groups,
+            buckets: Vec::new(),
+            owners: Vec::new(),
             primaries: BTreeMap::new(),
-            stages,
             step: 0,
             lost: None,
             fail: None,
             consecutive_skips: 0,
         };
         pipeline.check_names()?;
+        let mut tied_slots = Vec::new();
         for group in pipeline.model.tied_groups() {
             if group.names.len() < 2 {
                 return Err(EngineError::Model(format!(
@@ -457,16 +547,68 @@ impl<B: Backend> Pipeline<B> {
                     pipeline.param(bad).shape
                 )));
             }
-            let stages_of: Vec<usize> = at.iter().map(|a| a.0).collect();
-            let coll = collectives.group(&stages_of)?;
             pipeline
                 .primaries
                 .extend(group.names[1..].iter().map(|n| (n.clone(), group.names[0].clone())));
-            pipeline.tied.push(TiedCopies {
-                names: group.names,
-                at,
-                group: coll,
-            });
+            tied_slots.push(at.iter().map(|a| (a.0, (a.1, a.2, a.3))).collect::<Vec<_>>());
+            for r in 0..d {
+                let workers: Vec<usize> = at.iter().map(|a| r * p + a.0).collect();
+                let coll = collectives.group(&workers)?;
+                pipeline.replicas[r].tied.push(TiedCopies {
+                    names: group.names.clone(),
+                    at: at.clone(),
+                    group: coll,
+                });
+            }
+        }
+        // Buckets and owners depend only on the shapes and the schedule: the same on every replica.
+        let bucket_bytes = pipeline.dp.bucket_bytes();
+        let mut sizes = Vec::with_capacity(p);
+        for (s, stage) in pipeline.replicas[0].stages.iter().enumerate() {
+            let be = &pipeline.replicas[0].backends[s];
+            let grad_bytes: Vec<Vec<Vec<usize>>> = stage
+                .parts
+                .iter()
+                .map(|part| {
+                    part.layers
+                        .iter()
+                        .map(|l| l.params().iter().map(|p| be.bytes(&p.grad)).collect())
+                        .collect()
+                })
+                .collect();
+            pipeline.buckets.push(plan_buckets(
+                &last_weight_actions(&pipeline.schedule, s),
+                &grad_bytes,
+                bucket_bytes,
+            ));
+            let mut elems = Vec::new();
+            for (c, part) in stage.parts.iter().enumerate() {
+                for (l, layer) in part.layers.iter().enumerate() {
+                    for (pi, prm) in layer.params().iter().enumerate() {
+                        elems.push(((c, l, pi), prm.len()));
+                    }
+                }
+            }
+            sizes.push(elems);
+        }
+        pipeline.owners = assign_owners(d, &sizes, &tied_slots);
+        if pipeline.dp.zero && d > 1 {
+            // ZeRO-1: only a tensor's owner keeps its moments.
+            let owners = pipeline.owners.clone();
+            for (r, replica) in pipeline.replicas.iter_mut().enumerate() {
+                for (s, (stage, be)) in replica.stages.iter_mut().zip(replica.backends.iter()).enumerate() {
+                    for (c, part) in stage.parts.iter_mut().enumerate() {
+                        for (l, layer) in part.layers.iter_mut().enumerate() {
+                            for (pi, prm) in layer.params_mut().iter_mut().enumerate() {
+                                if owners[s].get(&(c, l, pi)) != Some(&r) {
+                                    prm.m = be.zeros_state(0)?;
+                                    prm.v = be.zeros_state(0)?;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
         Ok(pipeline)
     }
@@ -474,7 +616,7 @@ impl<B: Backend> Pipeline<B> {
     /// Checks the model's contract that parameter names are unique.
     fn check_names(&self) -> Result<()> {
         let mut seen = std::collections::BTreeMap::new();
-        for stage in &self.stages {
+        for stage in &self.replicas[0].stages {
             for part in &stage.parts {
                 for layer in &part.layers {
                     for p in layer.params() {
@@ -502,12 +644,22 @@ impl<B: Backend> Pipeline<B> {
         &self.options
     }
 
-    /// Number of stages.
-    pub fn num_stages(&self) -> usize {
-        self.backends.len()
+    /// The data-parallel layout.
+    pub fn data_parallel(&self) -> &DataParallel {
+        &self.dp
     }
 
-    /// Micro-batches per step (the schedule's).
+    /// Data-parallel replicas.
+    pub fn num_replicas(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Number of stages (of one replica).
+    pub fn num_stages(&self) -> usize {
+        self.replicas[0].backends.len()
+    }
+
+    /// Micro-batches per step and replica (the schedule's).
     pub fn microbatches(&self) -> u32 {
         self.schedule.microbatches
     }
@@ -522,15 +674,20 @@ impl<B: Backend> Pipeline<B> {
         &self.validation
     }
 
-    /// The backends, one per stage.
+    /// The backends of replica 0, one per stage.
     pub fn backends(&self) -> &[B] {
-        &self.backends
+        &self.replicas[0].backends
     }
 
-    /// Per stage: the counters of its receive pool (capacity from the schedule, buffers owned, leases served
-    /// from the pool and allocations). After the first step, `allocations()` stays flat and `misses` is 0.
+    /// The backends of replica `r`, one per stage.
+    pub fn replica_backends(&self, r: usize) -> Option<&[B]> {
+        self.replicas.get(r).map(|rep| rep.backends.as_slice())
+    }
+
+    /// Per stage of replica 0: the counters of its receive pool (capacity from the schedule, buffers owned, leases
+    /// served from the pool and allocations). After the first step, `allocations()` stays flat and `misses` is 0.
     pub fn receive_pools(&self) -> Vec<PoolStats> {
-        self.transport.pool_stats()
+        self.replicas[0].transport.pool_stats()
     }
 
     /// Global layer units per part, in pipeline order.
@@ -556,17 +713,49 @@ impl<B: Backend> Pipeline<B> {
         self.step = step;
     }
 
-    /// Checks a batch against the model and splits it into per-stage micro-batches.
-    fn micro_batches(&self, batch: &Batch) -> Result<Vec<Vec<MicroBatch<B>>>> {
+    /// Per replica, per stage: bytes of AdamW moments it holds (halved per replica by ZeRO-1 with two replicas).
+    pub fn optimizer_bytes(&self) -> Vec<Vec<usize>> {
+        self.replicas
+            .iter()
+            .map(|rep| {
+                rep.stages
+                    .iter()
+                    .zip(rep.backends.iter())
+                    .map(|(stage, be)| {
+                        stage
+                            .parts
+                            .iter()
+                            .flat_map(|part| &part.layers)
+                            .flat_map(|l| l.params())
+                            .map(|p| be.bytes(&p.m) + be.bytes(&p.v))
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Checks a global batch against the model and splits it: each replica's shard (contiguous sequences, replica
+    /// order), then each shard into per-stage micro-batches. `[replica][stage][micro-batch]`.
+    fn micro_batches(&self, batch: &Batch) -> Result<Vec<Vec<Vec<MicroBatch<B>>>>> {
         let m = self.schedule.microbatches as usize;
+        let d = self.replicas.len();
         let (b, t) = (batch.batch, batch.seq);
         if b == 0 || t == 0 {
             return Err(EngineError::batch(format!("empty batch ({b} sequences of {t} tokens)")));
         }
-        if b % m != 0 {
-            return Err(EngineError::batch(format!(
-                "{m} micro-batches do not divide the batch of {b} sequences; use a batch that is a multiple of {m}"
-            )));
+        if b % (m * d) != 0 {
+            return Err(EngineError::batch(if d == 1 {
+                format!(
+                    "{m} micro-batches do not divide the batch of {b} sequences; use a batch that is a multiple of {m}"
+                )
+            } else {
+                format!(
+                    "{d} replicas × {m} micro-batches do not divide the batch of {b} sequences; use a batch that is a \
+                     multiple of {}",
+                    d * m
+                )
+            }));
         }
         if t > self.model.max_seq() {
             return Err(EngineError::batch(format!(
@@ -594,17 +783,34 @@ impl<B: Backend> Pipeline<B> {
                 "token {tok} at position {i} is outside the vocabulary of {vocab}"
             )));
         }
-        let mb_b = b / m;
+        let mb_b = b / (m * d);
+        (0..d)
+            .map(|r| self.upload_micro_batches(batch, r, r * m, m, mb_b))
+            .collect()
+    }
+
+    /// Micro-batches `first..first + count` of `mb_b` sequences of `batch`, for every stage of replica `r`.
+    fn upload_micro_batches(
+        &self,
+        batch: &Batch,
+        r: usize,
+        first: usize,
+        count: usize,
+        mb_b: usize,
+    ) -> Result<Vec<Vec<MicroBatch<B>>>> {
+        let t = batch.seq;
         let per = mb_b * t;
         let last = self.schedule.placement.num_parts() - 1;
-        let loss_scale = 1.0 / (b * t) as f32;
-        self.backends
+        // Every micro-batch's loss is scaled by the global token count: the replicas' gradients add up to the mean.
+        let loss_scale = 1.0 / (batch.batch * t) as f32;
+        let rep = &self.replicas[r];
+        rep.backends
             .iter()
-            .zip(&self.stages)
+            .zip(&rep.stages)
             .map(|(be, stage)| {
                 let first_here = stage.parts.iter().any(|p| p.index == 0);
                 let last_here = stage.parts.iter().any(|p| p.index == last);
-                (0..m)
+                (first..first + count)
                     .map(|i| {
                         let range = i * per..(i + 1) * per;
                         Ok(MicroBatch {
@@ -628,12 +834,154 @@ impl<B: Backend> Pipeline<B> {
             .collect()
     }
 
-    /// Injects a failure (tests and `BATON_FAIL_AT`); it fires once, at its step or the next.
+    /// Injects a failure on replica 0 (tests and `BATON_FAIL_AT`); it fires once, at its step or the next.
     pub fn set_failure(&mut self, point: Option<FailurePoint>) {
-        self.fail = point;
+        self.fail = point.map(|p| (0, p));
     }
 
-    /// One training step on `batch` (split into the configured micro-batches).
+    /// Injects a failure on replica `replica`; it fires once, at its step or the next.
+    pub fn set_replica_failure(&mut self, replica: usize, point: FailurePoint) -> Result<()> {
+        if replica >= self.replicas.len() {
+            return Err(EngineError::config(
+                "replica",
+                replica,
+                format!("the pipeline has {} replicas", self.replicas.len()),
+            ));
+        }
+        self.fail = Some((replica, point));
+        Ok(())
+    }
+
+    /// Runs the schedule on every replica at once (one thread per replica above its stage threads; replica 0 on
+    /// the calling thread), with each stage's reducer thread summing buckets as they become final when overlap is
+    /// on. Returns each replica's run and, with overlap, every stage's reduced gradients and bucket spans.
+    #[allow(clippy::type_complexity)]
+    fn run_replicas(
+        &mut self,
+        mbs: Vec<Vec<Vec<MicroBatch<B>>>>,
+        exec: &[ExecConfig],
+        t0: Instant,
+    ) -> (Vec<StepRun<B>>, Option<Result<Vec<(StageGrads<B>, Vec<CommSpan>)>>>) {
+        let d = self.replicas.len();
+        let p = self.num_stages();
+        let schedule = Arc::clone(&self.schedule);
+        let overlap = d > 1 && self.dp.overlap;
+        let timeout = Duration::from_millis(self.options.recv_timeout_ms) * 4;
+        let abort = AtomicBool::new(false);
+        let Pipeline {
+            replicas,
+            dp_groups,
+            buckets,
+            owners,
+            dp,
+            ..
+        } = self;
+        let zero = dp.zero;
+        let stage_sets: Vec<Vec<Stage<B>>> = replicas.iter_mut().map(|r| std::mem::take(&mut r.stages)).collect();
+        std::thread::scope(|scope| {
+            let mut reducers = Vec::new();
+            let mut senders = Vec::new();
+            if overlap {
+                for s in 0..p {
+                    let (tx, rx) = crossbeam_channel::unbounded::<ReadyPart<B>>();
+                    senders.push(tx);
+                    let reducer = Reducer {
+                        stage: s,
+                        group: dp_groups[s].as_ref(),
+                        buckets: &buckets[s],
+                        owners: zero.then(|| &owners[s]),
+                        replicas: d,
+                        chunks: schedule.chunks() as usize,
+                        t0,
+                    };
+                    let abort = &abort;
+                    reducers.push(scope.spawn(move || {
+                        let out = reducer.run(&rx, abort, timeout);
+                        if out.is_err() {
+                            abort.store(true, Ordering::SeqCst);
+                        }
+                        out
+                    }));
+                }
+            }
+            let sink = |r: usize| -> Option<GradSink<B>> {
+                overlap.then(|| {
+                    let senders = senders.clone();
+                    let sink: GradSink<B> = Arc::new(move |stage, chunk, grads| {
+                        senders[stage]
+                            .send(ReadyPart {
+                                replica: r,
+                                chunk,
+                                grads,
+                            })
+                            .map_err(|_| EngineError::Comm {
+                                seam: "data-parallel",
+                                stage: stage as u32,
+                                reason: "the stage's reducer is gone".into(),
+                            })
+                    });
+                    sink
+                })
+            };
+            let mut mbs = mbs.into_iter();
+            let mut jobs = Vec::with_capacity(d);
+            let mut first = None;
+            for (r, (rep, stages)) in replicas.iter().zip(stage_sets).enumerate() {
+                let mbs = mbs.next().unwrap_or_default();
+                let sink = sink(r);
+                let job = {
+                    let backends = Arc::clone(&rep.backends);
+                    let schedule = Arc::clone(&schedule);
+                    let transport = Arc::clone(&rep.transport);
+                    let exec = &exec[r];
+                    let abort = &abort;
+                    move || {
+                        let run = run_step(stages, backends, schedule, transport.as_ref(), mbs, exec, sink);
+                        if run.result.is_err() {
+                            abort.store(true, Ordering::SeqCst);
+                        }
+                        run
+                    }
+                };
+                if r == 0 {
+                    first = Some(job);
+                } else {
+                    jobs.push(scope.spawn(job));
+                }
+            }
+            drop(senders);
+            let mut runs = Vec::with_capacity(d);
+            if let Some(job) = first {
+                runs.push(job());
+            }
+            for j in jobs {
+                runs.push(j.join().unwrap_or_else(|_| StepRun {
+                    stages: (0..p).map(|_| None).collect(),
+                    result: Err(EngineError::Invariant {
+                        stage: 0,
+                        what: "a replica's driver thread panicked".into(),
+                    }),
+                }));
+            }
+            let reduced = overlap.then(|| {
+                reducers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(s, h)| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(EngineError::Invariant {
+                                stage: s as u32,
+                                what: "a data-parallel reducer panicked".into(),
+                            })
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            });
+            (runs, reduced)
+        })
+    }
+
+    /// One training step on the global `batch`: each replica's shard split into the configured micro-batches.
     ///
     /// On failure the step's partial gradients are dropped and the parameters and optimizer
     /// state are as before the step; if a stage's thread did not come back, the pipeline is
@@ -646,52 +994,102 @@ impl<B: Backend> Pipeline<B> {
         let mbs = self.micro_batches(batch)?;
         let step_no = self.step + 1;
         let fail = match &self.fail {
-            Some(f) if f.step.is_none_or(|s| s == step_no) => self.fail.take(),
+            Some((_, f)) if f.step.is_none_or(|s| s == step_no) => self.fail.take(),
             _ => None,
         };
-        let exec = ExecConfig {
-            recompute: self.options.recompute,
-            recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
-            fail,
-        };
-        let stages = std::mem::take(&mut self.stages);
-        let run = run_step(
-            stages,
-            Arc::clone(&self.backends),
-            Arc::clone(&self.schedule),
-            self.transport.as_ref(),
-            mbs,
-            &exec,
-        );
-        let complete = run.stages.iter().all(Option::is_some);
-        self.stages = run.stages.into_iter().flatten().collect();
-        let outcomes = match run.result {
-            Ok(o) => o,
-            Err(e) => {
-                if complete {
-                    self.zero_grads()?;
-                } else {
-                    self.lost = Some(e.to_string());
+        let d = self.replicas.len();
+        let exec: Vec<ExecConfig> = (0..d)
+            .map(|r| ExecConfig {
+                recompute: self.options.recompute,
+                recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
+                fail: fail.as_ref().filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
+            })
+            .collect();
+        let (runs, reduced) = self.run_replicas(mbs, &exec, started);
+        let mut complete = true;
+        let mut failure: Option<EngineError> = None;
+        let mut outcomes = Vec::with_capacity(d);
+        for (r, run) in runs.into_iter().enumerate() {
+            complete &= run.stages.iter().all(Option::is_some);
+            self.replicas[r].stages = run.stages.into_iter().flatten().collect();
+            match run.result {
+                Ok(o) => outcomes.push(o),
+                Err(e) => {
+                    let e = if d > 1 { e.in_replica(r) } else { e };
+                    // A real failure beats a replica that merely stopped because of it.
+                    if failure.as_ref().is_none_or(|f| f.is_abort() && !e.is_abort()) {
+                        failure = Some(e);
+                    }
                 }
-                return Err(e);
             }
+        }
+        let reduced = match reduced {
+            Some(Err(e)) if failure.is_none() => {
+                failure = Some(e);
+                None
+            }
+            Some(Ok(r)) => Some(r),
+            _ => None,
         };
+        if let Some(e) = failure {
+            if complete {
+                self.zero_grads()?;
+            } else {
+                self.lost = Some(e.to_string());
+            }
+            return Err(e);
+        }
         let pipeline_s = outcomes
             .iter()
+            .flatten()
             .flat_map(|o| o.spans.last())
             .map(|s| s.end_s)
             .fold(0.0, f64::max);
-        // Loss: per micro-batch sums in micro-batch order, over all tokens.
-        let mut losses: Vec<(u32, f64)> = outcomes.iter().flat_map(|o| o.losses.iter().copied()).collect();
-        losses.sort_by_key(|&(mb, _)| mb);
-        debug_assert_eq!(losses.len(), self.schedule.microbatches as usize);
+        // Loss: per micro-batch sums in (replica, micro-batch) order — the global micro-batch order — over all
+        // tokens.
+        let mut losses: Vec<(usize, u32, f64)> = outcomes
+            .iter()
+            .enumerate()
+            .flat_map(|(r, o)| {
+                o.iter()
+                    .flat_map(move |o| o.losses.iter().map(move |&(mb, l)| (r, mb, l)))
+            })
+            .collect();
+        losses.sort_by_key(|&(r, mb, _)| (r, mb));
+        debug_assert_eq!(losses.len(), d * self.schedule.microbatches as usize);
         let tokens = batch.batch * batch.seq;
-        let loss = (losses.iter().map(|&(_, l)| l).sum::<f64>() / tokens as f64) as f32;
+        let loss = (losses.iter().map(|&(_, _, l)| l).sum::<f64>() / tokens as f64) as f32;
 
         let lr = self.options.optimizer.lr_at(self.step);
-        // Reduce gradients (tied copies; data-parallel replicas plug in here), then the global norm for clipping.
-        self.reduce_gradients()?;
+        // Across replicas (bucketed; already done during the schedule with overlap), then tied groups, then the
+        // global norm for clipping.
+        let p = self.num_stages();
+        let mut comm = Vec::new();
+        let after_schedule = started.elapsed().as_secs_f64();
+        match reduced {
+            Some(stages) => {
+                for (s, (grads, spans)) in stages.into_iter().enumerate() {
+                    self.install_grads(s, grads)?;
+                    comm.extend(spans);
+                }
+            }
+            None if d > 1 => comm = self.reduce_replicas(started)?,
+            None => {}
+        }
+        self.reduce_tied()?;
         let grad_norm = self.grad_norm()?;
+        let mut comm_s = vec![0.0; p];
+        let mut exposed_comm_s = vec![0.0; p];
+        for c in &comm {
+            comm_s[c.stage as usize] += c.end_s - c.start_s;
+            let hidden_until = c.start_s.max(after_schedule);
+            exposed_comm_s[c.stage as usize] += (c.end_s - hidden_until).max(0.0);
+        }
+        let reduced_bytes = if d > 1 {
+            self.buckets.iter().flatten().map(|b| b.bytes).sum()
+        } else {
+            0
+        };
         let mut skipped = false;
         let mut nonfinite_stage = None;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -699,7 +1097,7 @@ impl<B: Backend> Pipeline<B> {
             self.consecutive_skips += 1;
             let first = outcomes
                 .iter()
-                .enumerate()
+                .flat_map(|o| o.iter().enumerate())
                 .filter_map(|(s, o)| o.nonfinite.map(|n| (s, n)))
                 .min_by(|a, b| a.1.at_s.total_cmp(&b.1.at_s));
             nonfinite_stage = first.map(|(s, _)| s as u32);
@@ -727,10 +1125,15 @@ impl<B: Backend> Pipeline<B> {
             self.step += 1;
         }
 
-        let busy_s: Vec<f64> = outcomes
-            .iter()
-            .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
-            .collect();
+        let busy = |o: &Vec<crate::executor::StageOutcome>| -> Vec<f64> {
+            o.iter()
+                .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
+                .collect()
+        };
+        let replica_busy_s: Vec<Vec<f64>> = outcomes.iter().map(busy).collect();
+        let mut outcomes = outcomes.into_iter();
+        let outcomes = outcomes.next().unwrap_or_default();
+        let busy_s = replica_busy_s.first().cloned().unwrap_or_default();
         let idle_s: Vec<f64> = busy_s.iter().map(|b| (pipeline_s - b).max(0.0)).collect();
         let bubble = if pipeline_s > 0.0 {
             idle_s.iter().sum::<f64>() / (idle_s.len() as f64 * pipeline_s)
@@ -756,42 +1159,111 @@ impl<B: Backend> Pipeline<B> {
             peak_stash_bytes: outcomes.iter().map(|o| o.peak_stash_bytes).collect(),
             copies: outcomes.iter().flat_map(|o| o.copies.iter().copied()).collect(),
             spans: outcomes.into_iter().map(|o| o.spans).collect(),
+            replica_busy_s,
+            comm_s,
+            exposed_comm_s,
+            reduced_bytes,
+            comm,
             skipped,
             nonfinite_stage,
         })
     }
 
-    /// Global gradient norm: per-tensor sums of squares added in global (layer, parameter)
-    /// order, the tied LM head counted once (through `wte`) — the same for every split. One
-    /// read-back per stage.
-    fn grad_norm(&self) -> Result<f32> {
-        // Each stage contributes `(unit, parameter, sum of squares)` triples (exact in f64 for indices < 2^53)
-        // through the stage group, so the norm is the same however stages are spread over processes.
-        let mut local: Vec<(usize, Vec<f64>)> = Vec::with_capacity(self.stages.len());
-        for (stage, be) in self.stages.iter().zip(self.backends.iter()) {
-            let mut keys = Vec::new();
-            let mut grads = Vec::new();
-            for part in &stage.parts {
-                for (unit, layer) in part.units.clone().zip(&part.layers) {
-                    for (pi, p) in layer.params().iter().enumerate() {
-                        if !self.primaries.contains_key(&p.name) {
-                            keys.push((unit, pi));
-                            grads.push(&p.grad);
-                        }
+    /// Puts stage `s`'s reduced gradients (`[replica][chunk][layer][param]`, from its reducer) in place.
+    fn install_grads(&mut self, s: usize, grads: StageGrads<B>) -> Result<()> {
+        for (r, chunks) in grads.into_iter().enumerate() {
+            let stage = &mut self.replicas[r].stages[s];
+            for (part, layers) in stage.parts.iter_mut().zip(chunks) {
+                if layers.len() != part.layers.len() {
+                    return Err(EngineError::Invariant {
+                        stage: s as u32,
+                        what: format!(
+                            "replica {r} returned gradients for {} layers of {}",
+                            layers.len(),
+                            part.layers.len()
+                        ),
+                    });
+                }
+                for (layer, params) in part.layers.iter_mut().zip(layers) {
+                    for (prm, g) in layer.params_mut().iter_mut().zip(params) {
+                        prm.grad = g;
                     }
                 }
             }
-            let sums = be.sum_squares_many(&grads)?;
-            debug_assert_eq!(sums.len(), keys.len());
-            let triples = keys
-                .into_iter()
-                .zip(sums)
-                .flat_map(|((unit, pi), sq)| [unit as f64, pi as f64, sq])
-                .collect();
-            local.push((stage.index as usize, triples));
+        }
+        Ok(())
+    }
+
+    /// Sums every stage's gradients across the replicas, bucket by bucket, after the schedule (no overlap).
+    fn reduce_replicas(&mut self, t0: Instant) -> Result<Vec<CommSpan>> {
+        let Pipeline {
+            replicas,
+            dp_groups,
+            buckets,
+            owners,
+            dp,
+            ..
+        } = self;
+        let mut spans = Vec::new();
+        for (s, stage_buckets) in buckets.iter().enumerate() {
+            for (index, bucket) in stage_buckets.iter().enumerate() {
+                let start_s = t0.elapsed().as_secs_f64();
+                for &(c, l, pi) in &bucket.items {
+                    let mut views: Vec<(usize, &mut B::Buf)> = replicas
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(r, rep)| (r, &mut rep.stages[s].parts[c].layers[l].params_mut()[pi].grad))
+                        .collect();
+                    let owner = dp.zero.then(|| owners[s].get(&(c, l, pi)).copied()).flatten();
+                    reduce_tensor(dp_groups[s].as_ref(), owner, &mut views)?;
+                }
+                spans.push(CommSpan {
+                    stage: s as u32,
+                    bucket: index as u32,
+                    bytes: bucket.bytes,
+                    start_s,
+                    end_s: t0.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        Ok(spans)
+    }
+
+    /// Global gradient norm: per-tensor sums of squares added in global (layer, parameter)
+    /// order, the tied LM head counted once (through `wte`) — the same for every split and every number of
+    /// replicas. Each tensor's square sum is taken once, by its owner replica; one read-back per worker.
+    fn grad_norm(&self) -> Result<f32> {
+        // Each worker contributes `(unit, parameter, sum of squares)` triples (exact in f64 for indices < 2^53)
+        // through the group of every worker, so the norm is the same however workers are spread over processes.
+        let p = self.num_stages();
+        let mut local: Vec<(usize, Vec<f64>)> = Vec::with_capacity(p * self.replicas.len());
+        for (r, rep) in self.replicas.iter().enumerate() {
+            for (stage, be) in rep.stages.iter().zip(rep.backends.iter()) {
+                let s = stage.index as usize;
+                let mut keys = Vec::new();
+                let mut grads = Vec::new();
+                for (c, part) in stage.parts.iter().enumerate() {
+                    for (l, (unit, layer)) in part.units.clone().zip(&part.layers).enumerate() {
+                        for (pi, prm) in layer.params().iter().enumerate() {
+                            if self.owners[s].get(&(c, l, pi)) == Some(&r) && !self.primaries.contains_key(&prm.name) {
+                                keys.push((unit, pi));
+                                grads.push(&prm.grad);
+                            }
+                        }
+                    }
+                }
+                let sums = be.sum_squares_many(&grads)?;
+                debug_assert_eq!(sums.len(), keys.len());
+                let triples = keys
+                    .into_iter()
+                    .zip(sums)
+                    .flat_map(|((unit, pi), sq)| [unit as f64, pi as f64, sq])
+                    .collect();
+                local.push((r * p + s, triples));
+            }
         }
         let mut squares: Vec<((u64, u64), f64)> = self
-            .stage_group
+            .world
             .all_gather_host(&local)?
             .iter()
             .flat_map(|v| v.chunks_exact(3).map(|t| ((t[0] as u64, t[1] as u64), t[2])))
@@ -800,7 +1272,8 @@ impl<B: Backend> Pipeline<B> {
         Ok(squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt() as f32)
     }
 
-    /// Clipping and AdamW for every parameter, then zeroed gradients.
+    /// Clipping and AdamW for every parameter (under ZeRO-1: on its owner, then broadcast to the other
+    /// replicas), then zeroed gradients.
     fn apply_optimizer(&mut self, lr: f32, norm: f32) -> Result<()> {
         let clip = self.options.optimizer.grad_clip;
         let scale = if clip > 0.0 && norm > clip {
@@ -808,34 +1281,69 @@ impl<B: Backend> Pipeline<B> {
         } else {
             None
         };
-        let o = &self.options.optimizer;
+        let o = self.options.optimizer.clone();
         let step =
             u32::try_from(self.step + 1).map_err(|_| EngineError::config("steps", self.step + 1, "too many steps"))?;
-        for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
-            for part in &mut stage.parts {
-                for layer in &mut part.layers {
-                    for p in layer.params_mut() {
-                        let cfg = AdamW {
-                            lr,
-                            beta1: o.beta1,
-                            beta2: o.beta2,
-                            eps: o.eps,
-                            weight_decay: if p.decay { o.weight_decay } else { 0.0 },
-                        };
-                        be.optimizer_step(&cfg, &mut p.value, &mut p.grad, &mut p.m, &mut p.v, step, scale)?;
+        let zero = self.dp.zero && self.replicas.len() > 1;
+        let owners = std::mem::take(&mut self.owners);
+        let result = (|| {
+            for (r, rep) in self.replicas.iter_mut().enumerate() {
+                for (s, (stage, be)) in rep.stages.iter_mut().zip(rep.backends.iter()).enumerate() {
+                    for (c, part) in stage.parts.iter_mut().enumerate() {
+                        for (l, layer) in part.layers.iter_mut().enumerate() {
+                            for (pi, p) in layer.params_mut().iter_mut().enumerate() {
+                                if zero && owners[s].get(&(c, l, pi)) != Some(&r) {
+                                    be.fill_zero(&mut p.grad)?;
+                                    continue;
+                                }
+                                let cfg = AdamW {
+                                    lr,
+                                    beta1: o.beta1,
+                                    beta2: o.beta2,
+                                    eps: o.eps,
+                                    weight_decay: if p.decay { o.weight_decay } else { 0.0 },
+                                };
+                                be.optimizer_step(&cfg, &mut p.value, &mut p.grad, &mut p.m, &mut p.v, step, scale)?;
+                            }
+                        }
                     }
                 }
+            }
+            if zero {
+                self.broadcast_owned(&owners)?;
+            }
+            Ok(())
+        })();
+        self.owners = owners;
+        result
+    }
+
+    /// ZeRO-1: every tensor's new values from its owner to the other replicas.
+    fn broadcast_owned(&mut self, owners: &[BTreeMap<Slot, usize>]) -> Result<()> {
+        let Pipeline {
+            replicas, dp_groups, ..
+        } = self;
+        for (s, stage_owners) in owners.iter().enumerate() {
+            for (&(c, l, pi), &owner) in stage_owners {
+                let mut views: Vec<(usize, &mut B::Buf)> = replicas
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(r, rep)| (r, &mut rep.stages[s].parts[c].layers[l].params_mut()[pi].value))
+                    .collect();
+                dp_groups[s].broadcast(owner, &mut views)?;
             }
         }
         Ok(())
     }
 
     fn zero_grads(&mut self) -> Result<()> {
-        for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
-            for part in &mut stage.parts {
-                for layer in &mut part.layers {
-                    for p in layer.params_mut() {
-                        be.fill_zero(&mut p.grad)?;
+        for rep in &mut self.replicas {
+            for (stage, be) in rep.stages.iter_mut().zip(rep.backends.iter()) {
+                for part in &mut stage.parts {
+                    for layer in &mut part.layers {
+                        for p in layer.params_mut() {
+                            be.fill_zero(&mut p.grad)?;
+                        }
                     }
                 }
             }
@@ -843,9 +1351,9 @@ impl<B: Backend> Pipeline<B> {
         Ok(())
     }
 
-    /// Where a named parameter lives: (stage, chunk, layer, param).
+    /// Where a named parameter lives in a replica: (stage, chunk, layer, param).
     fn locate(&self, name: &str) -> Option<ParamAt> {
-        for (s, stage) in self.stages.iter().enumerate() {
+        for (s, stage) in self.replicas[0].stages.iter().enumerate() {
             for (c, part) in stage.parts.iter().enumerate() {
                 for (l, layer) in part.layers.iter().enumerate() {
                     if let Some(pi) = layer.params().iter().position(|p| p.name == name) {
@@ -858,40 +1366,50 @@ impl<B: Backend> Pipeline<B> {
     }
 
     fn param(&self, at: ParamAt) -> &Param<B> {
-        &self.stages[at.0].parts[at.1].layers[at.2].params()[at.3]
+        &self.replicas[0].stages[at.0].parts[at.1].layers[at.2].params()[at.3]
     }
 
     /// Sums every tied group's gradients into all its copies, in the group's order (`wte + lm_head` for GPT-2),
-    /// through the group's collective, so the copies take identical AdamW steps and stay bitwise equal.
-    fn reduce_gradients(&mut self) -> Result<()> {
-        let Pipeline { tied, stages, .. } = self;
-        for tied in tied.iter() {
-            // One walk hands out `&mut` to each copy's gradient (the locations are distinct).
-            let mut views: Vec<(usize, &mut B::Buf)> = Vec::with_capacity(tied.at.len());
-            for (s, stage) in stages.iter_mut().enumerate() {
-                for (c, part) in stage.parts.iter_mut().enumerate() {
-                    for (l, layer) in part.layers.iter_mut().enumerate() {
-                        for (pi, p) in layer.params_mut().iter_mut().enumerate() {
-                            if let Some(m) = tied.at.iter().position(|&a| a == (s, c, l, pi)) {
-                                views.push((m, &mut p.grad));
+    /// through the group's collective, so the copies take identical AdamW steps and stay bitwise equal. Runs after
+    /// the sum over replicas (so one replica's tied sum is `Σ_r wte_r + Σ_r head_r`, as a single replica over all
+    /// micro-batches would take it); under ZeRO-1 only on the replica owning the group.
+    fn reduce_tied(&mut self) -> Result<()> {
+        let zero = self.dp.zero && self.replicas.len() > 1;
+        let Pipeline { replicas, owners, .. } = self;
+        for (r, rep) in replicas.iter_mut().enumerate() {
+            let Replica { tied, stages, .. } = rep;
+            for tied in tied.iter() {
+                let (s0, c0, l0, p0) = tied.at[0];
+                if zero && owners[s0].get(&(c0, l0, p0)) != Some(&r) {
+                    continue;
+                }
+                // One walk hands out `&mut` to each copy's gradient (the locations are distinct).
+                let mut views: Vec<(usize, &mut B::Buf)> = Vec::with_capacity(tied.at.len());
+                for (s, stage) in stages.iter_mut().enumerate() {
+                    for (c, part) in stage.parts.iter_mut().enumerate() {
+                        for (l, layer) in part.layers.iter_mut().enumerate() {
+                            for (pi, p) in layer.params_mut().iter_mut().enumerate() {
+                                if let Some(m) = tied.at.iter().position(|&a| a == (s, c, l, pi)) {
+                                    views.push((m, &mut p.grad));
+                                }
                             }
                         }
                     }
                 }
+                tied.group.all_reduce(&mut views).map_err(|e| match e {
+                    EngineError::Comm { seam, stage, reason } => EngineError::Comm {
+                        seam,
+                        stage,
+                        reason: format!("summing the tied group {:?}: {reason}", tied.names),
+                    },
+                    other => other,
+                })?;
             }
-            tied.group.all_reduce(&mut views).map_err(|e| match e {
-                EngineError::Comm { seam, stage, reason } => EngineError::Comm {
-                    seam,
-                    stage,
-                    reason: format!("summing the tied group {:?}: {reason}", tied.names),
-                },
-                other => other,
-            })?;
         }
         Ok(())
     }
 
-    /// Runs every part in pipeline order, one stage after another on the calling thread,
+    /// Runs every part in pipeline order on replica 0, one stage after another on the calling thread,
     /// moving the activation between stages. `step` runs one layer on its stage's backend with
     /// the stage's micro-batch (`mb(stage)`) and returns the next activation. Returns the last
     /// activation and the stage holding it.
@@ -900,6 +1418,7 @@ impl<B: Backend> Pipeline<B> {
         mb: impl Fn(usize) -> &'a MicroBatch<B>,
         mut step: impl FnMut(&dyn Layer<B>, &B, Option<B::Buf>, &MicroBatch<B>) -> Result<Option<B::Buf>>,
     ) -> Result<(Option<B::Buf>, usize)> {
+        let rep = &self.replicas[0];
         let mut x: Option<B::Buf> = None;
         let mut at = 0usize; // stage holding x
         for part in 0..self.schedule.placement.num_parts() {
@@ -913,23 +1432,25 @@ impl<B: Backend> Pipeline<B> {
                 })?;
             let (s, c) = (s as usize, c as usize);
             if let Some(buf) = x.take() {
-                x = Some(self.transport.relay(at, s, buf)?);
+                x = Some(rep.transport.relay(at, s, buf)?);
             }
             at = s;
             let mb = mb(s);
-            for layer in &self.stages[s].parts[c].layers {
-                x = step(layer.as_ref(), &self.backends[s], x, mb)?;
+            for layer in &rep.stages[s].parts[c].layers {
+                x = step(layer.as_ref(), &rep.backends[s], x, mb)?;
             }
         }
         Ok((x, at))
     }
 
-    /// Mean token loss of `batch` without training (forward only, stage by stage).
+    /// Mean token loss of `batch` without training (forward only, stage by stage, on replica 0).
     pub fn eval_loss(&mut self, batch: &Batch) -> Result<f32> {
         self.check_whole()?;
-        let mbs = self.micro_batches(batch)?;
+        // Evaluation runs on one replica: every micro-batch of the whole batch there.
+        let m = self.schedule.microbatches as usize * self.replicas.len();
+        let mbs = self.eval_batches(batch, m)?;
         let mut total = 0.0f64;
-        (0..self.schedule.microbatches as usize).try_for_each(|i| {
+        (0..m).try_for_each(|i| {
             self.sequential(
                 |s| &mbs[s][i],
                 |layer, be, x, mb| {
@@ -943,6 +1464,13 @@ impl<B: Backend> Pipeline<B> {
             .map(drop)
         })?;
         Ok((total / (batch.batch * batch.seq) as f64) as f32)
+    }
+
+    /// `batch` as `m` micro-batches per stage of replica 0 (every shard's micro-batches, in order).
+    fn eval_batches(&self, batch: &Batch, m: usize) -> Result<Vec<Vec<MicroBatch<B>>>> {
+        // Checks the batch as a training step would.
+        drop(self.micro_batches(batch)?);
+        self.upload_micro_batches(batch, 0, 0, m, batch.batch / m)
     }
 
     /// Logits `(t, V)` for one sequence of `t` tokens (for sampling).
@@ -963,7 +1491,7 @@ impl<B: Backend> Pipeline<B> {
         }
         // The tokens go only to the stage holding the embedding.
         let first = self.schedule.placement.owner(0).expect("part 0 exists").0 as usize;
-        let mbs: Vec<MicroBatch<B>> = self
+        let mbs: Vec<MicroBatch<B>> = self.replicas[0]
             .backends
             .iter()
             .enumerate()
@@ -983,68 +1511,28 @@ impl<B: Backend> Pipeline<B> {
             .collect::<Result<_>>()?;
         let (x, at) = self.sequential(|s| &mbs[s], |layer, be, x, mb| layer.infer(be, x, mb).map(Some))?;
         let logits = x.ok_or_else(|| EngineError::Model("the last unit produced no logits".into()))?;
-        self.backends[at].download(&logits)
+        self.replicas[0].backends[at].download(&logits)
     }
 
     /// Every parameter on the host, by global name (the tied LM head appears as
-    /// `lm_head.weight` beside `wte`).
+    /// `lm_head.weight` beside `wte`). Replica 0's (every replica holds the same).
     pub fn parameters(&self) -> Result<TensorMap> {
         self.check_whole()?;
-        self.collect(|p| &p.value)
+        self.collect(|p| &p.value, false)
     }
 
-    /// Every parameter's global name and shape, in pipeline order (stage, chunk, layer), tied copies included.
-    pub fn parameter_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+    /// Replica `r`'s parameters on the host, by global name.
+    pub fn replica_parameters(&self, r: usize) -> Result<TensorMap> {
         self.check_whole()?;
-        let mut parts: Vec<&Part<B>> = self.stages.iter().flat_map(|s| &s.parts).collect();
-        parts.sort_by_key(|p| p.index);
-        Ok(parts
-            .iter()
-            .flat_map(|part| &part.layers)
-            .flat_map(|layer| layer.params())
-            .map(|p| (p.name.clone(), p.shape.clone()))
-            .collect())
-    }
-
-    /// AdamW moments by global name: `(m, v)`.
-    pub fn optimizer_state(&self) -> Result<(TensorMap, TensorMap)> {
-        self.check_whole()?;
-        Ok((self.collect(|p| &p.m)?, self.collect(|p| &p.v)?))
-    }
-
-    /// Stage `stage`'s tensors by global name: `(values, adam m, adam v)`; the tied LM head is
-    /// included as `lm_head.weight` where the stage holds it.
-    pub fn stage_tensors(&self, stage: usize) -> Result<(TensorMap, TensorMap, TensorMap)> {
-        self.check_whole()?;
-        let be = self.backends.get(stage).ok_or_else(|| {
+        let rep = self.replicas.get(r).ok_or_else(|| {
             EngineError::config(
-                "stage",
-                stage,
-                format!("the pipeline has {} stages", self.backends.len()),
+                "replica",
+                r,
+                format!("the pipeline has {} replicas", self.replicas.len()),
             )
         })?;
-        let mut maps = (TensorMap::new(), TensorMap::new(), TensorMap::new());
-        for part in &self.stages[stage].parts {
-            for layer in &part.layers {
-                for p in layer.params() {
-                    let t = |b: &B::Buf| -> Result<HostTensor> {
-                        Ok(HostTensor {
-                            shape: p.shape.clone(),
-                            data: be.download(b)?,
-                        })
-                    };
-                    maps.0.insert(p.name.clone(), t(&p.value)?);
-                    maps.1.insert(p.name.clone(), t(&p.m)?);
-                    maps.2.insert(p.name.clone(), t(&p.v)?);
-                }
-            }
-        }
-        Ok(maps)
-    }
-
-    fn collect(&self, pick: impl Fn(&Param<B>) -> &B::Buf) -> Result<TensorMap> {
         let mut out = BTreeMap::new();
-        for (stage, be) in self.stages.iter().zip(self.backends.iter()) {
+        for (stage, be) in rep.stages.iter().zip(rep.backends.iter()) {
             for part in &stage.parts {
                 for layer in &part.layers {
                     for p in layer.params() {
@@ -1052,7 +1540,7 @@ impl<B: Backend> Pipeline<B> {
                             p.name.clone(),
                             HostTensor {
                                 shape: p.shape.clone(),
-                                data: be.download(pick(p))?,
+                                data: be.download(&p.value)?,
                             },
                         );
                     }
@@ -1062,9 +1550,107 @@ impl<B: Backend> Pipeline<B> {
         Ok(out)
     }
 
-    /// Loads parameters (and optionally AdamW moments) by global name, checking that every
-    /// parameter is present with its shape before changing anything. The tied LM head is
-    /// loaded from `wte` when `lm_head.weight` is absent.
+    /// Every parameter's global name and shape, in pipeline order (stage, chunk, layer), tied copies included.
+    pub fn parameter_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        self.check_whole()?;
+        let mut parts: Vec<&Part<B>> = self.replicas[0].stages.iter().flat_map(|s| &s.parts).collect();
+        parts.sort_by_key(|p| p.index);
+        Ok(parts
+            .iter()
+            .flat_map(|part| &part.layers)
+            .flat_map(|layer| layer.params())
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect())
+    }
+
+    /// AdamW moments by global name: `(m, v)` (under ZeRO-1 gathered from their owners).
+    pub fn optimizer_state(&self) -> Result<(TensorMap, TensorMap)> {
+        self.check_whole()?;
+        Ok((self.collect(|p| &p.m, true)?, self.collect(|p| &p.v, true)?))
+    }
+
+    /// Stage `stage`'s tensors by global name: `(values, adam m, adam v)` (under ZeRO-1 the moments from their
+    /// owners); the tied LM head is included as `lm_head.weight` where the stage holds it.
+    pub fn stage_tensors(&self, stage: usize) -> Result<(TensorMap, TensorMap, TensorMap)> {
+        self.check_whole()?;
+        if stage >= self.num_stages() {
+            return Err(EngineError::config(
+                "stage",
+                stage,
+                format!("the pipeline has {} stages", self.num_stages()),
+            ));
+        }
+        let mut maps = (TensorMap::new(), TensorMap::new(), TensorMap::new());
+        self.visit(stage, true, |p, be, kind| {
+            let t = HostTensor {
+                shape: p.shape.clone(),
+                data: be.download(match kind {
+                    0 => &p.value,
+                    1 => &p.m,
+                    _ => &p.v,
+                })?,
+            };
+            match kind {
+                0 => maps.0.insert(p.name.clone(), t),
+                1 => maps.1.insert(p.name.clone(), t),
+                _ => maps.2.insert(p.name.clone(), t),
+            };
+            Ok(())
+        })?;
+        Ok(maps)
+    }
+
+    /// Calls `f(param, backend, kind)` for every parameter of `stage`: kind 0 the value (replica 0's), 1 and 2 the
+    /// moments (from the owning replica when `moments_from_owner` and ZeRO-1 shards them, else replica 0's).
+    fn visit(
+        &self,
+        stage: usize,
+        moments_from_owner: bool,
+        mut f: impl FnMut(&Param<B>, &B, u8) -> Result<()>,
+    ) -> Result<()> {
+        let zero = self.dp.zero && self.replicas.len() > 1;
+        let rep0 = &self.replicas[0];
+        for (c, part) in rep0.stages[stage].parts.iter().enumerate() {
+            for (l, layer) in part.layers.iter().enumerate() {
+                for (pi, p) in layer.params().iter().enumerate() {
+                    f(p, &rep0.backends[stage], 0)?;
+                    let r = if zero && moments_from_owner {
+                        self.owners[stage].get(&(c, l, pi)).copied().unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    let rep = &self.replicas[r];
+                    let owned = &rep.stages[stage].parts[c].layers[l].params()[pi];
+                    f(owned, &rep.backends[stage], 1)?;
+                    f(owned, &rep.backends[stage], 2)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn collect(&self, pick: impl Fn(&Param<B>) -> &B::Buf, from_owner: bool) -> Result<TensorMap> {
+        let mut out = BTreeMap::new();
+        for s in 0..self.num_stages() {
+            self.visit(s, from_owner, |p, be, kind| {
+                if kind == u8::from(from_owner) {
+                    out.insert(
+                        p.name.clone(),
+                        HostTensor {
+                            shape: p.shape.clone(),
+                            data: be.download(pick(p))?,
+                        },
+                    );
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Loads parameters (and optionally AdamW moments) by global name into every replica, checking that every
+    /// parameter is present with its shape before changing anything (under ZeRO-1 the moments go to each tensor's
+    /// owner only). The tied LM head is loaded from `wte` when `lm_head.weight` is absent.
     pub fn load(&mut self, values: &TensorMap, moments: Option<(&TensorMap, &TensorMap)>) -> Result<()> {
         self.check_whole()?;
         let primaries = &self.primaries;
@@ -1086,7 +1672,7 @@ impl<B: Backend> Pipeline<B> {
             Ok(())
         };
         // Check everything first: nothing changes unless all of it fits.
-        for stage in &self.stages {
+        for stage in &self.replicas[0].stages {
             for part in &stage.parts {
                 for layer in &part.layers {
                     for p in layer.params() {
@@ -1099,16 +1685,21 @@ impl<B: Backend> Pipeline<B> {
                 }
             }
         }
-        for (stage, be) in self.stages.iter_mut().zip(self.backends.iter()) {
-            for part in &mut stage.parts {
-                for layer in &mut part.layers {
-                    for p in layer.params_mut() {
-                        let get = |map: &TensorMap| stored(primaries, map, &p.name).map(|h| h.data.clone());
-                        let value = get(values).expect("checked above");
-                        p.value = be.upload_param(&value)?;
-                        if let Some((m, v)) = moments {
-                            p.m = be.upload(&get(m).expect("checked above"))?;
-                            p.v = be.upload(&get(v).expect("checked above"))?;
+        let zero = self.dp.zero && self.replicas.len() > 1;
+        let Pipeline { replicas, owners, .. } = self;
+        for (r, rep) in replicas.iter_mut().enumerate() {
+            for (s, (stage, be)) in rep.stages.iter_mut().zip(rep.backends.iter()).enumerate() {
+                for (c, part) in stage.parts.iter_mut().enumerate() {
+                    for (l, layer) in part.layers.iter_mut().enumerate() {
+                        for (pi, p) in layer.params_mut().iter_mut().enumerate() {
+                            let get = |map: &TensorMap| stored(primaries, map, &p.name).map(|h| h.data.clone());
+                            let value = get(values).expect("checked above");
+                            p.value = be.upload_param(&value)?;
+                            let owns = !zero || owners[s].get(&(c, l, pi)) == Some(&r);
+                            if let (Some((m, v)), true) = (moments, owns) {
+                                p.m = be.upload(&get(m).expect("checked above"))?;
+                                p.v = be.upload(&get(v).expect("checked above"))?;
+                            }
                         }
                     }
                 }

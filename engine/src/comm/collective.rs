@@ -19,6 +19,18 @@ pub trait Collective<B: Backend>: Send + Sync {
     fn members(&self) -> usize;
     /// `x_i ← Σ_j x_j` for every member (same length everywhere), summed in member order.
     fn all_reduce(&self, bufs: &mut [Local<'_, &mut B::Buf>]) -> Result<()>;
+    /// `x_root ← Σ_j x_j` (summed in member order); the other members' buffers are left as they are or hold the sum
+    /// (implementations may do either; callers read only the root's). The default is [`Collective::all_reduce`].
+    fn reduce(&self, root: usize, bufs: &mut [Local<'_, &mut B::Buf>]) -> Result<()> {
+        if root >= self.members() {
+            return Err(EngineError::Comm {
+                seam: "collective",
+                stage: 0,
+                reason: format!("reduce to member {root} of a group of {}", self.members()),
+            });
+        }
+        self.all_reduce(bufs)
+    }
     /// `x_i ← x_root` for every member.
     fn broadcast(&self, root: usize, bufs: &mut [Local<'_, &mut B::Buf>]) -> Result<()>;
     /// Member `i` receives shard `i` of `Σ_j x_j` (summed in member order): the input of length `n·members` is
@@ -39,21 +51,76 @@ pub trait Collectives<B: Backend>: Send + Sync {
     fn group(&self, stages: &[usize]) -> Result<Box<dyn Collective<B>>>;
 }
 
-/// Groups of stages that all live in this process ([`LocalGroup`]).
+/// The backends of every worker of this process: `replicas[r][s]` runs stage `s` of replica `r`; worker
+/// `r·p + s` in group member lists.
+pub struct Workers<B: Backend> {
+    replicas: Arc<Vec<Arc<Vec<B>>>>,
+}
+
+impl<B: Backend> Clone for Workers<B> {
+    fn clone(&self) -> Self {
+        Workers {
+            replicas: Arc::clone(&self.replicas),
+        }
+    }
+}
+
+impl<B: Backend> Workers<B> {
+    /// The workers of `replicas` (each one backend per stage, all of the same length).
+    pub fn new(replicas: Vec<Arc<Vec<B>>>) -> Result<Self> {
+        let p = replicas.first().map_or(0, |r| r.len());
+        if p == 0 || replicas.iter().any(|r| r.len() != p) {
+            return Err(comm_err(
+                0,
+                "every replica needs the same, non-zero number of stages".into(),
+            ));
+        }
+        Ok(Workers {
+            replicas: Arc::new(replicas),
+        })
+    }
+
+    /// Workers in all.
+    pub fn len(&self) -> usize {
+        self.replicas.len() * self.replicas[0].len()
+    }
+
+    /// Never true (a worker set has at least one stage).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Worker `w`'s backend.
+    pub fn get(&self, w: usize) -> Option<&B> {
+        let p = self.replicas[0].len();
+        self.replicas.get(w / p).map(|r| &r[w % p])
+    }
+}
+
+/// Groups of workers that all live in this process ([`LocalGroup`]).
 pub struct LocalCollectives<B: Backend> {
-    backends: Arc<Vec<B>>,
+    workers: Workers<B>,
 }
 
 impl<B: Backend> LocalCollectives<B> {
-    /// Groups over `backends` (one per stage).
+    /// Groups over `backends` (one per stage: one replica).
     pub fn new(backends: Arc<Vec<B>>) -> Self {
-        LocalCollectives { backends }
+        LocalCollectives {
+            workers: Workers {
+                replicas: Arc::new(vec![backends]),
+            },
+        }
+    }
+
+    /// Groups over every worker of several replicas.
+    pub fn over(workers: Workers<B>) -> Self {
+        LocalCollectives { workers }
     }
 }
 
 impl<B: Backend> Collectives<B> for LocalCollectives<B> {
-    fn group(&self, stages: &[usize]) -> Result<Box<dyn Collective<B>>> {
-        Ok(Box::new(LocalGroup::new(Arc::clone(&self.backends), stages.to_vec())?))
+    fn group(&self, workers: &[usize]) -> Result<Box<dyn Collective<B>>> {
+        Ok(Box::new(LocalGroup::on(self.workers.clone(), workers.to_vec())?))
     }
 }
 
@@ -61,27 +128,41 @@ impl<B: Backend> Collectives<B> for LocalCollectives<B> {
 /// backend's copies between stages and its `add_assign`); `reduce_scatter` and `all_gather` go through host
 /// memory (correct and order-fixed; the data-parallel path will give them device versions).
 pub struct LocalGroup<B: Backend> {
-    backends: Arc<Vec<B>>,
+    workers: Workers<B>,
+    /// Member `i` lives on worker `stages[i]`.
     stages: Vec<usize>,
 }
 
 impl<B: Backend> LocalGroup<B> {
     /// A group whose member `i` lives on stage `stages[i]` of `backends`.
     pub fn new(backends: Arc<Vec<B>>, stages: Vec<usize>) -> Result<Self> {
-        if stages.is_empty() {
+        LocalGroup::on(
+            Workers {
+                replicas: Arc::new(vec![backends]),
+            },
+            stages,
+        )
+    }
+
+    /// A group whose member `i` lives on worker `workers[i]`.
+    pub fn on(all: Workers<B>, workers: Vec<usize>) -> Result<Self> {
+        if workers.is_empty() {
             return Err(comm_err(0, "a group needs at least one member".into()));
         }
-        if let Some(&s) = stages.iter().find(|&&s| s >= backends.len()) {
+        if let Some(&w) = workers.iter().find(|&&w| w >= all.len()) {
             return Err(comm_err(
-                s,
-                format!("a group member on stage {s}, but there are {} stages", backends.len()),
+                w,
+                format!("a group member on worker {w}, but there are {} workers", all.len()),
             ));
         }
-        Ok(LocalGroup { backends, stages })
+        Ok(LocalGroup {
+            workers: all,
+            stages: workers,
+        })
     }
 
     fn be(&self, member: usize) -> &B {
-        &self.backends[self.stages[member]]
+        self.workers.get(self.stages[member]).expect("checked in `on`")
     }
 
     /// Checks that `members` names each member exactly once and returns their positions in member order.
@@ -176,6 +257,29 @@ impl<B: Backend> Collective<B> for LocalGroup<B> {
             }
         }
         Ok(())
+    }
+
+    fn reduce(&self, root: usize, bufs: &mut [Local<'_, &mut B::Buf>]) -> Result<()> {
+        let order = self.order(bufs.iter().map(|(m, _)| *m))?;
+        let root_pos = *order
+            .get(root)
+            .ok_or_else(|| comm_err(0, format!("reduce to member {root} of a group of {}", order.len())))?;
+        let len = self.be(0).len(bufs[order[0]].1);
+        for (m, &pos) in order.iter().enumerate() {
+            self.check_len(m, self.be(m).len(bufs[pos].1), len, "the buffer")?;
+        }
+        // The sum in member order, ((x0 + x1) + x2) + …, built on the root's device whatever the root is: the
+        // bits are those of `all_reduce`.
+        let mut sum = self.copy_to(0, root, bufs[order[0]].1)?;
+        for (m, &pos) in order.iter().enumerate().skip(1) {
+            if m == root {
+                self.be(root).add_assign(&mut sum, bufs[pos].1)?;
+            } else {
+                let x = self.copy_to(m, root, bufs[pos].1)?;
+                self.be(root).add_assign(&mut sum, &x)?;
+            }
+        }
+        self.be(root).copy(bufs[root_pos].1, &sum)
     }
 
     fn broadcast(&self, root: usize, bufs: &mut [Local<'_, &mut B::Buf>]) -> Result<()> {
@@ -316,6 +420,26 @@ mod tests {
         assert!(g
             .reduce_scatter(&[(0, &odd), (1, &odd)], &mut [(0, &mut s0), (1, &mut s1)])
             .is_err());
+    }
+
+    #[test]
+    fn reduce_gives_the_root_the_all_reduce_bits() {
+        let g = group(vec![0, 1, 2]);
+        let be = Cpu;
+        let inputs = [[1e8f32, 0.5], [1.0, 0.25], [-1e8, 0.125]];
+        let mut want = inputs.iter().map(|x| be.upload(x).unwrap()).collect::<Vec<_>>();
+        let mut views: Vec<_> = want.iter_mut().enumerate().collect();
+        g.all_reduce(&mut views).unwrap();
+        let want = be.download(&want[0]).unwrap();
+        for root in 0..3 {
+            let mut bufs = inputs.iter().map(|x| be.upload(x).unwrap()).collect::<Vec<_>>();
+            let mut views: Vec<_> = bufs.iter_mut().enumerate().rev().collect();
+            g.reduce(root, &mut views).unwrap();
+            assert_eq!(be.download(&bufs[root]).unwrap(), want, "root {root}");
+        }
+        let mut bufs = inputs.iter().map(|x| be.upload(x).unwrap()).collect::<Vec<_>>();
+        let mut views: Vec<_> = bufs.iter_mut().enumerate().collect();
+        assert!(g.reduce(3, &mut views).is_err());
     }
 
     #[test]

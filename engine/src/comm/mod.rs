@@ -8,6 +8,6 @@
 mod collective;
 mod transport;
 
-pub use collective::{Collective, Collectives, LocalCollectives, LocalGroup};
+pub use collective::{Collective, Collectives, LocalCollectives, LocalGroup, Workers};
 pub(crate) use transport::clock_base;
 pub use transport::{Endpoint, Endpoints, LocalTransport, MessageKey, MessageKind, Transport};
