@@ -321,3 +321,179 @@ fn bad_arguments_exit_non_zero_with_one_line_or_clap_s_message() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
+
+fn schedule_args<'a>(kind: &'a str, p: &'a str, m: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["schedule", "--schedule", kind, "--stages", p, "--microbatches", m];
+    args.extend(extra);
+    args
+}
+
+/// The cell of the data-parallel table's row `name`, one per mode.
+fn dp_row(text: &str, name: &str) -> Vec<String> {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(name))
+        .unwrap_or_else(|| panic!("no `{name}` row in {text}"));
+    let cells = line.trim_start()[name.len()..].trim();
+    cells
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn data_parallel_text_adds_step_time_exposed_comm_and_bubble() {
+    // The default model's 3.34 MiB of fp32 gradients over 2 parts, 2 replicas, 1 Gbit/s, 5 us: each stage sends
+    // 1,750,528 bytes (2(D-1)/D = 1) in 14.004 ms plus 2 latencies. Stage 0 ends the pipeline at 10 ms, so with
+    // one bucket per part overlap hides nothing of it: 24.0142 ms either way.
+    let text = stdout(&baton(&schedule_args(
+        "1f1b",
+        "2",
+        "4",
+        &["--data-parallel", "2", "--link-gbps", "1"],
+    )));
+    assert!(text.starts_with("1f1b schedule: 2 stages"), "{text}");
+    assert!(text.contains("makespan 10.0000, bubble 20.00%"), "{text}");
+    assert!(
+        text.contains(
+            "data parallel: 2 replicas, link 1 Gbit/s and 5 us per message, buckets of 25 MiB; --costs in ms"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("3.34 MiB reduced, 3.34 MiB sent"), "{text}");
+    let header = text
+        .lines()
+        .find(|l| l.contains("overlap") && !l.contains(':'))
+        .unwrap();
+    assert!(
+        header.trim_start().starts_with("overlap") && header.trim_end().ends_with("after flush"),
+        "{header}"
+    );
+    assert_eq!(dp_row(&text, "step time"), ["24.0142 ms", "24.0142 ms"], "{text}");
+    assert_eq!(dp_row(&text, "compute makespan"), ["10.0000 ms", "10.0000 ms"]);
+    assert_eq!(dp_row(&text, "exposed comm"), ["14.0142 ms", "14.0142 ms"]);
+    assert_eq!(dp_row(&text, "bubble (compute)"), ["20.00%", "20.00%"]);
+    // Stage 1 finishes at 9 ms: with overlap its reduction starts there, after the flush at 10 ms.
+    assert!(
+        text.contains("stage 1: 1.67 MiB in 1 bucket(s), link busy 14.0142 ms; overlap 9.0000..23.0142 ms"),
+        "{text}"
+    );
+}
+
+#[test]
+fn data_parallel_matches_the_closed_form_and_overlap_helps_interleaved() {
+    // One stage, GPipe, 2 micro-batches of F = B = 1 ms: 4 ms of compute, then 1 MiB over 4 replicas at 8 Gbit/s
+    // (1e6 bytes/ms) without latency: 1.5 MiB on the wire, 1.572864 ms.
+    let text = stdout(&baton(&schedule_args(
+        "gpipe",
+        "1",
+        "2",
+        &[
+            "--data-parallel",
+            "4",
+            "--link-gbps",
+            "8",
+            "--link-latency-us",
+            "0",
+            "--grad-mib",
+            "1",
+            "--no-overlap",
+        ],
+    )));
+    assert_eq!(dp_row(&text, "step time"), ["5.5729 ms"], "{text}");
+    assert_eq!(dp_row(&text, "exposed comm"), ["1.5729 ms"], "{text}");
+    assert!(!text.contains("  overlap"), "--no-overlap shows the flush only: {text}");
+    // Interleaved: a stage's first chunk is final before its last backward, so its buckets leave early.
+    let text = stdout(&baton(&schedule_args(
+        "interleaved",
+        "2",
+        "4",
+        &[
+            "--data-parallel",
+            "4",
+            "--link-gbps",
+            "10",
+            "--grad-mib",
+            "20",
+            "--bucket-mib",
+            "4",
+        ],
+    )));
+    let ms = |cell: &str| cell.trim_end_matches(" ms").parse::<f64>().unwrap();
+    let step = dp_row(&text, "step time");
+    assert!(ms(&step[0]) < ms(&step[1]), "{text}");
+    assert!(text.contains("40.00 MiB in 10 bucket(s)"), "{text}");
+}
+
+#[test]
+fn data_parallel_json_holds_both_modes_and_one_replica_changes_nothing() {
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = schedule_args("zb-h1", "4", "8", &["--format", "json"]);
+        args.extend(extra);
+        serde_json::from_str(&stdout(&baton(&args))).unwrap()
+    };
+    let j = json(&["--data-parallel", "8", "--link-gbps", "25", "--grad-mib", "5,10,10,5"]);
+    let dp = &j["data_parallel"];
+    assert_eq!(dp["unit"], "ms");
+    assert_eq!(dp["replicas"], 8);
+    let (with, without) = (&dp["modes"]["overlap"], &dp["modes"]["after_flush"]);
+    assert_eq!(with["overlap"], true);
+    assert_eq!(without["overlap"], false);
+    assert_eq!(with["grad_bytes"], 30.0 * 1024.0 * 1024.0);
+    assert_eq!(with["stages"].as_array().unwrap().len(), 4);
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    assert!(f(&with["step_time"]) <= f(&without["step_time"]));
+    assert!(f(&with["exposed_comm"]) <= f(&without["exposed_comm"]));
+    assert_eq!(f(&with["compute_makespan"]), f(&j["sim"]["makespan"]));
+    // D = 1: no data-parallel section, and the same document and text as without the flags.
+    let plain = json(&[]);
+    assert!(plain.get("data_parallel").is_none());
+    assert_eq!(json(&["--data-parallel", "1", "--link-gbps", "1"]), plain);
+    let text = |extra: &[&str]| stdout(&baton(&schedule_args("1f1b", "4", "8", extra)));
+    assert_eq!(text(&["--data-parallel", "1", "--no-overlap"]), text(&[]));
+}
+
+#[test]
+fn bad_data_parallel_flags_are_one_line_usage_errors() {
+    let cases: [(&[&str], &str); 8] = [
+        (&["--data-parallel", "0"], "--data-parallel 0 must be in 1..="),
+        (
+            &["--data-parallel", "2", "--link-gbps", "0"],
+            "--link-gbps 0 must be finite and > 0",
+        ),
+        (
+            &["--data-parallel", "2", "--link-gbps", "-5"],
+            "--link-gbps -5 must be finite and > 0",
+        ),
+        (
+            &["--data-parallel", "2", "--link-latency-us", "-1"],
+            "--link-latency-us -1",
+        ),
+        (
+            &["--data-parallel", "2", "--bucket-mib", "0"],
+            "--bucket-mib 0 must be > 0",
+        ),
+        (
+            &["--data-parallel", "2", "--grad-mib", "1,x"],
+            "--grad-mib: value 2 = `x` is not a number",
+        ),
+        (
+            &["--data-parallel", "2", "--grad-mib", "1,2,3"],
+            "--grad-mib lists 3 values",
+        ),
+        (
+            &["--data-parallel", "2", "--format", "svg"],
+            "only applies to --format text or json",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let out = baton(&schedule_args("1f1b", "2", "4", extra));
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(out.stdout.is_empty(), "{extra:?}");
+    }
+}

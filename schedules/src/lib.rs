@@ -1,11 +1,12 @@
 //! Pipeline schedules for Baton: the IR, generators (GPipe, 1F1B, interleaved 1F1B, ZB-H1,
-//! ZB-V), a validator, a discrete-event simulator, PyTorch-compatible text formats (schedule
-//! interchange with PyTorch 2.15's `torch.distributed.pipelining`, both ways) and renderers.
-//! Pure Rust: no device, no threads.
+//! ZB-V), a validator, a discrete-event simulator (with the data-parallel gradient reduction),
+//! PyTorch-compatible text formats (schedule interchange with PyTorch 2.15's
+//! `torch.distributed.pipelining`, both ways) and renderers. Pure Rust: no device, no threads.
 
 #![warn(missing_docs)]
 
 mod buffers;
+mod data_parallel;
 mod error;
 mod generate;
 mod graph;
@@ -17,6 +18,10 @@ mod torch;
 mod validate;
 
 pub use buffers::peak_receive_buffers;
+pub use data_parallel::{
+    data_parallel_from_sim, simulate_data_parallel, DpCosts, DpReport, StageReduction, BUCKET_BYTES_DEFAULT,
+    REPLICAS_MAX,
+};
 pub use error::ScheduleError;
 pub use generate::{generate, gpipe, interleaved, one_f_one_b, zb_h1, zb_v};
 pub use ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBATCHES_MAX, STAGES_MAX};

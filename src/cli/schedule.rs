@@ -1,4 +1,7 @@
-//! `baton schedule`: generate or import a schedule, validate, simulate, and render it.
+//! `baton schedule`: generate or import a schedule, validate, simulate, and render it; with `--data-parallel D`,
+//! also predict the step with the gradients reduced across `D` replicas (`dp`).
+
+mod dp;
 
 use std::path::PathBuf;
 
@@ -30,7 +33,8 @@ pub struct ScheduleArgs {
     /// Model chunks per stage (default: 2 for interleaved and zb-v, else 1).
     #[arg(long, value_name = "V")]
     pub chunks: Option<u32>,
-    /// Cost model: forward, full backward, input-grad, weight-grad time per part, and per-hop latency.
+    /// Cost model: forward, full backward, input-grad, weight-grad time per part, and per-hop latency
+    /// (milliseconds with --data-parallel above 1, else time units).
     #[arg(long, value_name = "F,B,I,W,LAT", default_value = "1,1,0.5,0.5,0")]
     pub costs: String,
     /// Output format.
@@ -43,6 +47,9 @@ pub struct ScheduleArgs {
     /// Write to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Data parallelism: replicas, link, gradient bytes and buckets.
+    #[command(flatten)]
+    pub dp: dp::DpArgs,
 }
 
 /// Schedule family names on the command line.
@@ -116,15 +123,29 @@ pub fn run(args: &ScheduleArgs) -> Result<(), CliError> {
     if args.comms && args.format != Format::Csv {
         return Err(CliError::usage("--comms only applies to --format csv"));
     }
+    args.dp.check()?;
+    if args.dp.enabled() && matches!(args.format, Format::Csv | Format::Svg) {
+        return Err(CliError::usage(
+            "--data-parallel above 1 only applies to --format text or json",
+        ));
+    }
     let schedule = build_schedule(args)?;
     let costs = parse_costs(&args.costs, schedule.placement.num_parts())?;
     let sim = simulate(&schedule, &costs).map_err(|e| CliError::failure(e.to_string()))?;
+    let predictions = if args.dp.enabled() {
+        args.dp.predict(&schedule, &sim)?
+    } else {
+        Vec::new()
+    };
     let text = match args.format {
-        Format::Text => to_text(&schedule, &sim),
+        Format::Text => to_text(&schedule, &sim) + &args.dp.text(&predictions),
         Format::Svg => to_svg(&schedule, &sim),
         Format::Json => {
-            let mut s = serde_json::to_string_pretty(&to_json(&schedule, &sim))
-                .map_err(|e| CliError::failure(e.to_string()))?;
+            let mut doc = to_json(&schedule, &sim);
+            if let (false, Some(map)) = (predictions.is_empty(), doc.as_object_mut()) {
+                map.insert("data_parallel".into(), args.dp.json(&predictions)?);
+            }
+            let mut s = serde_json::to_string_pretty(&doc).map_err(|e| CliError::failure(e.to_string()))?;
             s.push('\n');
             s
         }
