@@ -224,11 +224,17 @@ pub(crate) struct ReadyPart<B: Backend> {
     /// Chunk of the stage.
     pub chunk: usize,
     /// Copies of the gradients.
-    pub grads: Vec<Vec<B::Buf>>,
+    pub grads: PartGrads<B>,
 }
 
 /// Every replica's gradients of one stage after reduction: `[replica][chunk][layer][param]`.
 pub(crate) type StageGrads<B> = Vec<Vec<Vec<Vec<<B as Backend>::Buf>>>>;
+
+/// One chunk's gradients, `[layer][param]`.
+type PartGrads<B> = Vec<Vec<<B as Backend>::Buf>>;
+
+/// What a reducer has received so far: `[replica][chunk]`.
+type Arrived<B> = Vec<Vec<Option<PartGrads<B>>>>;
 
 /// What a stage's reducer needs.
 pub(crate) struct Reducer<'a, B: Backend> {
@@ -258,16 +264,14 @@ impl<B: Backend> Reducer<'_, B> {
         abort: &AtomicBool,
         timeout: Duration,
     ) -> Result<(StageGrads<B>, Vec<CommSpan>)> {
-        let mut got: Vec<Vec<Option<Vec<Vec<B::Buf>>>>> = (0..self.replicas)
+        let mut got: Arrived<B> = (0..self.replicas)
             .map(|_| (0..self.chunks).map(|_| None).collect())
             .collect();
         let mut spans = Vec::with_capacity(self.buckets.len());
         let mut next = 0usize;
         let mut waited_since = Instant::now();
         while next < self.buckets.len() {
-            let ready = |got: &Vec<Vec<Option<Vec<Vec<B::Buf>>>>>, b: &Bucket| {
-                b.chunks.iter().all(|&c| got.iter().all(|r| r[c].is_some()))
-            };
+            let ready = |got: &Arrived<B>, b: &Bucket| b.chunks.iter().all(|&c| got.iter().all(|r| r[c].is_some()));
             if ready(&got, &self.buckets[next]) {
                 spans.push(self.reduce_bucket(next, &mut got)?);
                 next += 1;
@@ -318,7 +322,7 @@ impl<B: Backend> Reducer<'_, B> {
         Ok((grads, spans))
     }
 
-    fn reduce_bucket(&self, index: usize, got: &mut [Vec<Option<Vec<Vec<B::Buf>>>>]) -> Result<CommSpan> {
+    fn reduce_bucket(&self, index: usize, got: &mut Arrived<B>) -> Result<CommSpan> {
         let start_s = self.t0.elapsed().as_secs_f64();
         let bucket = &self.buckets[index];
         for &(c, l, pi) in &bucket.items {

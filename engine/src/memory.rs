@@ -51,6 +51,25 @@ impl MemoryEstimate {
         self
     }
 
+    /// The estimate of one replica's pipeline scaled to `d` data-parallel replicas in this process: parameters,
+    /// gradients, stashes, receive pools and scratch `d` times, plus one copy of each gradient per replica while
+    /// the overlapped reduction holds it; AdamW's moments `d` times, or once in all under ZeRO-1 (each tensor's
+    /// moments live on its owner only). Data, checkpoint snapshot and process base stay once.
+    pub fn replicated(mut self, d: u64, zero: bool, overlap: bool) -> Self {
+        if d <= 1 {
+            return self;
+        }
+        self.params_bytes *= d;
+        self.grads_bytes *= if overlap { 2 * d } else { d };
+        if !zero {
+            self.adam_bytes *= d;
+        }
+        self.stash_bytes.iter_mut().for_each(|b| *b *= d);
+        self.receive_bytes.iter_mut().for_each(|b| *b *= d);
+        self.scratch_bytes *= d;
+        self
+    }
+
     /// Everything together, bytes.
     pub fn total_bytes(&self) -> u64 {
         self.params_bytes

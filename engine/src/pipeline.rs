@@ -224,6 +224,8 @@ pub struct StepReport {
     pub copies: Vec<CopySpan>,
     /// Per replica, per stage: seconds spent computing actions (`busy_s` is replica 0's).
     pub replica_busy_s: Vec<Vec<f64>>,
+    /// Per replica: when its last action ended, seconds since the step began (its pipelined part).
+    pub replica_pipeline_s: Vec<f64>,
     /// Per stage: seconds its data-parallel group spent reducing gradients (0 with one replica).
     pub comm_s: Vec<f64>,
     /// Per stage: seconds of gradient reduction after the last replica's schedule ended (what overlap did not
@@ -713,6 +715,23 @@ impl<B: Backend> Pipeline<B> {
         self.step = step;
     }
 
+    /// Per part (pipeline order): the gradient bytes one replica puts into the data-parallel reduction.
+    pub fn grad_bytes_per_part(&self) -> Vec<usize> {
+        let mut out = vec![0usize; self.schedule.placement.num_parts() as usize];
+        let rep = &self.replicas[0];
+        for (stage, be) in rep.stages.iter().zip(rep.backends.iter()) {
+            for part in &stage.parts {
+                out[part.index as usize] += part
+                    .layers
+                    .iter()
+                    .flat_map(|l| l.params())
+                    .map(|p| be.bytes(&p.grad))
+                    .sum::<usize>();
+            }
+        }
+        out
+    }
+
     /// Per replica, per stage: bytes of AdamW moments it holds (halved per replica by ZeRO-1 with two replicas).
     pub fn optimizer_bytes(&self) -> Vec<Vec<usize>> {
         self.replicas
@@ -1131,6 +1150,15 @@ impl<B: Backend> Pipeline<B> {
                 .collect()
         };
         let replica_busy_s: Vec<Vec<f64>> = outcomes.iter().map(busy).collect();
+        let replica_pipeline_s: Vec<f64> = outcomes
+            .iter()
+            .map(|o| {
+                o.iter()
+                    .flat_map(|o| o.spans.last())
+                    .map(|s| s.end_s)
+                    .fold(0.0, f64::max)
+            })
+            .collect();
         let mut outcomes = outcomes.into_iter();
         let outcomes = outcomes.next().unwrap_or_default();
         let busy_s = replica_busy_s.first().cloned().unwrap_or_default();
@@ -1160,6 +1188,7 @@ impl<B: Backend> Pipeline<B> {
             copies: outcomes.iter().flat_map(|o| o.copies.iter().copied()).collect(),
             spans: outcomes.into_iter().map(|o| o.spans).collect(),
             replica_busy_s,
+            replica_pipeline_s,
             comm_s,
             exposed_comm_s,
             reduced_bytes,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use baton_schedules::{simulate, Costs, Op};
+use baton_schedules::{simulate, simulate_data_parallel, Costs, DpCosts, DpReport, Op};
 
 use crate::backend::Backend;
 use crate::checkpoint::{self, AsyncSaver, Checkpoint};
@@ -254,6 +254,18 @@ pub enum Warning {
         /// The others' mean busy share.
         others: f64,
     },
+    /// A data-parallel replica takes much longer than the others for its schedule: every replica waits for it at
+    /// the gradient reduction.
+    SlowReplica {
+        /// The step.
+        step: u64,
+        /// The replica.
+        replica: usize,
+        /// Its averaged schedule time, seconds.
+        seconds: f64,
+        /// The others' mean, seconds.
+        others: f64,
+    },
     /// A step's loss or gradient norm was not finite; the optimizer step was skipped.
     Skipped {
         /// The step that was skipped (1-based: the step it would have been).
@@ -327,6 +339,45 @@ pub struct RunSummary {
     /// True when the stop flag ([`Trainer::set_stop_flag`]) ended the run early (after a complete step, with a
     /// checkpoint when a directory is configured).
     pub interrupted: bool,
+}
+
+/// The simulator's data-parallel step for `report`'s layout: the measured action costs, the pipeline's gradient
+/// bytes per part, and a link whose bandwidth is the reduction's measured rate this step (wire bytes over
+/// reduction seconds); `None` with one replica or nothing measured. Its `step_time` is comparable with the
+/// measured schedule time plus exposed communication.
+pub fn predicted_data_parallel<B: Backend>(pipeline: &Pipeline<B>, report: &StepReport) -> Option<DpReport> {
+    let d = pipeline.num_replicas() as u32;
+    let comm_s: f64 = report.comm_s.iter().sum();
+    if d < 2 || comm_s <= 0.0 {
+        return None;
+    }
+    let costs = measured_costs(pipeline, report)?;
+    let dp = pipeline.data_parallel();
+    let wire = 2.0 * f64::from(d - 1) / f64::from(d) * report.reduced_bytes as f64;
+    let model = DpCosts {
+        replicas: d,
+        grad_bytes: pipeline.grad_bytes_per_part().iter().map(|&b| b as f64).collect(),
+        link_bytes_per_s: wire / comm_s,
+        link_latency_s: 0.0,
+        bucket_bytes: dp.bucket_bytes() as f64,
+        overlap: dp.overlap,
+    };
+    simulate_data_parallel(pipeline.schedule(), &costs, &model).ok()
+}
+
+/// Replicas whose schedule time is more than 25% above the mean of the others (the rest wait for them).
+pub fn slow_replicas(seconds: &[f64]) -> Vec<usize> {
+    let d = seconds.len();
+    if d < 2 {
+        return Vec::new();
+    }
+    let total: f64 = seconds.iter().sum();
+    (0..d)
+        .filter(|&r| {
+            let others = (total - seconds[r]) / (d - 1) as f64;
+            seconds[r] > 1.25 * others
+        })
+        .collect()
 }
 
 /// Stages whose busy share is 20% below the mean of the others (they wait on a straggler).
@@ -505,6 +556,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // Busy shares averaged over recent steps (one step's are noisy), and how many steps fed them.
         let mut busy_avg = vec![0.0f64; p];
         let mut busy_steps = 0u32;
+        let d = self.pipeline.num_replicas();
+        let mut replica_avg = vec![0.0f64; d];
+        let mut replica_warned_at: Vec<Option<u64>> = vec![None; d];
         let stop_requested = |flag: &Option<Arc<AtomicBool>>| flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         while self.pipeline.step() < stop {
             if stop_requested(&self.stop) {
@@ -610,8 +664,26 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     (1.0 - BUSY_AVG_WEIGHT) * *avg + BUSY_AVG_WEIGHT * b
                 };
             }
+            for (avg, t) in replica_avg.iter_mut().zip(&report.replica_pipeline_s) {
+                *avg = if busy_steps == 0 {
+                    *t
+                } else {
+                    (1.0 - BUSY_AVG_WEIGHT) * *avg + BUSY_AVG_WEIGHT * t
+                };
+            }
             busy_steps += 1;
             if busy_steps >= BUSY_AVG_STEPS {
+                for r in slow_replicas(&replica_avg) {
+                    if replica_warned_at[r].is_none_or(|at| step >= at + STRAGGLER_WARN_EVERY_STEPS) {
+                        replica_warned_at[r] = Some(step);
+                        observer.on_warning(&Warning::SlowReplica {
+                            step,
+                            replica: r,
+                            seconds: replica_avg[r],
+                            others: (replica_avg.iter().sum::<f64>() - replica_avg[r]) / (d - 1) as f64,
+                        });
+                    }
+                }
                 for s in lagging_stages(&busy_avg) {
                     if straggler_warned_at[s].is_none_or(|at| step >= at + STRAGGLER_WARN_EVERY_STEPS) {
                         straggler_warned_at[s] = Some(step);
@@ -727,4 +799,18 @@ fn restore<B: Backend>(pipeline: &mut Pipeline<B>, ck: &Checkpoint, data: &mut d
     pipeline.load(&ck.params, Some((&ck.adam_m, &ck.adam_v)))?;
     pipeline.set_step(ck.manifest.step);
     data.restore(ck.manifest.loader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_replica_or_a_starved_stage_is_named() {
+        assert_eq!(slow_replicas(&[0.10, 0.10, 0.20, 0.11]), vec![2]);
+        assert!(slow_replicas(&[0.10, 0.12, 0.11]).is_empty());
+        assert!(slow_replicas(&[0.5]).is_empty());
+        assert_eq!(lagging_stages(&[0.9, 0.5, 0.9]), vec![1]);
+        assert!(lagging_stages(&[0.9, 0.85]).is_empty());
+    }
 }

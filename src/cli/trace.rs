@@ -1,6 +1,7 @@
 //! Chrome / Perfetto trace (`trace.json`): one process per stage (named `stage N`) with a compute thread (one
-//! span per action), a copy thread (one span per activation or gradient it received) and the optimizer step;
-//! and a `trainer` process with the evaluation passes.
+//! span per action), a copy thread (one span per activation or gradient it received), a communication thread
+//! with data parallelism (one span per gradient bucket its replicas' group reduced) and the optimizer step; and a
+//! `trainer` process with the evaluation passes.
 
 use serde_json::{json, Value};
 
@@ -12,6 +13,8 @@ pub const COMPUTE_TID: usize = 0;
 pub const COPY_TID: usize = 1;
 /// Thread id of a stage's optimizer track.
 pub const OPTIMIZER_TID: usize = 2;
+/// Thread id of a stage's data-parallel communication track.
+pub const COMM_TID: usize = 3;
 /// Process id of the trainer's own track (evaluation): after every stage's.
 pub const TRAINER_PID: usize = 100_000;
 
@@ -56,6 +59,20 @@ impl Trace {
                 "ts": (offset_s + copy.start_s) * 1e6,
                 "dur": (copy.end_s - copy.start_s).max(0.0) * 1e6,
                 "args": {"step": step, "part": copy.part, "mb": copy.mb},
+            }));
+        }
+        for c in &report.comm {
+            let pid = c.stage as usize;
+            self.name(pid, COMM_TID, &format!("stage {pid}"), "gradient reduction");
+            self.events.push(json!({
+                "name": format!("bucket {}", c.bucket),
+                "cat": "comm",
+                "ph": "X",
+                "pid": pid,
+                "tid": COMM_TID,
+                "ts": (offset_s + c.start_s) * 1e6,
+                "dur": (c.end_s - c.start_s).max(0.0) * 1e6,
+                "args": {"step": step, "bytes": c.bytes},
             }));
         }
         let end_s = offset_s + report.elapsed_s;

@@ -7,7 +7,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::CliError;
-use crate::engine::{GptConfig, OptimizerConfig, PipelineConfig, StageSplit};
+use crate::engine::{DataParallel, GptConfig, OptimizerConfig, PipelineConfig, StageSplit};
 use crate::schedules::ScheduleKind;
 
 /// Default peak learning rate: with [`WARMUP_DEFAULT`] the default run's loss falls without a spike (3e-3 with 10
@@ -114,6 +114,15 @@ pub struct TrainConfig {
     pub copy_gbps: f64,
     /// CPU compute threads, shared by all stages (0: one per core). Results do not depend on it.
     pub threads: usize,
+    /// Data-parallel replicas of the pipeline; `batch` is the global batch, shared evenly among them, and
+    /// `microbatches` is per replica.
+    pub data_parallel: u32,
+    /// ZeRO stage: 0 (off) or 1 (AdamW moments sharded across the replicas of each stage).
+    pub zero: u32,
+    /// Reduce gradient buckets while the schedule still runs (false: after it).
+    pub overlap: bool,
+    /// Largest gradient bucket of the data-parallel reduction, MiB.
+    pub bucket_mib: f64,
 }
 
 impl Default for TrainConfig {
@@ -162,6 +171,10 @@ impl Default for TrainConfig {
             precision: "auto".into(),
             copy_gbps: 0.0,
             threads: 0,
+            data_parallel: 1,
+            zero: 0,
+            overlap: true,
+            bucket_mib: crate::engine::data_parallel::BUCKET_MIB_DEFAULT,
         }
     }
 }
@@ -299,6 +312,19 @@ pub struct TrainArgs {
     /// CPU compute threads shared by all stages (0: one per core); the results are the same for any number.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Data-parallel replicas of the pipeline (D × stages workers); --batch is the global batch, split evenly
+    /// among the replicas, --microbatches is per replica.
+    #[arg(long, value_name = "D")]
+    pub data_parallel: Option<u32>,
+    /// ZeRO stage: 1 shards the AdamW moments across the replicas of each stage (bitwise the same run).
+    #[arg(long, value_name = "0|1")]
+    pub zero: Option<u32>,
+    /// Reduce the replicas' gradients after the schedule instead of overlapping it (the same bits).
+    #[arg(long)]
+    pub no_overlap: bool,
+    /// Largest gradient bucket of the data-parallel reduction, MiB.
+    #[arg(long, value_name = "MIB")]
+    pub bucket_mib: Option<f64>,
 }
 
 impl TrainArgs {
@@ -366,6 +392,18 @@ impl TrainArgs {
         if let Some(n) = self.threads {
             c.threads = n;
         }
+        if let Some(d) = self.data_parallel {
+            c.data_parallel = d;
+        }
+        if let Some(z) = self.zero {
+            c.zero = z;
+        }
+        if let Some(b) = self.bucket_mib {
+            c.bucket_mib = b;
+        }
+        if self.no_overlap {
+            c.overlap = false;
+        }
         if self.out.is_some() {
             c.out = self.out.clone();
         }
@@ -428,6 +466,12 @@ pub fn pipeline_config(c: &TrainConfig, vocab_size: usize) -> Result<PipelineCon
     };
     p.recompute = c.recompute;
     p.seed = c.seed;
+    p.data_parallel = DataParallel {
+        replicas: c.data_parallel,
+        overlap: c.overlap,
+        bucket_mib: c.bucket_mib,
+        zero: c.zero == 1,
+    };
     Ok(p)
 }
 
@@ -439,11 +483,35 @@ pub fn check(c: &TrainConfig) -> Result<(), CliError> {
     if c.batch == 0 {
         return Err(CliError::usage("--batch must be >= 1"));
     }
-    if c.microbatches == 0 || c.batch % c.microbatches as usize != 0 {
+    if c.data_parallel == 0 {
+        return Err(CliError::usage("--data-parallel must be >= 1"));
+    }
+    if c.zero > 1 {
         return Err(CliError::usage(format!(
-            "--microbatches {} must divide --batch {} (each micro-batch holds batch / microbatches sequences)",
-            c.microbatches, c.batch
+            "--zero {}: only ZeRO stage 0 (off) and 1 (sharded AdamW moments) exist",
+            c.zero
         )));
+    }
+    if !(c.bucket_mib.is_finite() && c.bucket_mib > 0.0) {
+        return Err(CliError::usage(format!(
+            "--bucket-mib {} must be a positive number",
+            c.bucket_mib
+        )));
+    }
+    let d = c.data_parallel as usize;
+    if c.microbatches == 0 || c.batch % (c.microbatches as usize * d) != 0 {
+        return Err(CliError::usage(if d == 1 {
+            format!(
+                "--microbatches {} must divide --batch {} (each micro-batch holds batch / microbatches sequences)",
+                c.microbatches, c.batch
+            )
+        } else {
+            format!(
+                "--data-parallel {d} × --microbatches {} must divide --batch {} (the global batch: each replica \
+                 takes batch / {d} sequences in {} micro-batches)",
+                c.microbatches, c.batch, c.microbatches
+            )
+        }));
     }
     if !c.copy_gbps.is_finite() || c.copy_gbps < 0.0 {
         return Err(CliError::usage(format!(

@@ -66,12 +66,18 @@ fn schedule_from_file(path: &Path, c: &TrainConfig, args: &TrainArgs) -> Result<
             schedule.stages()
         )));
     }
-    let m = schedule.microbatches as usize;
+    let m = schedule.microbatches as usize * c.data_parallel.max(1) as usize;
     if c.batch % m != 0 {
         return Err(CliError::usage(format!(
-            "--batch {}: the schedule in {} has {m} micro-batches, which must divide the batch",
+            "--batch {}: the schedule in {} has {} micro-batches{}, which must divide the batch",
             c.batch,
-            path.display()
+            path.display(),
+            schedule.microbatches,
+            if c.data_parallel > 1 {
+                format!(" per replica × {} replicas", c.data_parallel)
+            } else {
+                String::new()
+            }
         )));
     }
     Ok(schedule)
@@ -411,7 +417,8 @@ fn estimate(c: &TrainConfig, setup: &Setup, data_tokens: usize) -> Result<Memory
         .split
         .resolve::<Cpu>(&model, parts)
         .map_err(|e| CliError::usage(e.to_string()))?;
-    let mb_seqs = c.batch / setup.schedule.microbatches.max(1) as usize;
+    let d = c.data_parallel.max(1);
+    let mb_seqs = c.batch / (setup.schedule.microbatches.max(1) * d) as usize;
     Ok(memory::estimate_gpt2(
         &setup.pcfg.model,
         &setup.schedule,
@@ -420,7 +427,8 @@ fn estimate(c: &TrainConfig, setup: &Setup, data_tokens: usize) -> Result<Memory
         c.seq,
         c.recompute,
         data_tokens,
-    ))
+    )
+    .replicated(u64::from(d), c.zero == 1, c.overlap))
 }
 
 /// The memory a run may use: [`MEM_AVAILABLE_ENV`] if set, else what the machine says.
@@ -560,19 +568,52 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         ..setup
     };
     match device {
-        Device::Cpu => train_on(&c, setup, split, token_count, &out, fail_at, &|| {
-            Ok(vec![Cpu; c.stages as usize])
-        }),
+        Device::Cpu => {
+            let names = vec!["cpu".to_string(); (c.stages * c.data_parallel) as usize];
+            train_on(&c, setup, split, token_count, &out, fail_at, &names, &|| {
+                Ok(vec![Cpu; (c.stages * c.data_parallel) as usize])
+            })
+        }
         Device::Cuda(count) => {
             let make = || -> crate::engine::Result<Vec<Cuda>> {
-                // Stages round-robin over the GPUs; stages sharing a GPU get a stream each.
-                (0..c.stages as usize)
-                    .map(|s| Cuda::with_precision(s % count, precision))
+                // Workers (replica-major) round-robin over the GPUs; workers sharing a GPU get a stream each.
+                (0..(c.stages * c.data_parallel) as usize)
+                    .map(|w| Cuda::with_precision(w % count, precision))
                     .collect()
             };
-            train_on(&c, setup, split, token_count, &out, fail_at, &make)
+            let names: Vec<String> = (0..(c.stages * c.data_parallel) as usize)
+                .map(|w| format!("cuda:{}", w % count))
+                .collect();
+            train_on(&c, setup, split, token_count, &out, fail_at, &names, &make)
         }
     }
+}
+
+/// Which stage of which replica runs where, one line per replica (worker `r·p + s` on `devices[r·p + s]`).
+fn device_map(c: &TrainConfig, devices: &[String]) -> String {
+    let p = c.stages as usize;
+    let mut out =
+        format!(
+        "data parallel: {} replicas × {} stages, {} sequences per replica in {} micro-batches, gradients summed in \
+         replica order ({}{}, buckets of {} MiB){}",
+        c.data_parallel,
+        p,
+        c.batch / c.data_parallel as usize,
+        c.microbatches,
+        if c.overlap { "overlapped with the schedule" } else { "after the schedule" },
+        if c.zero == 1 { ", ZeRO-1" } else { "" },
+        c.bucket_mib,
+        "\ndevice map:"
+    );
+    for (r, workers) in devices.chunks(p.max(1)).enumerate() {
+        let stages: Vec<String> = workers
+            .iter()
+            .enumerate()
+            .map(|(s, d)| format!("stage {s} → {d}"))
+            .collect();
+        out.push_str(&format!("\n  replica {r}: {}", stages.join(", ")));
+    }
+    out
 }
 
 /// Where a run trains.
@@ -631,6 +672,7 @@ fn train_on<B: Backend>(
     token_count: usize,
     out: &Path,
     fail_at: Option<FailurePoint>,
+    devices: &[String],
     make: &dyn Fn() -> crate::engine::Result<Vec<B>>,
 ) -> Result<(), CliError> {
     let model = Arc::new(setup.pcfg.gpt2().map_err(engine_err)?);
@@ -639,6 +681,7 @@ fn train_on<B: Backend>(
             .schedule(setup.schedule.clone())
             .split(setup.pcfg.split.clone())
             .options(setup.pcfg.options())
+            .data_parallel(setup.pcfg.data_parallel.clone())
             .build(make()?)
     };
     let tcfg = TrainerConfig {
@@ -706,13 +749,16 @@ fn train_on<B: Backend>(
             .as_ref()
             .map_or(c.schedule.clone(), |p| format!("the schedule of {}", p.display())),
         c.microbatches,
-        c.batch / c.microbatches as usize,
+        c.batch / (c.microbatches * c.data_parallel) as usize,
         token_count,
         split.train().len(),
         split.val().len(),
         setup.tokenizer.name(),
         setup.resume.as_ref().map_or(String::new(), |ck| format!(", resuming {} at step {}", ck.dir.display(), ck.manifest.step))
     );
+    if c.data_parallel > 1 {
+        eprintln!("{}", device_map(c, devices));
+    }
     if c.trace {
         let first = trainer.pipeline().step() + 1;
         eprintln!(

@@ -176,6 +176,18 @@ impl trainer::Observer for CliObserver {
         if let Some(mfu) = e.mfu {
             line["mfu"] = serde_json::json!(mfu);
         }
+        // Bytes each replica put into the data-parallel reduction (0 with one replica).
+        line["comm_bytes"] = serde_json::json!(r.reduced_bytes);
+        if r.replica_busy_s.len() > 1 {
+            line["data_parallel"] = serde_json::json!({
+                "replicas": r.replica_busy_s.len(),
+                "comm_s": r.comm_s,
+                "exposed_comm_s": r.exposed_comm_s,
+                "buckets": r.comm.len(),
+                "replica_busy_s": r.replica_busy_s,
+                "replica_pipeline_s": r.replica_pipeline_s,
+            });
+        }
         if let Some(val) = e.val_loss {
             line["val_loss"] = serde_json::json!(val);
             self.last_val = Some(val);
@@ -278,6 +290,17 @@ impl trainer::Observer for CliObserver {
                 "warning: stage {stage} busy {:.0}% vs {:.0}% on the others (recent steps): a neighbour is straggling",
                 busy * 100.0,
                 others * 100.0
+            ),
+            Warning::SlowReplica {
+                replica,
+                seconds,
+                others,
+                ..
+            } => format!(
+                "warning: replica {replica} takes {:.1} ms per schedule vs {:.1} ms on the others (recent steps): \
+                 every replica waits for it at the gradient reduction",
+                seconds * 1e3,
+                others * 1e3
             ),
             Warning::Skipped { step, what, stage } => format!(
                 "step {step}: non-finite {what} (first seen on stage {}); optimizer step skipped",
@@ -496,11 +519,46 @@ pub(super) fn summary<B: Backend>(i: &SummaryInputs<'_, B>) {
         sim_step.map_or("-".into(), |t| format!("{:.1} ms", t * 1e3)),
         report.pipeline_s * 1e3
     );
+    if pipeline.num_replicas() > 1 {
+        let dp = pipeline.data_parallel();
+        let comm: f64 = report.comm_s.iter().sum();
+        let exposed = report.exposed_comm_s.iter().cloned().fold(0.0, f64::max);
+        let moments: Vec<String> = pipeline
+            .optimizer_bytes()
+            .iter()
+            .flatten()
+            .map(|&b| memory::human_bytes(b as u64))
+            .collect();
+        eprintln!(
+            "  data parallel: {} replicas, {} reduced per replica per step in {} buckets, {:.1} ms of reduction \
+             ({:.1} ms exposed after the schedule, {}); AdamW moments per worker{}: {}",
+            pipeline.num_replicas(),
+            memory::human_bytes(report.reduced_bytes as u64),
+            report.comm.len(),
+            comm * 1e3,
+            exposed * 1e3,
+            if dp.overlap { "overlapped" } else { "not overlapped" },
+            if dp.zero { " (ZeRO-1)" } else { "" },
+            moments.join(", ")
+        );
+        if let Some(sim) = trainer::predicted_data_parallel(pipeline, report) {
+            eprintln!(
+                "  data parallel, simulated from the measured costs and reduction rate: step {:.1} ms (schedule \
+                 {:.1} ms + {:.1} ms exposed) vs measured {:.1} ms + {:.1} ms",
+                sim.step_time * 1e3,
+                sim.compute_makespan * 1e3,
+                sim.exposed_comm * 1e3,
+                report.pipeline_s * 1e3,
+                exposed * 1e3
+            );
+        }
+    }
     // What the same schedule would do with one stage per device (transfers as free as here).
     if let Some(costs) = trainer::measured_costs(pipeline, report) {
         let units = crate::engine::predict::unit_costs(i.model, i.c.seq, pipeline.ranges(), &costs);
         let elem = pipeline.backends().first().map_or(4, Backend::activation_elem_bytes);
-        let act_bytes = (report.tokens / schedule.microbatches as usize * i.model.d_model * elem) as f64;
+        let per_mb = report.tokens / (schedule.microbatches as usize * pipeline.num_replicas());
+        let act_bytes = (per_mb * i.model.d_model * elem) as f64;
         if let Ok(preds) = crate::engine::predict::predict(
             i.model,
             &units,
