@@ -3,10 +3,10 @@
 # kernel and transport benches, then GPT-2 124M end to end (bf16, p = 1, 2, 4 stages of 1F1B on the one GPU),
 # printing LAST a table (kernel, shape, time, GB/s or TFLOP/s, % of the measured ceiling) and one line per stage
 # count (tokens/s, MFU, measured vs simulated bubble). Full logs go under $OUT (default ./gpu-check-out).
-# Expected runtime on an H200, about 8.5 minutes: parity suites + engine test ~2.5 min, kernel bench ~2.5 min,
-# transport bench ~0.5 min, end to end ~1.5 min (3 runs of 6 steps at 64×1024 tokens; start-up included), the
-# PyTorch reference ~1.5 min (torch.compile included; skipped when the budget is short). Run it with a 600 s limit.
-# The per-step timeouts bound a hung step, not the expected time.
+# Expected runtime on an H200, about 8.5 minutes: parity suites + engine test + NCCL collectives ~2.5 min, kernel
+# bench ~2.5 min, transport bench ~0.5 min, end to end ~1.5 min (3 runs of 6 steps at 64×1024 tokens; start-up
+# included), the PyTorch reference ~1.5 min (torch.compile included; skipped when the budget is short). Run it with
+# a 600 s limit. The per-step timeouts bound a hung step, not the expected time.
 #
 #   scripts/gpu-check.sh build   # on a machine with cargo (e.g. the dev machine): release-build the three test /
 #                                # bench executables into target/gpu-bin (carry that folder to the GPU machine)
@@ -40,8 +40,11 @@ if [[ "${1:-}" == "build" ]]; then
   build_one gpu_parity_attention test --release -p baton-kernels --test gpu_parity_attention
   build_one gpu_parity_gemm test --release -p baton-kernels --test gpu_parity_gemm
   build_one cuda_backend test --release -p baton-engine --test cuda_backend
+  # The engine's unit tests: the GPU ones among them (`comm::nccl::` — NCCL collectives against LocalGroup) are ignored
+  # without a device.
+  build_one engine_lib test --release -p baton-engine --lib
   # The backend-generic suites (written once; `cuda::*` are their CUDA instances).
-  for suite in equivalence faults faults_matrix checkpoint; do
+  for suite in equivalence faults faults_matrix checkpoint data_parallel; do
     build_one "suite_$suite" test --release -p baton-engine --test "$suite"
   done
   build_one kernels_bench bench -p baton --bench kernels
@@ -81,6 +84,18 @@ done
 for d in "${LIBDIRS[@]}"; do
   case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
 done
+# cudarc opens libnccl.so (or libnccl.so.13), never libnccl.so.2, the only name PyPI's nvidia-nccl-cu13 ships: give
+# it a folder with a `libnccl.so -> libnccl.so.2` link (engine/src/comm/nccl.rs says the same when NCCL fails to load).
+if ! echo "$FOUND_ALL" | grep -q -e '/libnccl\.so$' -e '/libnccl\.so\.13$' &&
+  ! ldconfig -p 2>/dev/null | grep -q -e 'libnccl\.so ' -e 'libnccl\.so\.13 '; then
+  nccl2=$(echo "$FOUND_ALL" | grep -m1 -e 'cu13.*/libnccl\.so\.2$' || echo "$FOUND_ALL" | grep -m1 '/libnccl\.so\.2$' || true)
+  if [[ -n "$nccl2" ]]; then
+    NCCL_LINK_DIR="${TMPDIR:-/tmp}/baton-nccl-lib"
+    mkdir -p "$NCCL_LINK_DIR" && ln -sf "$nccl2" "$NCCL_LINK_DIR/libnccl.so"
+    export LD_LIBRARY_PATH="$NCCL_LINK_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "libnccl.so -> $nccl2 (link in $NCCL_LINK_DIR)"
+  fi
+fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 if [[ -z "${BATON_CUDA_INCLUDE:-}" ]]; then
   hdr=$(echo "$FOUND_ALL" | grep '/cuda_bf16\.h$' | grep -m1 -e cu13 -e 'cuda-13' -e '/usr/local/cuda/' || true)
@@ -123,16 +138,23 @@ run_step() {
     STATUS=1
     LAST_RC=1
   fi
-  grep -E "rel err|^test |test result|seed|step [0-9]|determinism|bitwise|panicked|FAILED|failed" "$OUT/$name.log" | tail -120 || true
+  grep -E "rel err|^test |test result|seed|step [0-9]|determinism|bitwise|panicked|FAILED|failed|SKIPPED|^NCCL" "$OUT/$name.log" | tail -120 || true
 }
 run_step parity 150 "$BIN/gpu_parity" --ignored --test-threads 1 --nocapture
 run_step parity_attention 60 "$BIN/gpu_parity_attention" --ignored --test-threads 1 --nocapture
 run_step parity_gemm 60 "$BIN/gpu_parity_gemm" --ignored --test-threads 1 --nocapture
 run_step engine 150 "$BIN/cuda_backend" --ignored --test-threads 1 --nocapture
+# NCCL collectives (engine/src/comm/nccl.rs): bitwise equal to LocalGroup on 1 GPU (one rank); the multi-GPU
+# layouts print SKIPPED with fewer than 2 GPUs.
+if [[ -x "$BIN/engine_lib" ]]; then
+  run_step nccl 60 "$BIN/engine_lib" --ignored comm::nccl:: --test-threads 1 --nocapture
+else
+  echo "engine_lib: not built (scripts/gpu-check.sh build): NCCL collectives not checked"
+fi
 # The equivalence, fault and checkpoint suites on CUDA: the same test code CI runs on the CPU.
 run_suites() {
   local rc=0 suite
-  for suite in equivalence faults faults_matrix checkpoint; do
+  for suite in equivalence faults faults_matrix checkpoint data_parallel; do
     if [[ -x "$BIN/suite_$suite" ]]; then
       "$BIN/suite_$suite" --ignored cuda:: --test-threads 1 || rc=1
     else

@@ -301,8 +301,17 @@ pub struct PipelineBuilder<B: Backend> {
     split: StageSplit,
     options: TrainOptions,
     transport: Option<Arc<dyn Transport<B>>>,
-    collectives: Option<Arc<dyn Collectives<B>>>,
+    collectives: Option<CollectivesFor<B>>,
     data_parallel: DataParallel,
+}
+
+/// Makes the collectives for the workers a pipeline is built on (e.g. NCCL communicators over its GPUs).
+pub type MakeCollectives<B> = Box<dyn FnOnce(&Workers<B>) -> Result<Arc<dyn Collectives<B>>>>;
+
+/// The collectives a builder was given: made already, or made once the workers exist.
+enum CollectivesFor<B: Backend> {
+    Given(Arc<dyn Collectives<B>>),
+    Make(MakeCollectives<B>),
 }
 
 impl<B: Backend> PipelineBuilder<B> {
@@ -342,7 +351,17 @@ impl<B: Backend> PipelineBuilder<B> {
     /// Makes the groups the optimizer phase reduces over (default: [`LocalCollectives`] over every backend). Group
     /// members are named by worker: `replica·p + stage`.
     pub fn collectives(mut self, collectives: Arc<dyn Collectives<B>>) -> Self {
-        self.collectives = Some(collectives);
+        self.collectives = Some(CollectivesFor::Given(collectives));
+        self
+    }
+
+    /// Makes the collectives from the workers once `build` has them (every replica's backends): for
+    /// implementations that need the devices up front, such as NCCL communicators created in a fixed order.
+    pub fn collectives_for(
+        mut self,
+        make: impl FnOnce(&Workers<B>) -> Result<Arc<dyn Collectives<B>>> + 'static,
+    ) -> Self {
+        self.collectives = Some(CollectivesFor::Make(Box::new(make)));
         self
     }
 
@@ -404,7 +423,7 @@ impl<B: Backend> Pipeline<B> {
         options: TrainOptions,
         backends: Vec<B>,
         transport: Option<Arc<dyn Transport<B>>>,
-        collectives: Option<Arc<dyn Collectives<B>>>,
+        collectives: Option<CollectivesFor<B>>,
         dp: DataParallel,
     ) -> Result<Self> {
         options.validate()?;
@@ -488,11 +507,11 @@ impl<B: Backend> Pipeline<B> {
                 stages,
             });
         }
-        let collectives = match collectives {
-            Some(c) => c,
-            None => Arc::new(LocalCollectives::over(Workers::new(
-                replicas.iter().map(|r| Arc::clone(&r.backends)).collect(),
-            )?)),
+        let workers = Workers::new(replicas.iter().map(|r| Arc::clone(&r.backends)).collect())?;
+        let collectives: Arc<dyn Collectives<B>> = match collectives {
+            Some(CollectivesFor::Given(c)) => c,
+            Some(CollectivesFor::Make(make)) => make(&workers)?,
+            None => Arc::new(LocalCollectives::over(workers)),
         };
         let world = collectives.group(&(0..p * d).collect::<Vec<_>>())?;
         let dp_groups = if d > 1 {

@@ -6,8 +6,12 @@
 //! move on the CPU, CUDA peer copies on the receiver's copy stream).
 
 mod collective;
+mod nccl;
 mod transport;
 
 pub use collective::{Collective, Collectives, LocalCollectives, LocalGroup, Workers};
+pub use nccl::{
+    assign_ranks, nccl_available, nccl_missing_message, nccl_version, shard_ranges, NcclCollectives, NcclGroup,
+};
 pub(crate) use transport::clock_base;
 pub use transport::{Endpoint, Endpoints, LocalTransport, MessageKey, MessageKind, Transport};

@@ -570,7 +570,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     match device {
         Device::Cpu => {
             let names = vec!["cpu".to_string(); (c.stages * c.data_parallel) as usize];
-            train_on(&c, setup, split, token_count, &out, fail_at, &names, &|| {
+            train_on(&c, setup, split, token_count, &out, fail_at, &names, None, &|| {
                 Ok(vec![Cpu; (c.stages * c.data_parallel) as usize])
             })
         }
@@ -584,7 +584,28 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
             let names: Vec<String> = (0..(c.stages * c.data_parallel) as usize)
                 .map(|w| format!("cuda:{}", w % count))
                 .collect();
-            train_on(&c, setup, split, token_count, &out, fail_at, &names, &make)
+            // Replicas spread over several GPUs reduce through NCCL (communicators created once, in worker order;
+            // the sums still taken in replica order); on one GPU the device copies of the local groups do.
+            let wanted = c.data_parallel > 1 && count > 1;
+            let nccl = wanted
+                && match crate::engine::comm::nccl_available() {
+                    Ok(()) => true,
+                    Err(why) => {
+                        eprintln!("warning: {why}; the replicas reduce through device copies instead of NCCL");
+                        false
+                    }
+                };
+            let collectives: Option<MakeCollectivesFn<Cuda>> = nccl.then(|| {
+                let f: MakeCollectivesFn<Cuda> = || {
+                    Box::new(|w: &crate::engine::comm::Workers<Cuda>| {
+                        let c: Arc<dyn crate::engine::Collectives<Cuda>> =
+                            Arc::new(crate::engine::comm::NcclCollectives::over(w.clone())?);
+                        Ok(c)
+                    })
+                };
+                f
+            });
+            train_on(&c, setup, split, token_count, &out, fail_at, &names, collectives, &make)
         }
     }
 }
@@ -615,6 +636,9 @@ fn device_map(c: &TrainConfig, devices: &[String]) -> String {
     }
     out
 }
+
+/// Makes a fresh collectives factory for every pipeline the trainer builds (it rebuilds one after a failure).
+type MakeCollectivesFn<B> = fn() -> crate::engine::pipeline::MakeCollectives<B>;
 
 /// Where a run trains.
 enum Device {
@@ -673,16 +697,21 @@ fn train_on<B: Backend>(
     out: &Path,
     fail_at: Option<FailurePoint>,
     devices: &[String],
+    collectives: Option<MakeCollectivesFn<B>>,
     make: &dyn Fn() -> crate::engine::Result<Vec<B>>,
 ) -> Result<(), CliError> {
     let model = Arc::new(setup.pcfg.gpt2().map_err(engine_err)?);
     let build = || {
-        Pipeline::builder(model.clone())
+        let builder = Pipeline::builder(model.clone())
             .schedule(setup.schedule.clone())
             .split(setup.pcfg.split.clone())
             .options(setup.pcfg.options())
-            .data_parallel(setup.pcfg.data_parallel.clone())
-            .build(make()?)
+            .data_parallel(setup.pcfg.data_parallel.clone());
+        match collectives {
+            Some(make_collectives) => builder.collectives_for(make_collectives()),
+            None => builder,
+        }
+        .build(make()?)
     };
     let tcfg = TrainerConfig {
         steps: c.steps,
