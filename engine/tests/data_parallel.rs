@@ -25,7 +25,8 @@ on_every_backend!(
     bits_depend_only_on_batch_microbatch_size_and_replicas,
     replicas_match_the_single_replica_over_all_micro_batches,
     zero1_is_bitwise_the_unsharded_run,
-    a_failing_replica_fails_the_step_and_changes_nothing
+    a_failing_replica_fails_the_step_and_changes_nothing,
+    overlap_reduces_a_stage_while_others_still_compute
 );
 
 const STEPS: usize = 3;
@@ -286,4 +287,44 @@ fn a_failing_replica_fails_the_step_and_changes_nothing(dev: &impl Device) {
     let odd = common::batches_with(1, 6, common::SEQ, common::VOCAB, 7);
     let err = pipe.train_step(&odd[0]).unwrap_err().to_string();
     assert!(err.contains("2 replicas × 2 micro-batches"), "{err}");
+}
+
+fn overlap_reduces_a_stage_while_others_still_compute(dev: &impl Device) {
+    // 1F1B on 2 stages: the last stage's last backward ends before the first stage's, so with overlap its buckets
+    // are reduced while stage 0 still runs its cool-down; without overlap every bucket waits for the schedule.
+    for overlap in [true, false] {
+        let mut cfg = config(
+            ScheduleKind::OneFOneB,
+            2,
+            4,
+            DataParallel {
+                overlap,
+                ..DataParallel::replicas(2)
+            },
+        );
+        // Stage 0 holds the embedding and all six blocks, stage 1 only the head: stage 0's last backward is
+        // long, stage 1's reduction short.
+        cfg.split = baton_engine::StageSplit::Ranges(vec![0..7, 7..8]);
+        let mut pipe = Pipeline::new(cfg, dev.stages(4)).unwrap();
+        let mut early = 0;
+        for batch in batches() {
+            let r = pipe.train_step(&batch).unwrap();
+            let schedule_end = r.replica_pipeline_s.iter().cloned().fold(0.0, f64::max);
+            let stage1 = r.comm.iter().filter(|c| c.stage == 1).map(|c| c.start_s).fold(f64::MAX, f64::min);
+            if overlap {
+                early += usize::from(stage1 < schedule_end);
+            } else {
+                assert!(
+                    r.comm.iter().all(|c| c.start_s >= schedule_end),
+                    "without overlap a bucket started before the schedule ended"
+                );
+            }
+            assert_eq!(r.comm.iter().filter(|c| c.stage == 0).count(), 1, "one 25 MiB bucket per stage");
+        }
+        if overlap {
+            // Stage 1's reduction starts a whole (long) stage-0 backward before the schedule ends; asked of one
+            // step in three so a loaded machine that delays a thread's wake-up cannot fail it.
+            assert!(early >= 1, "stage 1's reduction never overlapped stage 0's last backward");
+        }
+    }
 }
