@@ -310,7 +310,12 @@ fn overlap_reduces_a_stage_while_others_still_compute(dev: &impl Device) {
         for batch in batches() {
             let r = pipe.train_step(&batch).unwrap();
             let schedule_end = r.replica_pipeline_s.iter().cloned().fold(0.0, f64::max);
-            let stage1 = r.comm.iter().filter(|c| c.stage == 1).map(|c| c.start_s).fold(f64::MAX, f64::min);
+            let stage1 = r
+                .comm
+                .iter()
+                .filter(|c| c.stage == 1)
+                .map(|c| c.start_s)
+                .fold(f64::MAX, f64::min);
             if overlap {
                 early += usize::from(stage1 < schedule_end);
             } else {
@@ -319,12 +324,19 @@ fn overlap_reduces_a_stage_while_others_still_compute(dev: &impl Device) {
                     "without overlap a bucket started before the schedule ended"
                 );
             }
-            assert_eq!(r.comm.iter().filter(|c| c.stage == 0).count(), 1, "one 25 MiB bucket per stage");
+            assert_eq!(
+                r.comm.iter().filter(|c| c.stage == 0).count(),
+                1,
+                "one 25 MiB bucket per stage"
+            );
         }
         if overlap {
             // Stage 1's reduction starts a whole (long) stage-0 backward before the schedule ends; asked of one
             // step in three so a loaded machine that delays a thread's wake-up cannot fail it.
-            assert!(early >= 1, "stage 1's reduction never overlapped stage 0's last backward");
+            assert!(
+                early >= 1,
+                "stage 1's reduction never overlapped stage 0's last backward"
+            );
         }
     }
 }
