@@ -119,8 +119,8 @@ pub struct TrainConfig {
     pub data_parallel: u32,
     /// ZeRO stage: 0 (off) or 1 (AdamW moments sharded across the replicas of each stage).
     pub zero: u32,
-    /// Reduce gradient buckets while the schedule still runs (false: after it).
-    pub overlap: bool,
+    /// Reduce the replicas' gradients after the schedule instead of while it runs (the same bits).
+    pub no_overlap: bool,
     /// Largest gradient bucket of the data-parallel reduction, MiB.
     pub bucket_mib: f64,
 }
@@ -173,7 +173,7 @@ impl Default for TrainConfig {
             threads: 0,
             data_parallel: 1,
             zero: 0,
-            overlap: true,
+            no_overlap: false,
             bucket_mib: crate::engine::data_parallel::BUCKET_MIB_DEFAULT,
         }
     }
@@ -401,9 +401,7 @@ impl TrainArgs {
         if let Some(b) = self.bucket_mib {
             c.bucket_mib = b;
         }
-        if self.no_overlap {
-            c.overlap = false;
-        }
+        c.no_overlap |= self.no_overlap;
         if self.out.is_some() {
             c.out = self.out.clone();
         }
@@ -468,7 +466,7 @@ pub fn pipeline_config(c: &TrainConfig, vocab_size: usize) -> Result<PipelineCon
     p.seed = c.seed;
     p.data_parallel = DataParallel {
         replicas: c.data_parallel,
-        overlap: c.overlap,
+        overlap: !c.no_overlap,
         bucket_mib: c.bucket_mib,
         zero: c.zero == 1,
     };

@@ -428,7 +428,7 @@ fn estimate(c: &TrainConfig, setup: &Setup, data_tokens: usize) -> Result<Memory
         c.recompute,
         data_tokens,
     )
-    .replicated(u64::from(d), c.zero == 1, c.overlap))
+    .replicated(u64::from(d), c.zero == 1, !c.no_overlap))
 }
 
 /// The memory a run may use: [`MEM_AVAILABLE_ENV`] if set, else what the machine says.
@@ -621,7 +621,7 @@ fn device_map(c: &TrainConfig, devices: &[String]) -> String {
         p,
         c.batch / c.data_parallel as usize,
         c.microbatches,
-        if c.overlap { "overlapped with the schedule" } else { "after the schedule" },
+        if c.no_overlap { "after the schedule" } else { "overlapped with the schedule" },
         if c.zero == 1 { ", ZeRO-1" } else { "" },
         c.bucket_mib,
         "\ndevice map:"
