@@ -5,14 +5,14 @@
 //! interchange) and [`kernels`] (CPU reference ops and the CUDA kernels) — and hosts the `baton` CLI.
 //!
 //! Embedding it: a model (GPT-2 here; any [`engine::Model`] of your own), a schedule (generated, imported from a
-//! PyTorch CSV with [`schedules::schedule_from_csv`], or built by hand), one backend per stage, and the
-//! [`engine::Trainer`] loop with an [`engine::Observer`] that hears every step:
+//! PyTorch CSV with [`schedules::schedule_from_csv`], or built by hand), one backend per stage of each
+//! data-parallel replica, and the [`engine::Trainer`] loop with an [`engine::Observer`] that hears every step:
 //!
 //! ```
 //! use std::sync::Arc;
 //! use baton::engine::data::{default_corpus, Split, Tokenizer};
 //! use baton::engine::trainer::{EvalEvent, Observer};
-//! use baton::engine::{Cpu, Gpt2, GptConfig, Pipeline, SplitData, Trainer, TrainerConfig};
+//! use baton::engine::{Cpu, DataParallel, Gpt2, GptConfig, Pipeline, SplitData, Trainer, TrainerConfig};
 //! use baton::schedules::{generate, ScheduleKind};
 //!
 //! struct Print;
@@ -25,8 +25,9 @@
 //! let model = Arc::new(Gpt2::new(gpt, 1337)?);
 //! let build = || {
 //!     Pipeline::builder(model.clone())
-//!         .schedule(generate(ScheduleKind::ZbH1, 2, 4, 1)?) // 2 stages, 4 micro-batches
-//!         .build(vec![Cpu; 2])
+//!         .schedule(generate(ScheduleKind::ZbH1, 2, 2, 1)?) // 2 stages, 2 micro-batches per replica
+//!         .data_parallel(DataParallel::replicas(2)) // 2 replicas: 4 workers, batches of 8 split 4 + 4
+//!         .build(vec![Cpu; 4])
 //! };
 //! let config = TrainerConfig { steps: 4, eval_every: 2, eval_batches: 1, ..TrainerConfig::default() };
 //! let mut trainer = Trainer::new(config, build)?;
