@@ -86,8 +86,7 @@ impl DataParallel {
     }
 }
 
-/// A parameter inside one stage: (chunk, layer in the part, parameter in the layer).
-pub(crate) type Slot = (usize, usize, usize);
+pub(crate) use crate::executor::Slot;
 
 /// One reduction bucket of a stage: tensors in the order their gradients become final.
 #[derive(Clone, Debug, PartialEq)]

@@ -17,7 +17,7 @@ use baton_schedules::{Action, Op, Schedule};
 use crate::backend::Backend;
 use crate::comm::{Endpoint, MessageKey, MessageKind, Transport};
 use crate::error::{EngineError, Result};
-use crate::model::{Layer, MicroBatch, Saved};
+use crate::model::{Layer, MicroBatch, Param, Saved};
 
 /// Receives a part's final gradients during the step (data-parallel overlap): `(stage, chunk, grads[layer][param])`,
 /// copies the stage's worker made right after the stage's last `B`/`W` on the part.
@@ -42,6 +42,44 @@ pub(crate) struct Stage<B: Backend> {
     pub index: u32,
     /// `parts[chunk]`.
     pub parts: Vec<Part<B>>,
+}
+
+/// Where a parameter is inside one stage: (chunk, layer in the part, parameter in the layer).
+pub(crate) type Slot = (usize, usize, usize);
+
+impl<B: Backend> Stage<B> {
+    /// Every parameter with its slot, in (chunk, layer, parameter) order.
+    pub fn params(&self) -> impl Iterator<Item = (Slot, &Param<B>)> + '_ {
+        self.parts.iter().enumerate().flat_map(|(c, part)| {
+            part.layers
+                .iter()
+                .enumerate()
+                .flat_map(move |(l, layer)| layer.params().iter().enumerate().map(move |(pi, p)| ((c, l, pi), p)))
+        })
+    }
+
+    /// Every parameter with its slot, mutable, in (chunk, layer, parameter) order.
+    pub fn params_mut(&mut self) -> impl Iterator<Item = (Slot, &mut Param<B>)> + '_ {
+        self.parts.iter_mut().enumerate().flat_map(|(c, part)| {
+            part.layers.iter_mut().enumerate().flat_map(move |(l, layer)| {
+                layer
+                    .params_mut()
+                    .iter_mut()
+                    .enumerate()
+                    .map(move |(pi, p)| ((c, l, pi), p))
+            })
+        })
+    }
+
+    /// The parameter at `slot` (which must exist: slots come from [`Stage::params`] of the same model).
+    pub fn param(&self, (c, l, pi): Slot) -> &Param<B> {
+        &self.parts[c].layers[l].params()[pi]
+    }
+
+    /// The parameter at `slot`, mutable (which must exist, as for [`Stage::param`]).
+    pub fn param_mut(&mut self, (c, l, pi): Slot) -> &mut Param<B> {
+        &mut self.parts[c].layers[l].params_mut()[pi]
+    }
 }
 
 /// Executor settings.

@@ -602,31 +602,18 @@ impl<B: Backend> Pipeline<B> {
                 &grad_bytes,
                 bucket_bytes,
             ));
-            let mut elems = Vec::new();
-            for (c, part) in stage.parts.iter().enumerate() {
-                for (l, layer) in part.layers.iter().enumerate() {
-                    for (pi, prm) in layer.params().iter().enumerate() {
-                        elems.push(((c, l, pi), prm.len()));
-                    }
-                }
-            }
-            sizes.push(elems);
+            sizes.push(stage.params().map(|(slot, prm)| (slot, prm.len())).collect::<Vec<_>>());
         }
         pipeline.owners = assign_owners(d, &sizes, &tied_slots);
-        if pipeline.dp.zero && d > 1 {
-            // ZeRO-1: only a tensor's owner keeps its moments.
-            let owners = pipeline.owners.clone();
-            for (r, replica) in pipeline.replicas.iter_mut().enumerate() {
-                for (s, (stage, be)) in replica.stages.iter_mut().zip(replica.backends.iter()).enumerate() {
-                    for (c, part) in stage.parts.iter_mut().enumerate() {
-                        for (l, layer) in part.layers.iter_mut().enumerate() {
-                            for (pi, prm) in layer.params_mut().iter_mut().enumerate() {
-                                if owners[s].get(&(c, l, pi)) != Some(&r) {
-                                    prm.m = be.zeros_state(0)?;
-                                    prm.v = be.zeros_state(0)?;
-                                }
-                            }
-                        }
+        // ZeRO-1: only a tensor's owner keeps its moments.
+        let sharded = pipeline.sharded();
+        let Pipeline { replicas, owners, .. } = &mut pipeline;
+        for (r, replica) in replicas.iter_mut().enumerate() {
+            for (s, (stage, be)) in replica.stages.iter_mut().zip(replica.backends.iter()).enumerate() {
+                for (slot, prm) in stage.params_mut() {
+                    if !steps_on(owners, sharded, r, s, slot) {
+                        prm.m = be.zeros_state(0)?;
+                        prm.v = be.zeros_state(0)?;
                     }
                 }
             }
@@ -673,6 +660,11 @@ impl<B: Backend> Pipeline<B> {
     /// Data-parallel replicas.
     pub fn num_replicas(&self) -> usize {
         self.replicas.len()
+    }
+
+    /// Whether ZeRO-1 shards the optimizer state (asked for, and more than one replica to shard it over).
+    fn sharded(&self) -> bool {
+        self.dp.zero && self.replicas.len() > 1
     }
 
     /// Number of stages (of one replica).
@@ -776,6 +768,17 @@ impl<B: Backend> Pipeline<B> {
     /// Checks a global batch against the model and splits it: each replica's shard (contiguous sequences, replica
     /// order), then each shard into per-stage micro-batches. `[replica][stage][micro-batch]`.
     fn micro_batches(&self, batch: &Batch) -> Result<Vec<Vec<Vec<MicroBatch<B>>>>> {
+        self.check_batch(batch)?;
+        let (m, d) = (self.schedule.microbatches as usize, self.replicas.len());
+        let mb_b = batch.batch / (m * d);
+        (0..d)
+            .map(|r| self.upload_micro_batches(batch, r, r * m, m, mb_b))
+            .collect()
+    }
+
+    /// Checks a global batch against the model and the layout: `replicas × micro-batches` divide it, the sequence
+    /// fits the context, every token is in the vocabulary.
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
         let m = self.schedule.microbatches as usize;
         let d = self.replicas.len();
         let (b, t) = (batch.batch, batch.seq);
@@ -821,10 +824,7 @@ impl<B: Backend> Pipeline<B> {
                 "token {tok} at position {i} is outside the vocabulary of {vocab}"
             )));
         }
-        let mb_b = b / (m * d);
-        (0..d)
-            .map(|r| self.upload_micro_batches(batch, r, r * m, m, mb_b))
-            .collect()
+        Ok(())
     }
 
     /// Micro-batches `first..first + count` of `mb_b` sequences of `batch`, for every stage of replica `r`.
@@ -906,15 +906,14 @@ impl<B: Backend> Pipeline<B> {
         let overlap = d > 1 && self.dp.overlap;
         let timeout = Duration::from_millis(self.options.recv_timeout_ms) * 4;
         let abort = AtomicBool::new(false);
+        let sharded = self.sharded();
         let Pipeline {
             replicas,
             dp_groups,
             buckets,
             owners,
-            dp,
             ..
         } = self;
-        let zero = dp.zero;
         let stage_sets: Vec<Vec<Stage<B>>> = replicas.iter_mut().map(|r| std::mem::take(&mut r.stages)).collect();
         std::thread::scope(|scope| {
             let mut reducers = Vec::new();
@@ -927,7 +926,7 @@ impl<B: Backend> Pipeline<B> {
                         stage: s,
                         group: dp_groups[s].as_ref(),
                         buckets: &buckets[s],
-                        owners: zero.then(|| &owners[s]),
+                        owners: sharded.then(|| &owners[s]),
                         replicas: d,
                         chunks: schedule.chunks() as usize,
                         t0,
@@ -1077,12 +1076,16 @@ impl<B: Backend> Pipeline<B> {
             }
             return Err(e);
         }
-        let pipeline_s = outcomes
+        let replica_pipeline_s: Vec<f64> = outcomes
             .iter()
-            .flatten()
-            .flat_map(|o| o.spans.last())
-            .map(|s| s.end_s)
-            .fold(0.0, f64::max);
+            .map(|o| {
+                o.iter()
+                    .flat_map(|o| o.spans.last())
+                    .map(|s| s.end_s)
+                    .fold(0.0, f64::max)
+            })
+            .collect();
+        let pipeline_s = replica_pipeline_s.iter().copied().fold(0.0, f64::max);
         // Loss: per micro-batch sums in (replica, micro-batch) order — the global micro-batch order — over all
         // tokens.
         let mut losses: Vec<(usize, u32, f64)> = outcomes
@@ -1169,15 +1172,6 @@ impl<B: Backend> Pipeline<B> {
                 .collect()
         };
         let replica_busy_s: Vec<Vec<f64>> = outcomes.iter().map(busy).collect();
-        let replica_pipeline_s: Vec<f64> = outcomes
-            .iter()
-            .map(|o| {
-                o.iter()
-                    .flat_map(|o| o.spans.last())
-                    .map(|s| s.end_s)
-                    .fold(0.0, f64::max)
-            })
-            .collect();
         let mut outcomes = outcomes.into_iter();
         let outcomes = outcomes.next().unwrap_or_default();
         let busy_s = replica_busy_s.first().cloned().unwrap_or_default();
@@ -1244,25 +1238,25 @@ impl<B: Backend> Pipeline<B> {
 
     /// Sums every stage's gradients across the replicas, bucket by bucket, after the schedule (no overlap).
     fn reduce_replicas(&mut self, t0: Instant) -> Result<Vec<CommSpan>> {
+        let sharded = self.sharded();
         let Pipeline {
             replicas,
             dp_groups,
             buckets,
             owners,
-            dp,
             ..
         } = self;
         let mut spans = Vec::new();
         for (s, stage_buckets) in buckets.iter().enumerate() {
             for (index, bucket) in stage_buckets.iter().enumerate() {
                 let start_s = t0.elapsed().as_secs_f64();
-                for &(c, l, pi) in &bucket.items {
+                for &slot in &bucket.items {
                     let mut views: Vec<(usize, &mut B::Buf)> = replicas
                         .iter_mut()
                         .enumerate()
-                        .map(|(r, rep)| (r, &mut rep.stages[s].parts[c].layers[l].params_mut()[pi].grad))
+                        .map(|(r, rep)| (r, &mut rep.stages[s].param_mut(slot).grad))
                         .collect();
-                    let owner = dp.zero.then(|| owners[s].get(&(c, l, pi)).copied()).flatten();
+                    let owner = sharded.then(|| owners[s].get(&slot).copied()).flatten();
                     reduce_tensor(dp_groups[s].as_ref(), owner, &mut views)?;
                 }
                 spans.push(CommSpan {
@@ -1290,14 +1284,10 @@ impl<B: Backend> Pipeline<B> {
                 let s = stage.index as usize;
                 let mut keys = Vec::new();
                 let mut grads = Vec::new();
-                for (c, part) in stage.parts.iter().enumerate() {
-                    for (l, (unit, layer)) in part.units.clone().zip(&part.layers).enumerate() {
-                        for (pi, prm) in layer.params().iter().enumerate() {
-                            if self.owners[s].get(&(c, l, pi)) == Some(&r) && !self.primaries.contains_key(&prm.name) {
-                                keys.push((unit, pi));
-                                grads.push(&prm.grad);
-                            }
-                        }
+                for ((c, l, pi), prm) in stage.params() {
+                    if self.owners[s].get(&(c, l, pi)) == Some(&r) && !self.primaries.contains_key(&prm.name) {
+                        keys.push((stage.parts[c].units.start + l, pi));
+                        grads.push(&prm.grad);
                     }
                 }
                 let sums = be.sum_squares_many(&grads)?;
@@ -1329,56 +1319,46 @@ impl<B: Backend> Pipeline<B> {
         } else {
             None
         };
-        let o = self.options.optimizer.clone();
         let step =
             u32::try_from(self.step + 1).map_err(|_| EngineError::config("steps", self.step + 1, "too many steps"))?;
-        let zero = self.dp.zero && self.replicas.len() > 1;
-        let owners = std::mem::take(&mut self.owners);
-        let result = (|| {
-            for (r, rep) in self.replicas.iter_mut().enumerate() {
-                for (s, (stage, be)) in rep.stages.iter_mut().zip(rep.backends.iter()).enumerate() {
-                    for (c, part) in stage.parts.iter_mut().enumerate() {
-                        for (l, layer) in part.layers.iter_mut().enumerate() {
-                            for (pi, p) in layer.params_mut().iter_mut().enumerate() {
-                                if zero && owners[s].get(&(c, l, pi)) != Some(&r) {
-                                    be.fill_zero(&mut p.grad)?;
-                                    continue;
-                                }
-                                let cfg = AdamW {
-                                    lr,
-                                    beta1: o.beta1,
-                                    beta2: o.beta2,
-                                    eps: o.eps,
-                                    weight_decay: if p.decay { o.weight_decay } else { 0.0 },
-                                };
-                                be.optimizer_step(&cfg, &mut p.value, &mut p.grad, &mut p.m, &mut p.v, step, scale)?;
-                            }
-                        }
+        let sharded = self.sharded();
+        let Pipeline {
+            replicas,
+            owners,
+            dp_groups,
+            options,
+            ..
+        } = self;
+        let o = &options.optimizer;
+        for (r, rep) in replicas.iter_mut().enumerate() {
+            for (s, (stage, be)) in rep.stages.iter_mut().zip(rep.backends.iter()).enumerate() {
+                for (slot, p) in stage.params_mut() {
+                    if !steps_on(owners, sharded, r, s, slot) {
+                        be.fill_zero(&mut p.grad)?;
+                        continue;
                     }
+                    let cfg = AdamW {
+                        lr,
+                        beta1: o.beta1,
+                        beta2: o.beta2,
+                        eps: o.eps,
+                        weight_decay: if p.decay { o.weight_decay } else { 0.0 },
+                    };
+                    be.optimizer_step(&cfg, &mut p.value, &mut p.grad, &mut p.m, &mut p.v, step, scale)?;
                 }
             }
-            if zero {
-                self.broadcast_owned(&owners)?;
-            }
-            Ok(())
-        })();
-        self.owners = owners;
-        result
-    }
-
-    /// ZeRO-1: every tensor's new values from its owner to the other replicas.
-    fn broadcast_owned(&mut self, owners: &[BTreeMap<Slot, usize>]) -> Result<()> {
-        let Pipeline {
-            replicas, dp_groups, ..
-        } = self;
-        for (s, stage_owners) in owners.iter().enumerate() {
-            for (&(c, l, pi), &owner) in stage_owners {
-                let mut views: Vec<(usize, &mut B::Buf)> = replicas
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(r, rep)| (r, &mut rep.stages[s].parts[c].layers[l].params_mut()[pi].value))
-                    .collect();
-                dp_groups[s].broadcast(owner, &mut views)?;
+        }
+        if sharded {
+            // Every tensor's new values from its owner to the other replicas.
+            for (s, stage_owners) in owners.iter().enumerate() {
+                for (&slot, &owner) in stage_owners {
+                    let mut views: Vec<(usize, &mut B::Buf)> = replicas
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(r, rep)| (r, &mut rep.stages[s].param_mut(slot).value))
+                        .collect();
+                    dp_groups[s].broadcast(owner, &mut views)?;
+                }
             }
         }
         Ok(())
@@ -1387,12 +1367,8 @@ impl<B: Backend> Pipeline<B> {
     fn zero_grads(&mut self) -> Result<()> {
         for rep in &mut self.replicas {
             for (stage, be) in rep.stages.iter_mut().zip(rep.backends.iter()) {
-                for part in &mut stage.parts {
-                    for layer in &mut part.layers {
-                        for p in layer.params_mut() {
-                            be.fill_zero(&mut p.grad)?;
-                        }
-                    }
+                for (_, p) in stage.params_mut() {
+                    be.fill_zero(&mut p.grad)?;
                 }
             }
         }
@@ -1414,7 +1390,7 @@ impl<B: Backend> Pipeline<B> {
     }
 
     fn param(&self, at: ParamAt) -> &Param<B> {
-        &self.replicas[0].stages[at.0].parts[at.1].layers[at.2].params()[at.3]
+        self.replicas[0].stages[at.0].param((at.1, at.2, at.3))
     }
 
     /// Sums every tied group's gradients into all its copies, in the group's order (`wte + lm_head` for GPT-2),
@@ -1422,25 +1398,21 @@ impl<B: Backend> Pipeline<B> {
     /// the sum over replicas (so one replica's tied sum is `Σ_r wte_r + Σ_r head_r`, as a single replica over all
     /// micro-batches would take it); under ZeRO-1 only on the replica owning the group.
     fn reduce_tied(&mut self) -> Result<()> {
-        let zero = self.dp.zero && self.replicas.len() > 1;
+        let sharded = self.sharded();
         let Pipeline { replicas, owners, .. } = self;
         for (r, rep) in replicas.iter_mut().enumerate() {
             let Replica { tied, stages, .. } = rep;
             for tied in tied.iter() {
                 let (s0, c0, l0, p0) = tied.at[0];
-                if zero && owners[s0].get(&(c0, l0, p0)) != Some(&r) {
+                if !steps_on(owners, sharded, r, s0, (c0, l0, p0)) {
                     continue;
                 }
                 // One walk hands out `&mut` to each copy's gradient (the locations are distinct).
                 let mut views: Vec<(usize, &mut B::Buf)> = Vec::with_capacity(tied.at.len());
                 for (s, stage) in stages.iter_mut().enumerate() {
-                    for (c, part) in stage.parts.iter_mut().enumerate() {
-                        for (l, layer) in part.layers.iter_mut().enumerate() {
-                            for (pi, p) in layer.params_mut().iter_mut().enumerate() {
-                                if let Some(m) = tied.at.iter().position(|&a| a == (s, c, l, pi)) {
-                                    views.push((m, &mut p.grad));
-                                }
-                            }
+                    for ((c, l, pi), p) in stage.params_mut() {
+                        if let Some(m) = tied.at.iter().position(|&a| a == (s, c, l, pi)) {
+                            views.push((m, &mut p.grad));
                         }
                     }
                 }
@@ -1516,8 +1488,7 @@ impl<B: Backend> Pipeline<B> {
 
     /// `batch` as `m` micro-batches per stage of replica 0 (every shard's micro-batches, in order).
     fn eval_batches(&self, batch: &Batch, m: usize) -> Result<Vec<Vec<MicroBatch<B>>>> {
-        // Checks the batch as a training step would.
-        drop(self.micro_batches(batch)?);
+        self.check_batch(batch)?;
         self.upload_micro_batches(batch, 0, 0, m, batch.batch / m)
     }
 
@@ -1565,8 +1536,7 @@ impl<B: Backend> Pipeline<B> {
     /// Every parameter on the host, by global name (the tied LM head appears as
     /// `lm_head.weight` beside `wte`). Replica 0's (every replica holds the same).
     pub fn parameters(&self) -> Result<TensorMap> {
-        self.check_whole()?;
-        self.collect(|p| &p.value, false)
+        self.replica_parameters(0)
     }
 
     /// Replica `r`'s parameters on the host, by global name.
@@ -1581,18 +1551,8 @@ impl<B: Backend> Pipeline<B> {
         })?;
         let mut out = BTreeMap::new();
         for (stage, be) in rep.stages.iter().zip(rep.backends.iter()) {
-            for part in &stage.parts {
-                for layer in &part.layers {
-                    for p in layer.params() {
-                        out.insert(
-                            p.name.clone(),
-                            HostTensor {
-                                shape: p.shape.clone(),
-                                data: be.download(&p.value)?,
-                            },
-                        );
-                    }
-                }
+            for (_, p) in stage.params() {
+                out.insert(p.name.clone(), host(p, be, &p.value)?);
             }
         }
         Ok(out)
@@ -1614,7 +1574,13 @@ impl<B: Backend> Pipeline<B> {
     /// AdamW moments by global name: `(m, v)` (under ZeRO-1 gathered from their owners).
     pub fn optimizer_state(&self) -> Result<(TensorMap, TensorMap)> {
         self.check_whole()?;
-        Ok((self.collect(|p| &p.m, true)?, self.collect(|p| &p.v, true)?))
+        let (mut m, mut v) = (TensorMap::new(), TensorMap::new());
+        for s in 0..self.num_stages() {
+            let (sm, sv) = self.stage_moments(s)?;
+            m.extend(sm);
+            v.extend(sv);
+        }
+        Ok((m, v))
     }
 
     /// Stage `stage`'s tensors by global name: `(values, adam m, adam v)` (under ZeRO-1 the moments from their
@@ -1628,72 +1594,32 @@ impl<B: Backend> Pipeline<B> {
                 format!("the pipeline has {} stages", self.num_stages()),
             ));
         }
-        let mut maps = (TensorMap::new(), TensorMap::new(), TensorMap::new());
-        self.visit(stage, true, |p, be, kind| {
-            let t = HostTensor {
-                shape: p.shape.clone(),
-                data: be.download(match kind {
-                    0 => &p.value,
-                    1 => &p.m,
-                    _ => &p.v,
-                })?,
-            };
-            match kind {
-                0 => maps.0.insert(p.name.clone(), t),
-                1 => maps.1.insert(p.name.clone(), t),
-                _ => maps.2.insert(p.name.clone(), t),
-            };
-            Ok(())
-        })?;
-        Ok(maps)
+        let rep = &self.replicas[0];
+        let mut values = TensorMap::new();
+        for (_, p) in rep.stages[stage].params() {
+            values.insert(p.name.clone(), host(p, &rep.backends[stage], &p.value)?);
+        }
+        let (m, v) = self.stage_moments(stage)?;
+        Ok((values, m, v))
     }
 
-    /// Calls `f(param, backend, kind)` for every parameter of `stage`: kind 0 the value (replica 0's), 1 and 2 the
-    /// moments (from the owning replica when `moments_from_owner` and ZeRO-1 shards them, else replica 0's).
-    fn visit(
-        &self,
-        stage: usize,
-        moments_from_owner: bool,
-        mut f: impl FnMut(&Param<B>, &B, u8) -> Result<()>,
-    ) -> Result<()> {
-        let zero = self.dp.zero && self.replicas.len() > 1;
-        let rep0 = &self.replicas[0];
-        for (c, part) in rep0.stages[stage].parts.iter().enumerate() {
-            for (l, layer) in part.layers.iter().enumerate() {
-                for (pi, p) in layer.params().iter().enumerate() {
-                    f(p, &rep0.backends[stage], 0)?;
-                    let r = if zero && moments_from_owner {
-                        self.owners[stage].get(&(c, l, pi)).copied().unwrap_or(0)
-                    } else {
-                        0
-                    };
-                    let rep = &self.replicas[r];
-                    let owned = &rep.stages[stage].parts[c].layers[l].params()[pi];
-                    f(owned, &rep.backends[stage], 1)?;
-                    f(owned, &rep.backends[stage], 2)?;
-                }
-            }
+    /// Stage `stage`'s AdamW moments by global name, each from the replica that holds it (its owner under ZeRO-1,
+    /// else replica 0).
+    fn stage_moments(&self, stage: usize) -> Result<(TensorMap, TensorMap)> {
+        let sharded = self.sharded();
+        let (mut m, mut v) = (TensorMap::new(), TensorMap::new());
+        for (slot, p) in self.replicas[0].stages[stage].params() {
+            let r = if sharded {
+                self.owners[stage].get(&slot).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            let rep = &self.replicas[r];
+            let (held, be) = (rep.stages[stage].param(slot), &rep.backends[stage]);
+            m.insert(p.name.clone(), host(held, be, &held.m)?);
+            v.insert(p.name.clone(), host(held, be, &held.v)?);
         }
-        Ok(())
-    }
-
-    fn collect(&self, pick: impl Fn(&Param<B>) -> &B::Buf, from_owner: bool) -> Result<TensorMap> {
-        let mut out = BTreeMap::new();
-        for s in 0..self.num_stages() {
-            self.visit(s, from_owner, |p, be, kind| {
-                if kind == u8::from(from_owner) {
-                    out.insert(
-                        p.name.clone(),
-                        HostTensor {
-                            shape: p.shape.clone(),
-                            data: be.download(pick(p))?,
-                        },
-                    );
-                }
-                Ok(())
-            })?;
-        }
-        Ok(out)
+        Ok((m, v))
     }
 
     /// Loads parameters (and optionally AdamW moments) by global name into every replica, checking that every
@@ -1721,40 +1647,45 @@ impl<B: Backend> Pipeline<B> {
         };
         // Check everything first: nothing changes unless all of it fits.
         for stage in &self.replicas[0].stages {
-            for part in &stage.parts {
-                for layer in &part.layers {
-                    for p in layer.params() {
-                        lookup(values, p, "parameters")?;
-                        if let Some((m, v)) = moments {
-                            lookup(m, p, "adam m")?;
-                            lookup(v, p, "adam v")?;
-                        }
-                    }
+            for (_, p) in stage.params() {
+                lookup(values, p, "parameters")?;
+                if let Some((m, v)) = moments {
+                    lookup(m, p, "adam m")?;
+                    lookup(v, p, "adam v")?;
                 }
             }
         }
-        let zero = self.dp.zero && self.replicas.len() > 1;
+        let sharded = self.sharded();
         let Pipeline { replicas, owners, .. } = self;
         for (r, rep) in replicas.iter_mut().enumerate() {
             for (s, (stage, be)) in rep.stages.iter_mut().zip(rep.backends.iter()).enumerate() {
-                for (c, part) in stage.parts.iter_mut().enumerate() {
-                    for (l, layer) in part.layers.iter_mut().enumerate() {
-                        for (pi, p) in layer.params_mut().iter_mut().enumerate() {
-                            let get = |map: &TensorMap| stored(primaries, map, &p.name).map(|h| h.data.clone());
-                            let value = get(values).expect("checked above");
-                            p.value = be.upload_param(&value)?;
-                            let owns = !zero || owners[s].get(&(c, l, pi)) == Some(&r);
-                            if let (Some((m, v)), true) = (moments, owns) {
-                                p.m = be.upload(&get(m).expect("checked above"))?;
-                                p.v = be.upload(&get(v).expect("checked above"))?;
-                            }
-                        }
+                for (slot, p) in stage.params_mut() {
+                    let get = |map: &TensorMap| stored(primaries, map, &p.name).map(|h| h.data.clone());
+                    let value = get(values).expect("checked above");
+                    p.value = be.upload_param(&value)?;
+                    if let (Some((m, v)), true) = (moments, steps_on(owners, sharded, r, s, slot)) {
+                        p.m = be.upload(&get(m).expect("checked above"))?;
+                        p.v = be.upload(&get(v).expect("checked above"))?;
                     }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Whether replica `r` steps (and, under ZeRO-1, holds the moments of) the tensor at `slot` of stage `s`: its
+/// owner when `sharded`, every replica otherwise.
+fn steps_on(owners: &[BTreeMap<Slot, usize>], sharded: bool, r: usize, s: usize, slot: Slot) -> bool {
+    !sharded || owners[s].get(&slot) == Some(&r)
+}
+
+/// `buf` (one of `p`'s tensors, on `be`) on the host with `p`'s shape.
+fn host<B: Backend>(p: &Param<B>, be: &B, buf: &B::Buf) -> Result<HostTensor> {
+    Ok(HostTensor {
+        shape: p.shape.clone(),
+        data: be.download(buf)?,
+    })
 }
 
 /// The tensor `map` holds for parameter `name`: its own entry, else (for a tied copy) its group's primary's.

@@ -365,6 +365,28 @@ pub fn predicted_data_parallel<B: Backend>(pipeline: &Pipeline<B>, report: &Step
     simulate_data_parallel(pipeline.schedule(), &costs, &model).ok()
 }
 
+/// Folds `new` into the moving averages `avg` (weight [`BUSY_AVG_WEIGHT`] for the newest value; `first`: start
+/// from it).
+fn moving_average(avg: &mut [f64], new: &[f64], first: bool) {
+    for (a, &x) in avg.iter_mut().zip(new) {
+        *a = if first {
+            x
+        } else {
+            (1.0 - BUSY_AVG_WEIGHT) * *a + BUSY_AVG_WEIGHT * x
+        };
+    }
+}
+
+/// Whether a warning last given at `warned_at` may be given again at `step` (every
+/// [`STRAGGLER_WARN_EVERY_STEPS`] at most); records `step` when it may.
+fn warning_due(warned_at: &mut Option<u64>, step: u64) -> bool {
+    let due = warned_at.is_none_or(|at| step >= at + STRAGGLER_WARN_EVERY_STEPS);
+    if due {
+        *warned_at = Some(step);
+    }
+    due
+}
+
 /// Replicas whose schedule time is more than 25% above the mean of the others (the rest wait for them).
 pub fn slow_replicas(seconds: &[f64]) -> Vec<usize> {
     let d = seconds.len();
@@ -657,25 +679,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     stage: report.nonfinite_stage,
                 });
             }
-            for (avg, b) in busy_avg.iter_mut().zip(&busy) {
-                *avg = if busy_steps == 0 {
-                    *b
-                } else {
-                    (1.0 - BUSY_AVG_WEIGHT) * *avg + BUSY_AVG_WEIGHT * b
-                };
-            }
-            for (avg, t) in replica_avg.iter_mut().zip(&report.replica_pipeline_s) {
-                *avg = if busy_steps == 0 {
-                    *t
-                } else {
-                    (1.0 - BUSY_AVG_WEIGHT) * *avg + BUSY_AVG_WEIGHT * t
-                };
-            }
+            moving_average(&mut busy_avg, &busy, busy_steps == 0);
+            moving_average(&mut replica_avg, &report.replica_pipeline_s, busy_steps == 0);
             busy_steps += 1;
             if busy_steps >= BUSY_AVG_STEPS {
                 for r in slow_replicas(&replica_avg) {
-                    if replica_warned_at[r].is_none_or(|at| step >= at + STRAGGLER_WARN_EVERY_STEPS) {
-                        replica_warned_at[r] = Some(step);
+                    if warning_due(&mut replica_warned_at[r], step) {
                         observer.on_warning(&Warning::SlowReplica {
                             step,
                             replica: r,
@@ -685,8 +694,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     }
                 }
                 for s in lagging_stages(&busy_avg) {
-                    if straggler_warned_at[s].is_none_or(|at| step >= at + STRAGGLER_WARN_EVERY_STEPS) {
-                        straggler_warned_at[s] = Some(step);
+                    if warning_due(&mut straggler_warned_at[s], step) {
                         observer.on_warning(&Warning::Straggler {
                             step,
                             stage: s,
@@ -812,5 +820,22 @@ mod tests {
         assert!(slow_replicas(&[0.5]).is_empty());
         assert_eq!(lagging_stages(&[0.9, 0.5, 0.9]), vec![1]);
         assert!(lagging_stages(&[0.9, 0.85]).is_empty());
+    }
+
+    #[test]
+    fn averages_start_from_the_first_value_and_warnings_are_spaced() {
+        let mut avg = vec![0.0; 2];
+        moving_average(&mut avg, &[1.0, 2.0], true);
+        assert_eq!(avg, vec![1.0, 2.0]);
+        moving_average(&mut avg, &[3.0, 2.0], false);
+        assert!(
+            (avg[0] - (1.0 + 2.0 * BUSY_AVG_WEIGHT)).abs() < 1e-12 && avg[1] == 2.0,
+            "{avg:?}"
+        );
+        let mut at = None;
+        assert!(warning_due(&mut at, 10));
+        assert!(!warning_due(&mut at, 10 + STRAGGLER_WARN_EVERY_STEPS - 1));
+        assert!(warning_due(&mut at, 10 + STRAGGLER_WARN_EVERY_STEPS));
+        assert_eq!(at, Some(10 + STRAGGLER_WARN_EVERY_STEPS));
     }
 }

@@ -340,3 +340,40 @@ fn overlap_reduces_a_stage_while_others_still_compute(dev: &impl Device) {
         }
     }
 }
+
+#[test]
+fn a_layout_the_replicas_cannot_have_is_refused_when_built() {
+    use baton_engine::{Cpu, Gpt2, LocalTransport};
+    use std::sync::Arc;
+    let gpt = Arc::new(Gpt2::new(common::tiny_model(), 1).unwrap());
+    let schedule = || baton_schedules::generate(ScheduleKind::OneFOneB, 2, 2, 1).unwrap();
+    let err = |r: baton_engine::Result<Pipeline<Cpu>>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    // Two replicas of two stages need four backends.
+    let e = err(Pipeline::builder(gpt.clone())
+        .schedule(schedule())
+        .data_parallel(DataParallel::replicas(2))
+        .build(vec![Cpu; 3]));
+    assert!(e.contains("2 replicas of 2 stages need 4 backends"), "{e}");
+    // No replicas, or buckets of no size.
+    let e = err(Pipeline::builder(gpt.clone())
+        .schedule(schedule())
+        .data_parallel(DataParallel::replicas(0))
+        .build(vec![]));
+    assert!(e.contains("data_parallel"), "{e}");
+    let e = err(Pipeline::builder(gpt.clone())
+        .schedule(schedule())
+        .data_parallel(DataParallel {
+            bucket_mib: f64::NAN,
+            ..DataParallel::replicas(2)
+        })
+        .build(vec![Cpu; 4]));
+    assert!(e.contains("bucket_mib"), "{e}");
+    // A transport given to the builder serves one replica.
+    let transport = Arc::new(LocalTransport::new(Arc::new(vec![Cpu; 2]), &[4, 4]).unwrap());
+    let e = err(Pipeline::builder(gpt)
+        .schedule(schedule())
+        .transport(transport)
+        .data_parallel(DataParallel::replicas(2))
+        .build(vec![Cpu; 4]));
+    assert!(e.contains("a transport serves one replica"), "{e}");
+}

@@ -66,6 +66,13 @@ impl<B: Backend> Clone for Workers<B> {
 }
 
 impl<B: Backend> Workers<B> {
+    /// The stages of one replica.
+    fn one(backends: Arc<Vec<B>>) -> Self {
+        Workers {
+            replicas: Arc::new(vec![backends]),
+        }
+    }
+
     /// The workers of `replicas` (each one backend per stage, all of the same length).
     pub fn new(replicas: Vec<Arc<Vec<B>>>) -> Result<Self> {
         let p = replicas.first().map_or(0, |r| r.len());
@@ -92,8 +99,8 @@ impl<B: Backend> Workers<B> {
 
     /// Worker `w`'s backend.
     pub fn get(&self, w: usize) -> Option<&B> {
-        let p = self.replicas[0].len();
-        self.replicas.get(w / p).map(|r| &r[w % p])
+        let p = self.replicas[0].len().max(1);
+        self.replicas.get(w / p).and_then(|r| r.get(w % p))
     }
 }
 
@@ -106,9 +113,7 @@ impl<B: Backend> LocalCollectives<B> {
     /// Groups over `backends` (one per stage: one replica).
     pub fn new(backends: Arc<Vec<B>>) -> Self {
         LocalCollectives {
-            workers: Workers {
-                replicas: Arc::new(vec![backends]),
-            },
+            workers: Workers::one(backends),
         }
     }
 
@@ -136,12 +141,7 @@ pub struct LocalGroup<B: Backend> {
 impl<B: Backend> LocalGroup<B> {
     /// A group whose member `i` lives on stage `stages[i]` of `backends`.
     pub fn new(backends: Arc<Vec<B>>, stages: Vec<usize>) -> Result<Self> {
-        LocalGroup::on(
-            Workers {
-                replicas: Arc::new(vec![backends]),
-            },
-            stages,
-        )
+        LocalGroup::on(Workers::one(backends), stages)
     }
 
     /// A group whose member `i` lives on worker `workers[i]`.
@@ -165,22 +165,8 @@ impl<B: Backend> LocalGroup<B> {
         self.workers.get(self.stages[member]).expect("checked in `on`")
     }
 
-    /// Checks that `members` names each member exactly once and returns their positions in member order.
     fn order(&self, members: impl Iterator<Item = usize>) -> Result<Vec<usize>> {
-        let n = self.stages.len();
-        let mut at = vec![None; n];
-        for (pos, m) in members.enumerate() {
-            let slot = at
-                .get_mut(m)
-                .ok_or_else(|| comm_err(0, format!("member {m} of a group of {n}")))?;
-            if slot.replace(pos).is_some() {
-                return Err(comm_err(self.stages[m], format!("member {m} given twice")));
-            }
-        }
-        at.into_iter()
-            .enumerate()
-            .map(|(m, pos)| pos.ok_or_else(|| comm_err(self.stages[m], format!("member {m} is missing"))))
-            .collect()
+        member_order("collective", &self.stages, members)
     }
 
     /// A copy of `buf` (on member `from`'s stage) on member `to`'s stage.
@@ -203,6 +189,43 @@ impl<B: Backend> LocalGroup<B> {
             ))
         }
     }
+}
+
+/// Checks that `members` (the member index of each buffer passed, in the order passed) names each of the
+/// `workers.len()` members exactly once, and returns the buffers' positions in member order. Errors name the
+/// member's worker and `seam`.
+pub(crate) fn member_order(
+    seam: &'static str,
+    workers: &[usize],
+    members: impl Iterator<Item = usize>,
+) -> Result<Vec<usize>> {
+    let err = |worker: usize, reason: String| EngineError::Comm {
+        seam,
+        stage: worker as u32,
+        reason,
+    };
+    let n = workers.len();
+    let mut at = vec![None; n];
+    for (pos, m) in members.enumerate() {
+        let slot = at.get_mut(m).ok_or_else(|| {
+            err(
+                workers.first().copied().unwrap_or(0),
+                format!("member {m} of a group of {n}"),
+            )
+        })?;
+        if slot.replace(pos).is_some() {
+            return Err(err(workers[m], format!("member {m} given twice")));
+        }
+    }
+    at.into_iter()
+        .enumerate()
+        .map(|(m, pos)| pos.ok_or_else(|| err(workers[m], format!("member {m} is missing"))))
+        .collect()
+}
+
+/// Every member's host values in member order (the positions from [`member_order`]).
+pub(crate) fn gather_host(values: &[Local<'_, Vec<f64>>], order: &[usize]) -> Vec<Vec<f64>> {
+    order.iter().map(|&pos| values[pos].1.clone()).collect()
 }
 
 /// The buffers at positions `a` and `b` (distinct) of `bufs`, the first mutable.
@@ -348,7 +371,7 @@ impl<B: Backend> Collective<B> for LocalGroup<B> {
 
     fn all_gather_host(&self, values: &[Local<'_, Vec<f64>>]) -> Result<Vec<Vec<f64>>> {
         let order = self.order(values.iter().map(|(m, _)| *m))?;
-        Ok(order.iter().map(|&pos| values[pos].1.clone()).collect())
+        Ok(gather_host(values, &order))
     }
 
     fn barrier(&self) -> Result<()> {

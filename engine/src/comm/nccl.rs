@@ -45,7 +45,7 @@ use baton_kernels::cuda::cudarc::driver::sys::CUdeviceptr;
 use baton_kernels::cuda::cudarc::driver::{result as driver, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use baton_kernels::cuda::cudarc::nccl::{result as nccl, sys as nccl_sys};
 
-use super::collective::{Collective, Collectives, Local, Workers};
+use super::collective::{gather_host, member_order, Collective, Collectives, Local, Workers};
 use crate::backend::{Backend, Cuda, CudaBuf, CudaData, Storage};
 use crate::error::{record_drop_error, EngineError, Result};
 
@@ -357,20 +357,7 @@ impl NcclGroup {
 
     /// Checks that `members` names each member exactly once and returns their positions in member order.
     fn order(&self, members: impl Iterator<Item = usize>) -> Result<Vec<usize>> {
-        let n = self.stages.len();
-        let mut at = vec![None; n];
-        for (pos, m) in members.enumerate() {
-            let slot = at
-                .get_mut(m)
-                .ok_or_else(|| comm_err(self.stages[0], format!("member {m} of a group of {n}")))?;
-            if slot.replace(pos).is_some() {
-                return Err(comm_err(self.stages[m], format!("member {m} given twice")));
-            }
-        }
-        at.into_iter()
-            .enumerate()
-            .map(|(m, pos)| pos.ok_or_else(|| comm_err(self.stages[m], format!("member {m} is missing"))))
-            .collect()
+        member_order("nccl", &self.stages, members)
     }
 
     fn check(&self, member: usize, d: &CudaData, storage: Storage, len: usize, what: &str) -> Result<()> {
@@ -823,7 +810,7 @@ impl Collective<Cuda> for NcclGroup {
 
     fn all_gather_host(&self, values: &[Local<'_, Vec<f64>>]) -> Result<Vec<Vec<f64>>> {
         let order = self.order(values.iter().map(|(m, _)| *m))?;
-        Ok(order.iter().map(|&pos| values[pos].1.clone()).collect())
+        Ok(gather_host(values, &order))
     }
 
     fn barrier(&self) -> Result<()> {

@@ -23,7 +23,7 @@ use crate::engine::data::{default_corpus, load_tokens, Split, Tokenizer};
 use crate::engine::executor::FailurePoint;
 use crate::engine::memory::{self, MemoryEstimate};
 use crate::engine::pipeline::{NonFinitePolicy, TensorMap};
-use crate::engine::{Cpu, Pipeline, PipelineConfig, SplitData, Trainer, TrainerConfig};
+use crate::engine::{Collectives, Cpu, Pipeline, PipelineConfig, SplitData, Trainer, TrainerConfig};
 use crate::schedules::{validate, Schedule};
 use progress::{summary, CliObserver};
 
@@ -595,14 +595,8 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
                         false
                     }
                 };
-            let collectives: Option<MakeCollectivesFn<Cuda>> = nccl.then(|| {
-                let f: MakeCollectivesFn<Cuda> = || {
-                    Box::new(|w: &crate::engine::comm::Workers<Cuda>| {
-                        let c: Arc<dyn crate::engine::Collectives<Cuda>> =
-                            Arc::new(crate::engine::comm::NcclCollectives::over(w.clone())?);
-                        Ok(c)
-                    })
-                };
+            let collectives: Option<CollectivesFor<Cuda>> = nccl.then(|| {
+                let f: CollectivesFor<Cuda> = |w| Ok(Arc::new(crate::engine::comm::NcclCollectives::over(w.clone())?));
                 f
             });
             train_on(&c, setup, split, token_count, &out, fail_at, &names, collectives, &make)
@@ -637,8 +631,9 @@ fn device_map(c: &TrainConfig, devices: &[String]) -> String {
     out
 }
 
-/// Makes a fresh collectives factory for every pipeline the trainer builds (it rebuilds one after a failure).
-type MakeCollectivesFn<B> = fn() -> crate::engine::pipeline::MakeCollectives<B>;
+/// Makes the collectives over a pipeline's workers (a plain function: the trainer builds a pipeline again after
+/// a failure).
+type CollectivesFor<B> = fn(&crate::engine::comm::Workers<B>) -> crate::engine::Result<Arc<dyn Collectives<B>>>;
 
 /// Where a run trains.
 enum Device {
@@ -697,7 +692,7 @@ fn train_on<B: Backend>(
     out: &Path,
     fail_at: Option<FailurePoint>,
     devices: &[String],
-    collectives: Option<MakeCollectivesFn<B>>,
+    collectives: Option<CollectivesFor<B>>,
     make: &dyn Fn() -> crate::engine::Result<Vec<B>>,
 ) -> Result<(), CliError> {
     let model = Arc::new(setup.pcfg.gpt2().map_err(engine_err)?);
@@ -708,7 +703,7 @@ fn train_on<B: Backend>(
             .options(setup.pcfg.options())
             .data_parallel(setup.pcfg.data_parallel.clone());
         match collectives {
-            Some(make_collectives) => builder.collectives_for(make_collectives()),
+            Some(make) => builder.collectives_for(make),
             None => builder,
         }
         .build(make()?)
