@@ -41,6 +41,9 @@ pub const ADAM_M_SUFFIX: &str = ".adam_m";
 /// Suffix of a parameter's second AdamW moment in a stage file.
 pub const ADAM_V_SUFFIX: &str = ".adam_v";
 
+/// The file holding the replicas' communication state inside a checkpoint.
+pub const STATE_FILE: &str = "sync-state.safetensors";
+
 const STEP_PREFIX: &str = "step-";
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -98,6 +101,10 @@ pub struct Manifest {
     pub loader: Option<LoaderState>,
     /// Every data file of the checkpoint, with its size and hash.
     pub files: Vec<FileEntry>,
+    /// Files of the replicas' communication state ([`Pipeline::sync_state`]: compression residuals, PowerSGD's
+    /// `Q`, DiLoCo's anchor, momentum and diverged replicas), when there is any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_files: Vec<FileEntry>,
 }
 
 /// One data file of a checkpoint.
@@ -191,6 +198,7 @@ impl ManifestV1 {
             tokenizer: self.tokenizer,
             loader: self.loader,
             files: self.files,
+            state_files: Vec::new(),
         }
     }
 }
@@ -208,6 +216,8 @@ pub struct Checkpoint {
     pub adam_m: TensorMap,
     /// AdamW second moments by global name.
     pub adam_v: TensorMap,
+    /// The replicas' communication state ([`Pipeline::sync_state`]); empty when none was saved.
+    pub state: TensorMap,
 }
 
 /// Every parameter the pipeline holds for `model`, by global name, with its shape: `wte`,
@@ -278,6 +288,8 @@ pub struct Snapshot {
     pub loader: Option<LoaderState>,
     /// Per stage: values, and AdamW moments under `{name}.adam_m` / `{name}.adam_v`.
     pub stages: Vec<TensorMap>,
+    /// The replicas' communication state ([`Pipeline::sync_state`]).
+    pub state: TensorMap,
 }
 
 /// Copies the pipeline's state to host memory (see [`Snapshot`]).
@@ -320,6 +332,7 @@ pub fn snapshot<B: Backend>(
         tokenizer,
         loader,
         stages,
+        state: pipeline.sync_state()?,
     })
 }
 
@@ -378,6 +391,20 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
         }
     }
 
+    let mut state_files = Vec::new();
+    if !snap.state.is_empty() {
+        let path = tmp.join(STATE_FILE);
+        let bytes = serialize_f32(&snap.state, None).map_err(|reason| EngineError::Checkpoint {
+            path: path.display().to_string(),
+            reason,
+        })?;
+        write_synced(&path, &bytes)?;
+        state_files.push(FileEntry {
+            name: STATE_FILE.into(),
+            sha256: sha256_hex(&bytes),
+            bytes: bytes.len() as u64,
+        });
+    }
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         model: snap.model.clone(),
@@ -389,6 +416,7 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
         tokenizer: snap.tokenizer,
         loader: snap.loader,
         files,
+        state_files,
     };
     let manifest_path = tmp.join(MANIFEST_FILE);
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| EngineError::Checkpoint {
@@ -526,21 +554,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             path: path.display().to_string(),
             reason,
         };
-        let bytes = fs::read(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        if bytes.len() as u64 != entry.bytes {
-            return Err(fail(format!(
-                "file is {} bytes, the manifest says {} (truncated or overwritten)",
-                bytes.len(),
-                entry.bytes
-            )));
-        }
-        let actual = sha256_hex(&bytes);
-        if actual != entry.sha256 {
-            return Err(fail(format!(
-                "checksum mismatch: expected sha256 {}, found {actual}",
-                entry.sha256
-            )));
-        }
+        let bytes = verified(&path, entry)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
         for (name, view) in st.iter() {
             let (slot, base) = if let Some(base) = name.strip_suffix(ADAM_M_SUFFIX) {
@@ -581,6 +595,20 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             }
         }
     }
+    let mut state = TensorMap::new();
+    for entry in &manifest.state_files {
+        let path = dir.join(&entry.name);
+        let bytes = verified(&path, entry)?;
+        let fail = |reason: String| EngineError::Checkpoint {
+            path: path.display().to_string(),
+            reason,
+        };
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
+        for (name, view) in st.iter() {
+            let tensor = f32_tensor(name, &view, view.shape()).map_err(&fail)?;
+            state.insert(name.to_string(), tensor);
+        }
+    }
     let [params, adam_m, adam_v] = maps;
     Ok(Checkpoint {
         dir,
@@ -588,7 +616,32 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         params,
         adam_m,
         adam_v,
+        state,
     })
+}
+
+/// A checkpoint file's bytes, after checking its size and SHA-256 against the manifest.
+fn verified(path: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
+    let fail = |reason: String| EngineError::Checkpoint {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 != entry.bytes {
+        return Err(fail(format!(
+            "file is {} bytes, the manifest says {} (truncated or overwritten)",
+            bytes.len(),
+            entry.bytes
+        )));
+    }
+    let actual = sha256_hex(&bytes);
+    if actual != entry.sha256 {
+        return Err(fail(format!(
+            "checksum mismatch: expected sha256 {}, found {actual}",
+            entry.sha256
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The newest `step-*` directory under `root` with a valid manifest, or `None` when there is

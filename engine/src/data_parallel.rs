@@ -27,7 +27,9 @@ use baton_schedules::{Op, Schedule};
 
 use crate::backend::Backend;
 use crate::comm::Collective;
+use crate::compress::{reduce_bucket as reduce_compressed, CompressState, Compression, Side, TensorInfo};
 use crate::error::{EngineError, Result};
+use crate::local_sgd::SyncMode;
 
 /// DDP's default bucket size, MiB.
 pub const BUCKET_MIB_DEFAULT: f64 = 25.0;
@@ -43,6 +45,15 @@ pub struct DataParallel {
     pub bucket_mib: f64,
     /// ZeRO stage 1: AdamW moments sharded across the replicas of each stage.
     pub zero: bool,
+    /// How gradients (or, under local SGD, the outer deltas) are encoded for the reduction.
+    #[serde(default)]
+    pub compress: Compression,
+    /// When replicas synchronise: every step, or every `H` steps (DiLoCo).
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// `auto` compression: the bandwidth between replicas, Gbit/s (`None`: measured from the reductions).
+    #[serde(default)]
+    pub link_gbps: Option<f64>,
 }
 
 impl Default for DataParallel {
@@ -52,6 +63,9 @@ impl Default for DataParallel {
             overlap: true,
             bucket_mib: BUCKET_MIB_DEFAULT,
             zero: false,
+            compress: Compression::None,
+            sync: SyncMode::Bsp,
+            link_gbps: None,
         }
     }
 }
@@ -76,6 +90,27 @@ impl DataParallel {
                 self.bucket_mib,
                 "must be a positive number of MiB",
             ));
+        }
+        self.compress.validate()?;
+        self.sync.validate()?;
+        if self.sync.is_local() && self.zero {
+            return Err(EngineError::config(
+                "zero",
+                1,
+                format!(
+                    "ZeRO-1 shards one shared optimizer state, but under {} every replica steps its own: use --zero 0",
+                    self.sync
+                ),
+            ));
+        }
+        if let Some(g) = self.link_gbps {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(EngineError::config(
+                    "link_gbps",
+                    g,
+                    "must be a positive number of Gbit/s",
+                ));
+            }
         }
         Ok(())
     }
@@ -195,8 +230,10 @@ pub struct CommSpan {
     pub stage: u32,
     /// Bucket index in the stage's readiness order.
     pub bucket: u32,
-    /// Gradient bytes per replica.
+    /// Payload bytes per replica (fp32 gradients: 4 per element; less when compressed).
     pub bytes: usize,
+    /// How the bucket was encoded.
+    pub mode: Compression,
     /// Start, seconds since the step began.
     pub start_s: f64,
     /// End, seconds since the step began.
@@ -251,6 +288,75 @@ pub(crate) struct Reducer<'a, B: Backend> {
     pub chunks: usize,
     /// When the step began.
     pub t0: Instant,
+    /// Compression of the stage's buckets this step, and what it carries between steps.
+    pub codec: Codec<'a, B>,
+}
+
+/// What a stage's compressed reduction needs: each bucket's setting this step (resolved: never `Auto`), the
+/// tensors' names and shapes, the carried state, and every replica's backend for the stage.
+pub(crate) struct Codec<'a, B: Backend> {
+    /// Per bucket.
+    pub modes: &'a [Compression],
+    /// The stage's tensors.
+    pub infos: &'a BTreeMap<Slot, TensorInfo>,
+    /// Residuals and PowerSGD's `Q`.
+    pub state: &'a mut CompressState,
+    /// `backends[r]`: replica `r`'s backend for the stage.
+    pub backends: Vec<&'a B>,
+}
+
+impl<B: Backend> Codec<'_, B> {
+    /// True when bucket `index` takes the plain device path (fp32, nothing owed from earlier steps).
+    pub fn plain(&self, index: usize, bucket: &Bucket) -> bool {
+        self.modes.get(index).is_none_or(|m| *m == Compression::None) && !self.state.owes(&bucket.items)
+    }
+
+    /// Reduces `bucket` (index `index`) through compression; `grads[r]` are replica `r`'s gradients for its items,
+    /// in item order. Returns the payload bytes per replica.
+    pub fn reduce(
+        &mut self,
+        group: &dyn Collective<B>,
+        stage: usize,
+        index: usize,
+        bucket: &Bucket,
+        grads: Vec<Vec<&mut B::Buf>>,
+    ) -> Result<usize> {
+        let mode = self.modes.get(index).copied().unwrap_or_default();
+        let items = bucket
+            .items
+            .iter()
+            .map(|slot| {
+                self.infos
+                    .get(slot)
+                    .map(|i| (*slot, i))
+                    .ok_or_else(|| EngineError::Invariant {
+                        stage: stage as u32,
+                        what: format!("bucket {index} holds {slot:?}, which the stage does not describe"),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut sides: Vec<Side<'_, B>> = grads
+            .into_iter()
+            .enumerate()
+            .map(|(r, bufs)| Side {
+                member: r,
+                backend: self.backends[r],
+                bufs,
+            })
+            .collect();
+        reduce_compressed(group, stage, mode, &items, &mut sides, self.state)
+    }
+}
+
+/// The `&mut` entries of `all` for `items`, in item order (`None` when one is missing).
+pub(crate) fn pick<'a, T: 'a>(all: impl Iterator<Item = (Slot, &'a mut T)>, items: &[Slot]) -> Option<Vec<&'a mut T>> {
+    let mut out: Vec<Option<&'a mut T>> = (0..items.len()).map(|_| None).collect();
+    for (slot, x) in all {
+        if let Some(i) = items.iter().position(|s| *s == slot) {
+            out[i] = Some(x);
+        }
+    }
+    out.into_iter().collect()
 }
 
 impl<B: Backend> Reducer<'_, B> {
@@ -258,7 +364,7 @@ impl<B: Backend> Reducer<'_, B> {
     /// in bucket order. Stops with [`EngineError::Aborted`] when `abort` is set (a replica failed) and with a
     /// [`EngineError::Comm`] when nothing arrives for `timeout`.
     pub fn run(
-        &self,
+        &mut self,
         rx: &Receiver<ReadyPart<B>>,
         abort: &AtomicBool,
         timeout: Duration,
@@ -321,9 +427,34 @@ impl<B: Backend> Reducer<'_, B> {
         Ok((grads, spans))
     }
 
-    fn reduce_bucket(&self, index: usize, got: &mut Arrived<B>) -> Result<CommSpan> {
+    fn reduce_bucket(&mut self, index: usize, got: &mut Arrived<B>) -> Result<CommSpan> {
         let start_s = self.t0.elapsed().as_secs_f64();
         let bucket = &self.buckets[index];
+        if !self.codec.plain(index, bucket) {
+            let mut grads = Vec::with_capacity(self.replicas);
+            for (r, parts) in got.iter_mut().enumerate() {
+                let all = parts.iter_mut().enumerate().flat_map(|(c, part)| {
+                    part.iter_mut().flat_map(move |layers| {
+                        layers.iter_mut().enumerate().flat_map(move |(l, params)| {
+                            params.iter_mut().enumerate().map(move |(pi, g)| ((c, l, pi), g))
+                        })
+                    })
+                });
+                grads.push(
+                    pick(all, &bucket.items)
+                        .ok_or_else(|| self.err(format!("replica {r} sent no gradients for bucket {index}")))?,
+                );
+            }
+            let bytes = self.codec.reduce(self.group, self.stage, index, bucket, grads)?;
+            return Ok(CommSpan {
+                stage: self.stage as u32,
+                bucket: index as u32,
+                bytes,
+                mode: self.codec.modes.get(index).copied().unwrap_or_default(),
+                start_s,
+                end_s: self.t0.elapsed().as_secs_f64(),
+            });
+        }
         for &(c, l, pi) in &bucket.items {
             let mut views: Vec<(usize, &mut B::Buf)> = Vec::with_capacity(self.replicas);
             for (r, parts) in got.iter_mut().enumerate() {
@@ -345,6 +476,7 @@ impl<B: Backend> Reducer<'_, B> {
             stage: self.stage as u32,
             bucket: index as u32,
             bytes: bucket.bytes,
+            mode: Compression::None,
             start_s,
             end_s: self.t0.elapsed().as_secs_f64(),
         })

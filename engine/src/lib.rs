@@ -15,11 +15,13 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod comm;
+pub mod compress;
 pub mod data;
 pub mod data_parallel;
 pub mod error;
 pub mod executor;
 pub mod export;
+pub mod local_sgd;
 pub mod memory;
 pub mod model;
 pub mod optim;
@@ -30,7 +32,9 @@ pub mod trainer;
 
 pub use backend::{Backend, Cpu};
 pub use comm::{Collective, Collectives, Endpoint, LocalCollectives, LocalTransport, Transport};
+pub use compress::Compression;
 pub use data_parallel::DataParallel;
+pub use local_sgd::SyncMode;
 pub use error::{EngineError, Result};
 pub use model::{Gpt2, GptConfig, Layer, Model, TiedGroup};
 pub use optim::OptimizerConfig;

@@ -13,16 +13,21 @@ use baton_schedules::{generate, peak_receive_buffers, validate, Schedule, Schedu
 
 use crate::backend::{Backend, PoolStats};
 use crate::comm::{Collective, Collectives, LocalCollectives, LocalTransport, Transport, Workers};
+use crate::compress::{CompressState, Compression, TensorInfo};
 use crate::data::Batch;
 use crate::data_parallel::{
-    assign_owners, last_weight_actions, plan_buckets, reduce_tensor, Bucket, CommSpan, DataParallel, ReadyPart,
-    Reducer, Slot, StageGrads,
+    assign_owners, last_weight_actions, pick, plan_buckets, reduce_tensor, Bucket, Codec, CommSpan, DataParallel,
+    ReadyPart, Reducer, Slot, StageGrads,
 };
+use crate::local_sgd::Outer;
+
+mod sync;
 use crate::error::{EngineError, Result};
 use crate::executor::{run_step, ActionSpan, CopySpan, ExecConfig, FailurePoint, GradSink, Part, Stage, StepRun};
 use crate::model::{Gpt2, GptConfig, Layer, MicroBatch, Model, Param};
 use crate::optim::OptimizerConfig;
 use crate::split::StageSplit;
+pub use sync::{AUTO_REPLAN_SHARE, AUTO_SLACK_SHARE};
 
 /// A tensor on the host: shape (row-major) and data.
 #[derive(Clone, Debug, PartialEq)]
@@ -231,8 +236,13 @@ pub struct StepReport {
     /// Per stage: seconds of gradient reduction after the last replica's schedule ended (what overlap did not
     /// hide).
     pub exposed_comm_s: Vec<f64>,
-    /// Gradient bytes each replica contributed to the data-parallel reduction this step.
+    /// Payload bytes each replica put into the data-parallel reduction this step (compressed size; under DiLoCo
+    /// the outer step's, 0 on inner steps).
     pub reduced_bytes: usize,
+    /// Per stage: each bucket's encoding this step (empty with one replica).
+    pub compress: Vec<Vec<Compression>>,
+    /// DiLoCo: this step ended with an outer step.
+    pub outer_step: bool,
     /// Every bucket's reduction (seconds since the step began).
     #[serde(skip)]
     pub comm: Vec<CommSpan>,
@@ -285,6 +295,16 @@ pub struct Pipeline<B: Backend> {
     /// Each non-primary copy of a tied parameter → its group's primary (not counted again in the gradient norm;
     /// where a checkpoint without the copy loads it from).
     primaries: BTreeMap<String, String>,
+    /// Per stage: every tensor's name and shape (for compression).
+    infos: Vec<BTreeMap<Slot, TensorInfo>>,
+    /// Per stage: what compression carries between steps (residuals, PowerSGD's `Q`).
+    codecs: Vec<CompressState>,
+    /// Per stage, per bucket: `auto`'s current choice.
+    auto_plan: Vec<Vec<Compression>>,
+    /// What `auto`'s plan was made from: (schedule seconds, bytes per second).
+    auto_basis: Option<(f64, f64)>,
+    /// DiLoCo's anchor and outer momentum (made at the first step).
+    outer: Option<Outer<B>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
     lost: Option<String>,
@@ -534,6 +554,11 @@ impl<B: Backend> Pipeline<B> {
             buckets: Vec::new(),
             owners: Vec::new(),
             primaries: BTreeMap::new(),
+            infos: Vec::new(),
+            codecs: (0..p).map(|_| CompressState::new(d)).collect(),
+            auto_plan: Vec::new(),
+            auto_basis: None,
+            outer: None,
             step: 0,
             lost: None,
             fail: None,
@@ -603,7 +628,26 @@ impl<B: Backend> Pipeline<B> {
                 bucket_bytes,
             ));
             sizes.push(stage.params().map(|(slot, prm)| (slot, prm.len())).collect::<Vec<_>>());
+            pipeline.infos.push(
+                stage
+                    .params()
+                    .map(|(slot, prm)| {
+                        (
+                            slot,
+                            TensorInfo {
+                                name: prm.name.clone(),
+                                shape: prm.shape.clone(),
+                            },
+                        )
+                    })
+                    .collect(),
+            );
         }
+        pipeline.auto_plan = pipeline
+            .buckets
+            .iter()
+            .map(|b| vec![Compression::None; b.len()])
+            .collect();
         pipeline.owners = assign_owners(d, &sizes, &tied_slots);
         // ZeRO-1: only a tensor's owner keeps its moments.
         let sharded = pipeline.sharded();
@@ -724,6 +768,16 @@ impl<B: Backend> Pipeline<B> {
     /// Sets the optimizer step counter (when resuming).
     pub fn set_step(&mut self, step: u64) {
         self.step = step;
+    }
+
+    /// The bytes one replica would put into each step's data-parallel reduction as fp32 (0 with one replica): what
+    /// compression is measured against.
+    pub fn dense_reduce_bytes(&self) -> usize {
+        if self.replicas.len() > 1 {
+            self.buckets.iter().flatten().map(|b| b.bytes).sum()
+        } else {
+            0
+        }
     }
 
     /// Per part (pipeline order): the gradient bytes one replica puts into the data-parallel reduction.
@@ -899,11 +953,12 @@ impl<B: Backend> Pipeline<B> {
         mbs: Vec<Vec<Vec<MicroBatch<B>>>>,
         exec: &[ExecConfig],
         t0: Instant,
+        modes: &[Vec<Compression>],
     ) -> (Vec<StepRun<B>>, Option<Result<Vec<(StageGrads<B>, Vec<CommSpan>)>>>) {
         let d = self.replicas.len();
         let p = self.num_stages();
         let schedule = Arc::clone(&self.schedule);
-        let overlap = d > 1 && self.dp.overlap;
+        let overlap = d > 1 && self.dp.overlap && !self.dp.sync.is_local();
         let timeout = Duration::from_millis(self.options.recv_timeout_ms) * 4;
         let abort = AtomicBool::new(false);
         let sharded = self.sharded();
@@ -912,17 +967,22 @@ impl<B: Backend> Pipeline<B> {
             dp_groups,
             buckets,
             owners,
+            codecs,
+            infos,
             ..
         } = self;
         let stage_sets: Vec<Vec<Stage<B>>> = replicas.iter_mut().map(|r| std::mem::take(&mut r.stages)).collect();
+        let replicas: &Vec<Replica<B>> = replicas;
+        let mut states = codecs.iter_mut();
         std::thread::scope(|scope| {
             let mut reducers = Vec::new();
             let mut senders = Vec::new();
             if overlap {
                 for s in 0..p {
+                    let Some(state) = states.next() else { break };
                     let (tx, rx) = crossbeam_channel::unbounded::<ReadyPart<B>>();
                     senders.push(tx);
-                    let reducer = Reducer {
+                    let mut reducer = Reducer {
                         stage: s,
                         group: dp_groups[s].as_ref(),
                         buckets: &buckets[s],
@@ -930,6 +990,12 @@ impl<B: Backend> Pipeline<B> {
                         replicas: d,
                         chunks: schedule.chunks() as usize,
                         t0,
+                        codec: Codec {
+                            modes: &modes[s],
+                            infos: &infos[s],
+                            state,
+                            backends: replicas.iter().map(|r| &r.backends[s]).collect(),
+                        },
                     };
                     let abort = &abort;
                     reducers.push(scope.spawn(move || {
@@ -1042,7 +1108,12 @@ impl<B: Backend> Pipeline<B> {
                 fail: fail.as_ref().filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
             })
             .collect();
-        let (runs, reduced) = self.run_replicas(mbs, &exec, started);
+        let local = self.dp.sync.is_local();
+        if local && self.outer.is_none() {
+            self.outer = Some(self.anchor_here()?);
+        }
+        let modes = self.step_modes();
+        let (runs, reduced) = self.run_replicas(mbs, &exec, started, &modes);
         let mut complete = true;
         let mut failure: Option<EngineError> = None;
         let mut outcomes = Vec::with_capacity(d);
@@ -1114,26 +1185,16 @@ impl<B: Backend> Pipeline<B> {
                     comm.extend(spans);
                 }
             }
-            None if d > 1 => comm = self.reduce_replicas(started)?,
+            None if d > 1 && !local => comm = self.reduce_replicas(started, &modes)?,
             None => {}
         }
         self.reduce_tied()?;
-        let grad_norm = self.grad_norm()?;
-        let mut comm_s = vec![0.0; p];
-        let mut exposed_comm_s = vec![0.0; p];
-        for c in &comm {
-            comm_s[c.stage as usize] += c.end_s - c.start_s;
-            let hidden_until = c.start_s.max(after_schedule);
-            exposed_comm_s[c.stage as usize] += (c.end_s - hidden_until).max(0.0);
-        }
-        let reduced_bytes = if d > 1 {
-            self.buckets.iter().flatten().map(|b| b.bytes).sum()
-        } else {
-            0
-        };
+        let norms = self.grad_norms(local)?;
+        let grad_norm = norms[0];
         let mut skipped = false;
+        let mut outer_step = false;
         let mut nonfinite_stage = None;
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        if !loss.is_finite() || norms.iter().any(|n| !n.is_finite()) {
             self.zero_grads()?;
             self.consecutive_skips += 1;
             let first = outcomes
@@ -1162,8 +1223,26 @@ impl<B: Backend> Pipeline<B> {
             }
         } else {
             self.consecutive_skips = 0;
-            self.apply_optimizer(lr, grad_norm)?;
+            self.apply_optimizer(lr, &norms)?;
             self.step += 1;
+            if local && self.step % u64::from(self.dp.sync.period()) == 0 {
+                comm.extend(self.outer_step(started, &modes)?);
+                outer_step = true;
+            }
+        }
+        let mut comm_s = vec![0.0; p];
+        let mut exposed_comm_s = vec![0.0; p];
+        for c in &comm {
+            comm_s[c.stage as usize] += c.end_s - c.start_s;
+            let hidden_until = c.start_s.max(after_schedule);
+            exposed_comm_s[c.stage as usize] += (c.end_s - hidden_until).max(0.0);
+        }
+        let reduced_bytes = comm.iter().map(|c| c.bytes).sum();
+        if d > 1 && !local && self.dp.compress == Compression::Auto {
+            if let Some(first) = outcomes.first() {
+                let spans: Vec<&[ActionSpan]> = first.iter().map(|o| o.spans.as_slice()).collect();
+                self.replan(&spans, pipeline_s, &comm);
+            }
         }
 
         let busy = |o: &Vec<crate::executor::StageOutcome>| -> Vec<f64> {
@@ -1205,6 +1284,8 @@ impl<B: Backend> Pipeline<B> {
             comm_s,
             exposed_comm_s,
             reduced_bytes,
+            compress: if d > 1 { modes } else { Vec::new() },
+            outer_step,
             comm,
             skipped,
             nonfinite_stage,
@@ -1237,19 +1318,50 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Sums every stage's gradients across the replicas, bucket by bucket, after the schedule (no overlap).
-    fn reduce_replicas(&mut self, t0: Instant) -> Result<Vec<CommSpan>> {
+    fn reduce_replicas(&mut self, t0: Instant, modes: &[Vec<Compression>]) -> Result<Vec<CommSpan>> {
         let sharded = self.sharded();
         let Pipeline {
             replicas,
             dp_groups,
             buckets,
             owners,
+            codecs,
+            infos,
             ..
         } = self;
+        let backends: Vec<Arc<Vec<B>>> = replicas.iter().map(|r| Arc::clone(&r.backends)).collect();
         let mut spans = Vec::new();
-        for (s, stage_buckets) in buckets.iter().enumerate() {
+        for (s, (stage_buckets, state)) in buckets.iter().zip(codecs.iter_mut()).enumerate() {
+            let mut codec = Codec {
+                modes: &modes[s],
+                infos: &infos[s],
+                state,
+                backends: backends.iter().map(|b| &b[s]).collect(),
+            };
             for (index, bucket) in stage_buckets.iter().enumerate() {
                 let start_s = t0.elapsed().as_secs_f64();
+                if !codec.plain(index, bucket) {
+                    let grads = replicas
+                        .iter_mut()
+                        .map(|rep| {
+                            let all = rep.stages[s].params_mut().map(|(slot, p)| (slot, &mut p.grad));
+                            pick(all, &bucket.items).ok_or_else(|| EngineError::Invariant {
+                                stage: s as u32,
+                                what: format!("bucket {index} names a tensor the stage does not hold"),
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let bytes = codec.reduce(dp_groups[s].as_ref(), s, index, bucket, grads)?;
+                    spans.push(CommSpan {
+                        stage: s as u32,
+                        bucket: index as u32,
+                        bytes,
+                        mode: modes[s][index],
+                        start_s,
+                        end_s: t0.elapsed().as_secs_f64(),
+                    });
+                    continue;
+                }
                 for &slot in &bucket.items {
                     let mut views: Vec<(usize, &mut B::Buf)> = replicas
                         .iter_mut()
@@ -1263,6 +1375,7 @@ impl<B: Backend> Pipeline<B> {
                     stage: s as u32,
                     bucket: index as u32,
                     bytes: bucket.bytes,
+                    mode: Compression::None,
                     start_s,
                     end_s: t0.elapsed().as_secs_f64(),
                 });
@@ -1273,52 +1386,69 @@ impl<B: Backend> Pipeline<B> {
 
     /// Global gradient norm: per-tensor sums of squares added in global (layer, parameter)
     /// order, the tied LM head counted once (through `wte`) — the same for every split and every number of
-    /// replicas. Each tensor's square sum is taken once, by its owner replica; one read-back per worker.
-    fn grad_norm(&self) -> Result<f32> {
-        // Each worker contributes `(unit, parameter, sum of squares)` triples (exact in f64 for indices < 2^53)
-        // through the group of every worker, so the norm is the same however workers are spread over processes.
+    /// replicas. Each tensor's square sum is taken once, by its owner replica; one read-back per worker. Under local
+    /// SGD (`local`) the replicas have gradients of their own: one norm per replica, each over its own tensors.
+    fn grad_norms(&self, local: bool) -> Result<Vec<f32>> {
+        // Each worker contributes `(replica, unit, parameter, sum of squares)` tuples (exact in f64 for indices <
+        // 2^53) through the group of every worker, so the norm is the same however workers are spread over
+        // processes.
         let p = self.num_stages();
-        let mut local: Vec<(usize, Vec<f64>)> = Vec::with_capacity(p * self.replicas.len());
+        let mut local_sums: Vec<(usize, Vec<f64>)> = Vec::with_capacity(p * self.replicas.len());
         for (r, rep) in self.replicas.iter().enumerate() {
             for (stage, be) in rep.stages.iter().zip(rep.backends.iter()) {
                 let s = stage.index as usize;
                 let mut keys = Vec::new();
                 let mut grads = Vec::new();
                 for ((c, l, pi), prm) in stage.params() {
-                    if self.owners[s].get(&(c, l, pi)) == Some(&r) && !self.primaries.contains_key(&prm.name) {
-                        keys.push((stage.parts[c].units.start + l, pi));
+                    let mine = local || self.owners[s].get(&(c, l, pi)) == Some(&r);
+                    if mine && !self.primaries.contains_key(&prm.name) {
+                        keys.push((if local { r } else { 0 }, stage.parts[c].units.start + l, pi));
                         grads.push(&prm.grad);
                     }
                 }
                 let sums = be.sum_squares_many(&grads)?;
                 debug_assert_eq!(sums.len(), keys.len());
-                let triples = keys
+                let tuples = keys
                     .into_iter()
                     .zip(sums)
-                    .flat_map(|((unit, pi), sq)| [unit as f64, pi as f64, sq])
+                    .flat_map(|((rep, unit, pi), sq)| [rep as f64, unit as f64, pi as f64, sq])
                     .collect();
-                local.push((r * p + s, triples));
+                local_sums.push((r * p + s, tuples));
             }
         }
-        let mut squares: Vec<((u64, u64), f64)> = self
+        let mut squares: Vec<((u64, u64, u64), f64)> = self
             .world
-            .all_gather_host(&local)?
+            .all_gather_host(&local_sums)?
             .iter()
-            .flat_map(|v| v.chunks_exact(3).map(|t| ((t[0] as u64, t[1] as u64), t[2])))
+            .flat_map(|v| {
+                v.chunks_exact(4)
+                    .map(|t| ((t[0] as u64, t[1] as u64, t[2] as u64), t[3]))
+            })
             .collect();
         squares.sort_by_key(|&(k, _)| k);
-        Ok(squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt() as f32)
+        let norms = if local { self.replicas.len() } else { 1 };
+        let mut total = vec![0.0f64; norms];
+        for ((r, _, _), sq) in squares {
+            let at = (r as usize).min(norms - 1);
+            total[at] += sq;
+        }
+        Ok(total.into_iter().map(|t| t.sqrt() as f32).collect())
     }
 
     /// Clipping and AdamW for every parameter (under ZeRO-1: on its owner, then broadcast to the other
     /// replicas), then zeroed gradients.
-    fn apply_optimizer(&mut self, lr: f32, norm: f32) -> Result<()> {
+    fn apply_optimizer(&mut self, lr: f32, norms: &[f32]) -> Result<()> {
         let clip = self.options.optimizer.grad_clip;
-        let scale = if clip > 0.0 && norm > clip {
-            Some((f64::from(clip) / (f64::from(norm) + 1e-6)) as f32)
-        } else {
-            None
-        };
+        let scales: Vec<Option<f32>> = norms
+            .iter()
+            .map(|&norm| {
+                if clip > 0.0 && norm > clip {
+                    Some((f64::from(clip) / (f64::from(norm) + 1e-6)) as f32)
+                } else {
+                    None
+                }
+            })
+            .collect();
         let step =
             u32::try_from(self.step + 1).map_err(|_| EngineError::config("steps", self.step + 1, "too many steps"))?;
         let sharded = self.sharded();
@@ -1331,6 +1461,7 @@ impl<B: Backend> Pipeline<B> {
         } = self;
         let o = &options.optimizer;
         for (r, rep) in replicas.iter_mut().enumerate() {
+            let scale = scales[r.min(scales.len() - 1)];
             for (s, (stage, be)) in rep.stages.iter_mut().zip(rep.backends.iter()).enumerate() {
                 for (slot, p) in stage.params_mut() {
                     if !steps_on(owners, sharded, r, s, slot) {

@@ -320,6 +320,8 @@ pub struct RunSummary {
     pub elapsed_s: f64,
     /// Tokens trained on in this run.
     pub tokens: usize,
+    /// Payload bytes each replica put into the data-parallel reductions of this run.
+    pub comm_bytes: u64,
     /// First and last validation loss of the run.
     pub first_val: Option<f32>,
     /// See `first_val`.
@@ -354,9 +356,15 @@ pub fn predicted_data_parallel<B: Backend>(pipeline: &Pipeline<B>, report: &Step
     let costs = measured_costs(pipeline, report)?;
     let dp = pipeline.data_parallel();
     let wire = 2.0 * f64::from(d - 1) / f64::from(d) * report.reduced_bytes as f64;
+    // Compression shrinks every part's payload by the step's measured ratio.
+    let ratio = report.reduced_bytes as f64 / pipeline.dense_reduce_bytes().max(1) as f64;
     let model = DpCosts {
         replicas: d,
-        grad_bytes: pipeline.grad_bytes_per_part().iter().map(|&b| b as f64).collect(),
+        grad_bytes: pipeline
+            .grad_bytes_per_part()
+            .iter()
+            .map(|&b| b as f64 * ratio)
+            .collect(),
         link_bytes_per_s: wire / comm_s,
         link_latency_s: 0.0,
         bucket_bytes: dp.bucket_bytes() as f64,
@@ -562,6 +570,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             steps_run: 0,
             elapsed_s: 0.0,
             tokens: 0,
+            comm_bytes: 0,
             first_val: None,
             last_val: None,
             last: None,
@@ -655,6 +664,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let step = report.step;
             summary.steps_run += 1;
             summary.tokens += report.tokens;
+            summary.comm_bytes += report.reduced_bytes as u64;
             let tokens_per_s = report.tokens as f64 / report.elapsed_s.max(1e-9);
             let busy: Vec<f64> = report
                 .busy_s
@@ -805,6 +815,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
 /// Loads `ck` into `pipeline` and puts `data` at the checkpoint's position.
 fn restore<B: Backend>(pipeline: &mut Pipeline<B>, ck: &Checkpoint, data: &mut dyn TrainData) -> Result<()> {
     pipeline.load(&ck.params, Some((&ck.adam_m, &ck.adam_v)))?;
+    pipeline.load_sync_state(&ck.state)?;
     pipeline.set_step(ck.manifest.step);
     data.restore(ck.manifest.loader)
 }

@@ -7,7 +7,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::CliError;
-use crate::engine::{DataParallel, GptConfig, OptimizerConfig, PipelineConfig, StageSplit};
+use crate::engine::{DataParallel, EngineError, GptConfig, OptimizerConfig, PipelineConfig, StageSplit};
 use crate::schedules::ScheduleKind;
 
 /// Default peak learning rate: with [`WARMUP_DEFAULT`] the default run's loss falls without a spike (3e-3 with 10
@@ -123,6 +123,13 @@ pub struct TrainConfig {
     pub no_overlap: bool,
     /// Largest gradient bucket of the data-parallel reduction, MiB.
     pub bucket_mib: f64,
+    /// How the replicas' gradients (under DiLoCo: outer deltas) are encoded: none, bf16, powersgd:R[:WARMUP],
+    /// topk:F or auto.
+    pub compress: String,
+    /// When the replicas synchronise: bsp (every step) or diloco:H[:OUTER_LR:MOMENTUM].
+    pub sync: String,
+    /// `--compress auto`: the bandwidth between replicas, Gbit/s (0: measured from the reductions).
+    pub link_gbps: f64,
 }
 
 impl Default for TrainConfig {
@@ -175,6 +182,9 @@ impl Default for TrainConfig {
             zero: 0,
             no_overlap: false,
             bucket_mib: crate::engine::data_parallel::BUCKET_MIB_DEFAULT,
+            compress: "none".into(),
+            sync: "bsp".into(),
+            link_gbps: 0.0,
         }
     }
 }
@@ -325,6 +335,17 @@ pub struct TrainArgs {
     /// Largest gradient bucket of the data-parallel reduction, MiB.
     #[arg(long, value_name = "MIB")]
     pub bucket_mib: Option<f64>,
+    /// Gradient compression between replicas: none, bf16, powersgd:RANK[:WARMUP] (error feedback), topk:FRACTION
+    /// (error feedback), or auto (per bucket, the least lossy one whose reduction hides under the step).
+    #[arg(long, value_name = "MODE")]
+    pub compress: Option<String>,
+    /// When replicas synchronise: bsp (every step) or diloco:H[:OUTER_LR:MOMENTUM] (local SGD: H inner AdamW
+    /// steps, then an outer Nesterov step on the mean parameter delta; defaults 0.7 and 0.9).
+    #[arg(long, value_name = "MODE")]
+    pub sync: Option<String>,
+    /// For --compress auto: the bandwidth between replicas in Gbit/s (default: measured).
+    #[arg(long, value_name = "GBPS")]
+    pub link_gbps: Option<f64>,
 }
 
 impl TrainArgs {
@@ -402,6 +423,15 @@ impl TrainArgs {
             c.bucket_mib = b;
         }
         c.no_overlap |= self.no_overlap;
+        if let Some(m) = &self.compress {
+            c.compress = m.clone();
+        }
+        if let Some(m) = &self.sync {
+            c.sync = m.clone();
+        }
+        if let Some(g) = self.link_gbps {
+            c.link_gbps = g;
+        }
         if self.out.is_some() {
             c.out = self.out.clone();
         }
@@ -469,6 +499,15 @@ pub fn pipeline_config(c: &TrainConfig, vocab_size: usize) -> Result<PipelineCon
         overlap: !c.no_overlap,
         bucket_mib: c.bucket_mib,
         zero: c.zero == 1,
+        compress: c
+            .compress
+            .parse()
+            .map_err(|e: EngineError| CliError::usage(format!("--compress: {e}")))?,
+        sync: c
+            .sync
+            .parse()
+            .map_err(|e: EngineError| CliError::usage(format!("--sync: {e}")))?,
+        link_gbps: (c.link_gbps > 0.0).then_some(c.link_gbps),
     };
     Ok(p)
 }
@@ -494,6 +533,32 @@ pub fn check(c: &TrainConfig) -> Result<(), CliError> {
         return Err(CliError::usage(format!(
             "--bucket-mib {} must be a positive number",
             c.bucket_mib
+        )));
+    }
+    if !(c.link_gbps.is_finite() && c.link_gbps >= 0.0) {
+        return Err(CliError::usage(format!(
+            "--link-gbps {} must be a positive number of Gbit/s (0: measured)",
+            c.link_gbps
+        )));
+    }
+    let compress: crate::engine::Compression = c
+        .compress
+        .parse()
+        .map_err(|e: EngineError| CliError::usage(format!("--compress: {e}")))?;
+    let sync: crate::engine::SyncMode = c
+        .sync
+        .parse()
+        .map_err(|e: EngineError| CliError::usage(format!("--sync: {e}")))?;
+    if sync.is_local() && c.zero == 1 {
+        return Err(CliError::usage(format!(
+            "--zero 1 shards one shared optimizer state, but under --sync {sync} every replica steps its own: use \
+             --zero 0"
+        )));
+    }
+    if compress != crate::engine::Compression::None && c.data_parallel < 2 {
+        return Err(CliError::usage(format!(
+            "--compress {compress} compresses what replicas exchange; with one replica there is nothing to send: \
+             add --data-parallel 2 or more"
         )));
     }
     let d = c.data_parallel as usize;

@@ -187,6 +187,16 @@ impl trainer::Observer for CliObserver {
                 "replica_busy_s": r.replica_busy_s,
                 "replica_pipeline_s": r.replica_pipeline_s,
             });
+            if r.compress
+                .iter()
+                .flatten()
+                .any(|m| *m != crate::engine::Compression::None)
+            {
+                line["data_parallel"]["compress"] = serde_json::json!(r.compress);
+            }
+            if r.outer_step {
+                line["data_parallel"]["outer_step"] = serde_json::json!(true);
+            }
         }
         if let Some(val) = e.val_loss {
             line["val_loss"] = serde_json::json!(val);
@@ -540,6 +550,17 @@ pub(super) fn summary<B: Backend>(i: &SummaryInputs<'_, B>) {
             if dp.overlap { "overlapped" } else { "not overlapped" },
             if dp.zero { " (ZeRO-1)" } else { "" },
             moments.join(", ")
+        );
+        let dense = pipeline.dense_reduce_bytes() as f64;
+        let per_step = run.comm_bytes as f64 / run.steps_run.max(1) as f64;
+        eprintln!(
+            "  communication: --compress {} --sync {}: {} per replica per step on average over the run ({} as fp32 \
+             every step: {:.1}× less)",
+            dp.compress,
+            dp.sync,
+            memory::human_bytes(per_step as u64),
+            memory::human_bytes(dense as u64),
+            dense / per_step.max(1.0)
         );
         if let Some(sim) = trainer::predicted_data_parallel(pipeline, report) {
             eprintln!(
