@@ -255,9 +255,9 @@ fn bad_arguments_exit_non_zero_with_one_line_or_clap_s_message() {
                 "--stages",
                 "4",
                 "--microbatches",
-                "6",
+                "3",
             ],
-            "multiple of 4",
+            "at least 4 micro-batches",
         ),
         (
             &[
@@ -495,5 +495,167 @@ fn bad_data_parallel_flags_are_one_line_usage_errors() {
         assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
         assert!(err.contains(needle), "{extra:?}: {err}");
         assert!(out.stdout.is_empty(), "{extra:?}");
+    }
+}
+
+#[test]
+fn two_bw_prints_the_stream_delay_weight_versions_and_the_ratio_to_1f1b() {
+    // Unit costs F = 1, B = 2: stage 0's B(i) ends at 3p + 3i, so window w ends at 12 + 3(8w + 7); a window
+    // takes 8 × 3 = 24 against 1F1B's flush (8 + 4 - 1) × 3 = 33.
+    let text = stdout(&baton(&schedule_args("2bw", "4", "8", &["--costs", "1,2,1,1,0"])));
+    assert!(
+        text.starts_with("2bw schedule: 4 stages, 32 micro-batches, 1 chunk(s) per stage"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2bw: 4 windows of 8 micro-batches (one optimizer step each), no flush; delay 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("window ends (stage 0's last backward of each window): 33.0000, 57.0000, 81.0000, 105.0000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("peak weight versions per stage: 2, 2, 2, 2 (1f1b with a flush: 1); weight copies 2 vs 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("steady state per window: 2bw 24.0000, 1f1b with a flush 33.0000; ratio 1.3750x"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bubble: 2bw 0.00% (steady state), 1f1b with a flush 27.27%"),
+        "{text}"
+    );
+    assert!(
+        text.contains("peak stashed activations per stage: 2bw 4, 3, 2, 1; 1f1b with a flush 4, 3, 2, 1"),
+        "{text}"
+    );
+    // The stream is drawn: micro-batch 31 is the last window's last.
+    assert!(text.contains("B31"), "{text}");
+    // One stage: no delay, one version, no gain (2BW is then plain 1F1B).
+    let text = stdout(&baton(&schedule_args("2bw", "1", "3", &["--windows", "5"])));
+    assert!(
+        text.contains("2bw: 5 windows of 3 micro-batches (one optimizer step each), no flush; delay 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("peak weight versions per stage: 1 (1f1b with a flush: 1)"),
+        "{text}"
+    );
+    assert!(text.contains("ratio 1.0000x"), "{text}");
+}
+
+#[test]
+fn two_bw_json_and_svg_carry_the_comparison() {
+    let out = baton(&schedule_args(
+        "2bw",
+        "4",
+        "8",
+        &["--costs", "1,2,1,1,0", "--windows", "6", "--format", "json"],
+    ));
+    let j: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(j["schedule"], "2bw");
+    assert_eq!(j["microbatches"], 48);
+    let r = &j["two_bw"];
+    assert_eq!(
+        (r["delay"].as_u64(), r["window"].as_u64(), r["windows"].as_u64()),
+        (Some(1), Some(8), Some(6))
+    );
+    assert_eq!(r["window_time"], 24.0);
+    assert_eq!(r["flush_window_time"], 33.0);
+    assert_eq!(r["speedup"], 1.375);
+    assert_eq!(r["peak_weight_versions"], serde_json::json!([2, 2, 2, 2]));
+    assert_eq!(
+        (r["weight_copies"].as_u64(), r["flush_weight_copies"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert!(
+        r.get("stream").is_none(),
+        "the stream's spans are the document's, not repeated: {r}"
+    );
+    let svg = stdout(&baton(&schedule_args("2bw", "4", "8", &["--format", "svg"])));
+    assert!(
+        svg.starts_with("<svg") && svg.contains("2bw — 4 stages, 4 windows of 8 micro-batches, no flush, delay 1"),
+        "{}",
+        &svg[..svg.len().min(600)]
+    );
+}
+
+#[test]
+fn two_bw_shapes_it_cannot_serve_exit_2_with_one_line() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["schedule", "--schedule", "2bw", "--stages", "4", "--microbatches", "2"],
+            "2bw cannot serve stages=4, microbatches=2, chunks=1: stage 0 runs 3 forwards ahead of its backwards",
+        ),
+        (
+            &["schedule", "--schedule", "2bw", "--stages", "4", "--microbatches", "2"],
+            "use microbatches >= stages - 1 = 3",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "2bw",
+                "--stages",
+                "4",
+                "--microbatches",
+                "8",
+                "--chunks",
+                "2",
+            ],
+            "--chunks 1",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "2bw",
+                "--stages",
+                "4",
+                "--microbatches",
+                "8",
+                "--windows",
+                "2",
+            ],
+            "--windows 2: the steady state is measured between window ends, so give 3 or more",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "1f1b",
+                "--stages",
+                "4",
+                "--microbatches",
+                "8",
+                "--windows",
+                "4",
+            ],
+            "--windows only applies to --schedule 2bw",
+        ),
+        (
+            &[
+                "schedule",
+                "--schedule",
+                "2bw",
+                "--stages",
+                "2",
+                "--microbatches",
+                "4",
+                "--data-parallel",
+                "2",
+            ],
+            "--data-parallel above 1 is not modelled for 2bw",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = baton(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
     }
 }

@@ -21,7 +21,7 @@ pub enum ScheduleError {
         reason: String,
     },
     /// An unknown schedule name.
-    #[error("unknown schedule `{0}`; expected one of gpipe, 1f1b, interleaved, zb-h1, zb-v")]
+    #[error("unknown schedule `{0}`; expected one of gpipe, 1f1b, interleaved, zb-h1, zb-v, 2bw")]
     UnknownKind(String),
     /// The placement is not a permutation of the parts.
     #[error("bad placement: {0}")]
@@ -65,7 +65,28 @@ pub enum ScheduleError {
         /// What was expected.
         reason: String,
     },
+    /// A flush-free stream cannot run with PipeDream-2BW's weight versions: an action would read a
+    /// version its stage has not produced yet.
+    #[error("stage {stage} action #{index} `{action}`: {reason}")]
+    WeightVersion {
+        /// Stage holding the action.
+        stage: u32,
+        /// Position in the stage's list.
+        index: usize,
+        /// The action, as text.
+        action: String,
+        /// Which version it reads, with which delay, and after which action that version appears.
+        reason: String,
+    },
     /// A lowered (compute + comm) schedule is inconsistent.
     #[error("communication mismatch: {0}")]
     Comm(String),
+    /// The list scheduler was given options it cannot honour on a stage, or could not go on.
+    #[error("list scheduler, stage {stage}: {reason}")]
+    ListScheduler {
+        /// The stage concerned.
+        stage: u32,
+        /// Which option or state, with its value, and what would work.
+        reason: String,
+    },
 }

@@ -7,6 +7,8 @@
 
 use crate::error::ScheduleError;
 use crate::ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBATCHES_MAX, STAGES_MAX};
+use crate::list::{interleaved_stash_cap, list_schedule, ListOptions};
+use crate::simulate::Costs;
 
 /// Generates a schedule of the given family.
 pub fn generate(kind: ScheduleKind, stages: u32, microbatches: u32, chunks: u32) -> Result<Schedule, ScheduleError> {
@@ -16,6 +18,7 @@ pub fn generate(kind: ScheduleKind, stages: u32, microbatches: u32, chunks: u32)
         ScheduleKind::Interleaved => interleaved(stages, microbatches, chunks),
         ScheduleKind::ZbH1 => zb_h1(stages, microbatches, chunks),
         ScheduleKind::ZbV => zb_v(stages, microbatches, chunks),
+        ScheduleKind::TwoBw => crate::two_bw::two_bw(stages, microbatches, chunks),
         ScheduleKind::Custom => Err(unsupported(
             kind,
             stages,
@@ -26,7 +29,13 @@ pub fn generate(kind: ScheduleKind, stages: u32, microbatches: u32, chunks: u32)
     }
 }
 
-fn unsupported(kind: ScheduleKind, stages: u32, microbatches: u32, chunks: u32, reason: String) -> ScheduleError {
+pub(crate) fn unsupported(
+    kind: ScheduleKind,
+    stages: u32,
+    microbatches: u32,
+    chunks: u32,
+    reason: String,
+) -> ScheduleError {
     ScheduleError::Unsupported {
         kind: kind.name(),
         stages,
@@ -51,7 +60,7 @@ fn check_common(kind: ScheduleKind, p: u32, m: u32, v: u32) -> Result<(), Schedu
     Ok(())
 }
 
-fn check_one_chunk(kind: ScheduleKind, p: u32, m: u32, v: u32) -> Result<(), ScheduleError> {
+pub(crate) fn check_one_chunk(kind: ScheduleKind, p: u32, m: u32, v: u32) -> Result<(), ScheduleError> {
     check_common(kind, p, m, v)?;
     if v != 1 {
         return Err(unsupported(
@@ -114,7 +123,10 @@ pub fn one_f_one_b(p: u32, m: u32, v: u32) -> Result<Schedule, ScheduleError> {
 
 /// Interleaved 1F1B in Megatron-LM's order over the looped placement (stage s chunk c holds
 /// part `c*p + s`). Micro-batches go through the chunks in groups of p; stage s warms up with
-/// `2(p-s-1) + (v-1)p` forwards. Needs v >= 2 and m a multiple of p.
+/// `2(p-s-1) + (v-1)p` forwards. Needs v >= 2 and m >= p. When m is not a multiple of p,
+/// Megatron's order does not exist (PyTorch refuses it too) and the order is the list
+/// scheduler's ([`crate::list_schedule`], unit costs F = 1, B = 2) under Megatron's per-stage
+/// activation memory ([`crate::interleaved_stash_cap`]).
 pub fn interleaved(p: u32, m: u32, v: u32) -> Result<Schedule, ScheduleError> {
     let kind = ScheduleKind::Interleaved;
     check_common(kind, p, m, v)?;
@@ -127,21 +139,30 @@ pub fn interleaved(p: u32, m: u32, v: u32) -> Result<Schedule, ScheduleError> {
             "interleaving needs chunks >= 2; with one chunk use 1f1b".into(),
         ));
     }
-    if m % p != 0 {
-        let lower = m / p * p;
-        let upper = lower + p;
-        let suggestion = if lower > 0 {
-            format!("{lower} or {upper}")
-        } else {
-            format!("{upper}")
-        };
+    if m < p {
         return Err(unsupported(
             kind,
             p,
             m,
             v,
-            format!("Megatron's interleaved order sends micro-batches in groups of `stages`, so microbatches must be a multiple of {p}: try {suggestion}"),
+            format!("interleaving needs at least {p} micro-batches (one per stage) to fill its loop: try {p}, or 1f1b / zb-h1 for fewer"),
         ));
+    }
+    if m % p != 0 {
+        // Megatron's order sends micro-batches in groups of `stages`; other counts get the list
+        // scheduler, at the activation memory Megatron's order would hold.
+        let opts = ListOptions {
+            split_backward: false,
+            stash_cap: Some(interleaved_stash_cap(p, v, m)),
+            weight_stash_cap: None,
+            kind,
+        };
+        return list_schedule(
+            &Placement::looped(p, v),
+            m,
+            &Costs::uniform(p * v, 1.0, 2.0, 1.0, 1.0, 0.0),
+            opts,
+        );
     }
     let total = m * v;
     let group = p * v;

@@ -207,21 +207,25 @@ pub enum ScheduleKind {
     ZbH1,
     /// Zero-bubble V: two chunks per stage in a V, near-zero bubble.
     ZbV,
+    /// PipeDream-2BW: 1F1B without a flush, weights updated every window of micro-batches, at
+    /// most two weight versions per stage (see [`crate::weight_versions`]).
+    TwoBw,
     /// Imported from outside (for example a PyTorch CSV).
     Custom,
 }
 
 impl ScheduleKind {
     /// Every generated kind, in the CLI's order.
-    pub const GENERATED: [ScheduleKind; 5] = [
+    pub const GENERATED: [ScheduleKind; 6] = [
         ScheduleKind::GPipe,
         ScheduleKind::OneFOneB,
         ScheduleKind::Interleaved,
         ScheduleKind::ZbH1,
         ScheduleKind::ZbV,
+        ScheduleKind::TwoBw,
     ];
 
-    /// The CLI / JSON name (`gpipe`, `1f1b`, `interleaved`, `zb-h1`, `zb-v`, `custom`).
+    /// The CLI / JSON name (`gpipe`, `1f1b`, `interleaved`, `zb-h1`, `zb-v`, `2bw`, `custom`).
     pub fn name(self) -> &'static str {
         match self {
             ScheduleKind::GPipe => "gpipe",
@@ -229,6 +233,7 @@ impl ScheduleKind {
             ScheduleKind::Interleaved => "interleaved",
             ScheduleKind::ZbH1 => "zb-h1",
             ScheduleKind::ZbV => "zb-v",
+            ScheduleKind::TwoBw => "2bw",
             ScheduleKind::Custom => "custom",
         }
     }
@@ -241,6 +246,7 @@ impl ScheduleKind {
             "interleaved" => Ok(ScheduleKind::Interleaved),
             "zb-h1" => Ok(ScheduleKind::ZbH1),
             "zb-v" => Ok(ScheduleKind::ZbV),
+            "2bw" => Ok(ScheduleKind::TwoBw),
             "custom" => Ok(ScheduleKind::Custom),
             other => Err(ScheduleError::UnknownKind(other.to_string())),
         }

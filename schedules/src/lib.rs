@@ -1,5 +1,6 @@
 //! Pipeline schedules for Baton: the IR, generators (GPipe, 1F1B, interleaved 1F1B, ZB-H1,
-//! ZB-V), a validator, a discrete-event simulator (with the data-parallel gradient reduction),
+//! ZB-V, PipeDream-2BW and its weight versions), a list scheduler for any shape, a validator,
+//! a discrete-event simulator (with the data-parallel gradient reduction),
 //! PyTorch-compatible text formats (schedule interchange with PyTorch 2.15's
 //! `torch.distributed.pipelining`, both ways) and renderers. Pure Rust: no device, no threads.
 
@@ -11,10 +12,12 @@ mod error;
 mod generate;
 mod graph;
 mod ir;
+mod list;
 mod render;
 mod simulate;
 mod text;
 mod torch;
+mod two_bw;
 mod validate;
 
 pub use buffers::peak_receive_buffers;
@@ -25,6 +28,7 @@ pub use data_parallel::{
 pub use error::ScheduleError;
 pub use generate::{generate, gpipe, interleaved, one_f_one_b, zb_h1, zb_v};
 pub use ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBATCHES_MAX, STAGES_MAX};
+pub use list::{interleaved_stash_cap, list_schedule, one_f_one_b_stash_cap, zb_h1_weight_stash_cap, ListOptions};
 pub use render::{to_json, to_svg, to_svg_with, to_text, SvgOptions, SVG_WIDTH_MAX, TEXT_COLUMNS_MAX};
 pub use simulate::{simulate, Costs, SimReport, Span};
 pub use text::{
@@ -32,4 +36,8 @@ pub use text::{
     CSV_CELLS_MAX,
 };
 pub use torch::{lower_with_comms, schedule_from_csv};
+pub use two_bw::{
+    simulate_two_bw, two_bw, two_bw_delay, two_bw_stream, weight_versions, TwoBwReport, WeightVersions,
+    DELAY_CHECK_WINDOWS, DELAY_MAX, STEADY_WINDOWS_MIN, WEIGHT_VERSIONS_MAX,
+};
 pub use validate::{peak_inflight, peak_weight_stash, validate, Validation};

@@ -57,7 +57,7 @@ impl Costs {
         table[part as usize]
     }
 
-    fn check(&self, parts: u32) -> Result<(), ScheduleError> {
+    pub(crate) fn check(&self, parts: u32) -> Result<(), ScheduleError> {
         for (name, table) in [
             ("F", &self.forward),
             ("B", &self.backward),

@@ -12,7 +12,12 @@ fn schedule(kind: ScheduleKind, p: u32, m: u32) -> baton_schedules::Schedule {
     } else {
         1
     };
-    let m = if kind == ScheduleKind::Interleaved { m * p } else { m };
+    let m = match kind {
+        ScheduleKind::Interleaved => m * p,
+        // Two weight versions need windows of p - 1 or more micro-batches.
+        ScheduleKind::TwoBw => m.max(p - 1),
+        _ => m,
+    };
     generate(kind, p, m, v).unwrap()
 }
 

@@ -112,8 +112,8 @@ fn unsupported_reason(e: ScheduleError) -> String {
 
 #[test]
 fn shapes_a_family_cannot_serve_are_refused_with_a_suggestion() {
-    let r = unsupported_reason(interleaved(4, 6, 2).unwrap_err());
-    assert!(r.contains("multiple of 4") && r.contains("4 or 8"), "{r}");
+    let r = unsupported_reason(interleaved(4, 3, 2).unwrap_err());
+    assert!(r.contains("at least 4") && r.contains("1f1b"), "{r}");
     let r = unsupported_reason(interleaved(4, 8, 1).unwrap_err());
     assert!(r.contains("chunks >= 2"), "{r}");
     let r = unsupported_reason(zb_v(4, 8, 3).unwrap_err());

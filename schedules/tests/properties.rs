@@ -1,6 +1,6 @@
 //! Property tests over (stages, micro-batches, chunks, costs).
 
-use baton_schedules::{generate, simulate, validate, Costs, ScheduleKind};
+use baton_schedules::{generate, interleaved_stash_cap, simulate, validate, Costs, ScheduleKind};
 use proptest::prelude::*;
 
 fn costs_strategy() -> impl Strategy<Value = (f64, f64, f64, f64)> {
@@ -19,8 +19,9 @@ proptest! {
         let Ok(s) = generate(kind, p, m, v) else {
             // Refused shapes must be the documented ones.
             let ok = match kind {
-                ScheduleKind::Interleaved => v < 2 || m % p != 0,
+                ScheduleKind::Interleaved => v < 2 || m < p,
                 ScheduleKind::ZbV => v != 2,
+                ScheduleKind::TwoBw => v != 1 || m + 1 < p,
                 _ => v != 1,
             };
             prop_assert!(ok, "{kind} refused p={p} m={m} v={v}");
@@ -40,9 +41,13 @@ proptest! {
         for (st, &peak) in val.peak_inflight.iter().enumerate() {
             let st = st as u32;
             match kind {
-                ScheduleKind::OneFOneB | ScheduleKind::ZbH1 => prop_assert!(peak <= (p - st).min(m), "{kind} stage {st} peak {peak}"),
+                ScheduleKind::OneFOneB | ScheduleKind::ZbH1 | ScheduleKind::TwoBw => prop_assert!(peak <= (p - st).min(m), "{kind} stage {st} peak {peak}"),
                 ScheduleKind::GPipe => prop_assert_eq!(peak, m),
                 ScheduleKind::ZbV => prop_assert!(peak <= 2 * p, "zb-v stage {st} peak {peak}"),
+                ScheduleKind::Interleaved => {
+                    let cap = interleaved_stash_cap(p, v, m)[st as usize];
+                    prop_assert!(peak <= cap, "interleaved stage {st} peak {peak} over Megatron's {cap}");
+                }
                 _ => {}
             }
         }
@@ -53,7 +58,11 @@ proptest! {
         p in 1u32..=8, m in 1u32..=16, kind in prop::sample::select(ScheduleKind::GENERATED.to_vec()), lat in 0.0f64..3.0,
     ) {
         let v = if matches!(kind, ScheduleKind::Interleaved | ScheduleKind::ZbV) { 2 } else { 1 };
-        let m = if kind == ScheduleKind::Interleaved { m * p } else { m };
+        let m = match kind {
+            ScheduleKind::Interleaved => m * p,
+            ScheduleKind::TwoBw => m.max(p - 1),
+            _ => m,
+        };
         let s = generate(kind, p, m, v).unwrap();
         let base = simulate(&s, &Costs::uniform(p * v, 1.0, 2.0, 1.0, 1.0, 0.0)).unwrap().makespan;
         let slow = simulate(&s, &Costs::uniform(p * v, 1.0, 2.0, 1.0, 1.0, lat)).unwrap().makespan;

@@ -1,7 +1,9 @@
 //! `baton schedule`: generate or import a schedule, validate, simulate, and render it; with `--data-parallel D`,
-//! also predict the step with the gradients reduced across `D` replicas (`dp`).
+//! also predict the step with the gradients reduced across `D` replicas (`dp`); with `--schedule 2bw`, the
+//! flush-free stream of `--windows` windows and its steady state against 1F1B (`two_bw`).
 
 mod dp;
+mod two_bw;
 
 use std::path::PathBuf;
 
@@ -9,8 +11,8 @@ use clap::{Args, ValueEnum};
 
 use super::{write_output, CliError};
 use crate::schedules::{
-    generate, lower_with_comms, schedule_from_csv, simulate, to_csv, to_json, to_rank_actions, to_svg, to_text, Costs,
-    Schedule, ScheduleKind,
+    generate, lower_with_comms, schedule_from_csv, simulate, to_csv, to_json, to_rank_actions, to_svg, to_svg_with,
+    to_text, Costs, Schedule, ScheduleKind, SvgOptions,
 };
 
 /// Arguments of `baton schedule`.
@@ -33,6 +35,10 @@ pub struct ScheduleArgs {
     /// Model chunks per stage (default: 2 for interleaved and zb-v, else 1).
     #[arg(long, value_name = "V")]
     pub chunks: Option<u32>,
+    /// With --schedule 2bw: windows (optimizer steps of M micro-batches each) of the flush-free stream to
+    /// simulate and draw; at least 3 (default 4).
+    #[arg(long, value_name = "N")]
+    pub windows: Option<u32>,
     /// Cost model: forward, full backward, input-grad, weight-grad time per part, and per-hop latency
     /// (milliseconds with --data-parallel above 1, else time units).
     #[arg(long, value_name = "F,B,I,W,LAT", default_value = "1,1,0.5,0.5,0")]
@@ -68,6 +74,9 @@ pub enum KindArg {
     /// Zero-bubble V (chunks = 2).
     #[value(name = "zb-v")]
     ZbV,
+    /// PipeDream-2BW: 1F1B without a flush, two weight versions per stage (chunks = 1).
+    #[value(name = "2bw")]
+    TwoBw,
 }
 
 impl From<KindArg> for ScheduleKind {
@@ -78,6 +87,7 @@ impl From<KindArg> for ScheduleKind {
             KindArg::Interleaved => ScheduleKind::Interleaved,
             KindArg::ZbH1 => ScheduleKind::ZbH1,
             KindArg::ZbV => ScheduleKind::ZbV,
+            KindArg::TwoBw => ScheduleKind::TwoBw,
         }
     }
 }
@@ -129,21 +139,49 @@ pub fn run(args: &ScheduleArgs) -> Result<(), CliError> {
             "--data-parallel above 1 only applies to --format text or json",
         ));
     }
-    let schedule = build_schedule(args)?;
+    let kind = args.schedule.map(ScheduleKind::from);
+    let windows = two_bw::windows(kind, args.windows)?;
+    if kind == Some(ScheduleKind::TwoBw) && args.dp.enabled() {
+        return Err(CliError::usage(
+            "--data-parallel above 1 is not modelled for 2bw (its reduction runs per window, without a flush)",
+        ));
+    }
+    let schedule = build_schedule(args, windows)?;
     let costs = parse_costs(&args.costs, schedule.placement.num_parts())?;
-    let sim = simulate(&schedule, &costs).map_err(|e| CliError::failure(e.to_string()))?;
+    let two_bw = two_bw::report(&schedule, args.microbatches.unwrap_or(1), windows, &costs)?;
+    let sim = match &two_bw {
+        Some(report) => report.stream.clone(),
+        None => simulate(&schedule, &costs).map_err(|e| CliError::failure(e.to_string()))?,
+    };
     let predictions = if args.dp.enabled() {
         args.dp.predict(&schedule, &sim)?
     } else {
         Vec::new()
     };
     let text = match args.format {
-        Format::Text => to_text(&schedule, &sim) + &args.dp.text(&predictions),
-        Format::Svg => to_svg(&schedule, &sim),
+        Format::Text => {
+            to_text(&schedule, &sim)
+                + &two_bw.as_ref().map(two_bw::text).unwrap_or_default()
+                + &args.dp.text(&predictions)
+        }
+        Format::Svg => match &two_bw {
+            Some(report) => to_svg_with(
+                &schedule,
+                &sim,
+                &SvgOptions {
+                    title: Some(two_bw::svg_title(report)),
+                    ..SvgOptions::default()
+                },
+            ),
+            None => to_svg(&schedule, &sim),
+        },
         Format::Json => {
             let mut doc = to_json(&schedule, &sim);
             if let (false, Some(map)) = (predictions.is_empty(), doc.as_object_mut()) {
                 map.insert("data_parallel".into(), args.dp.json(&predictions)?);
+            }
+            if let (Some(report), Some(map)) = (&two_bw, doc.as_object_mut()) {
+                map.insert("two_bw".into(), two_bw::json(report)?);
             }
             let mut s = serde_json::to_string_pretty(&doc).map_err(|e| CliError::failure(e.to_string()))?;
             s.push('\n');
@@ -201,7 +239,8 @@ fn check_size(kind: ScheduleKind, p: u32, m: u32, v: u32, format: Format) -> Res
     Ok(())
 }
 
-fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
+/// The schedule to simulate and draw: imported, generated, or for 2bw the stream of `windows` windows.
+fn build_schedule(args: &ScheduleArgs, windows: u32) -> Result<Schedule, CliError> {
     if let Some(path) = &args.from_csv {
         let text =
             std::fs::read_to_string(path).map_err(|e| CliError::failure(format!("reading {}: {e}", path.display())))?;
@@ -232,6 +271,10 @@ fn build_schedule(args: &ScheduleArgs) -> Result<Schedule, CliError> {
         ScheduleKind::Interleaved | ScheduleKind::ZbV => 2,
         _ => 1,
     });
+    if kind == ScheduleKind::TwoBw {
+        check_size(kind, p, m.saturating_mul(windows), v, args.format)?;
+        return two_bw::stream(p, m, v, windows);
+    }
     check_size(kind, p, m, v, args.format)?;
     generate(kind, p, m, v).map_err(|e| CliError::usage(e.to_string()))
 }
