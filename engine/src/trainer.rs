@@ -353,9 +353,23 @@ pub fn predicted_data_parallel<B: Backend>(pipeline: &Pipeline<B>, report: &Step
     if d < 2 || comm_s <= 0.0 {
         return None;
     }
+    let wire = 2.0 * f64::from(d - 1) / f64::from(d) * report.reduced_bytes as f64;
+    predicted_on_link(pipeline, report, wire / comm_s)
+}
+
+/// The simulator's data-parallel step for `report`'s layout on a link of `link_bytes_per_s` between replicas: the
+/// measured action costs, and every part's gradient payload shrunk by the step's measured compression ratio.
+pub fn predicted_on_link<B: Backend>(
+    pipeline: &Pipeline<B>,
+    report: &StepReport,
+    link_bytes_per_s: f64,
+) -> Option<DpReport> {
+    let d = pipeline.num_replicas() as u32;
+    if d < 2 || report.reduced_bytes == 0 || link_bytes_per_s.is_nan() || link_bytes_per_s <= 0.0 {
+        return None;
+    }
     let costs = measured_costs(pipeline, report)?;
     let dp = pipeline.data_parallel();
-    let wire = 2.0 * f64::from(d - 1) / f64::from(d) * report.reduced_bytes as f64;
     // Compression shrinks every part's payload by the step's measured ratio.
     let ratio = report.reduced_bytes as f64 / pipeline.dense_reduce_bytes().max(1) as f64;
     let model = DpCosts {
@@ -365,7 +379,7 @@ pub fn predicted_data_parallel<B: Backend>(pipeline: &Pipeline<B>, report: &Step
             .iter()
             .map(|&b| b as f64 * ratio)
             .collect(),
-        link_bytes_per_s: wire / comm_s,
+        link_bytes_per_s,
         link_latency_s: 0.0,
         bucket_bytes: dp.bucket_bytes() as f64,
         overlap: dp.overlap,

@@ -248,3 +248,46 @@ fn bad_combinations_are_refused_clearly() {
         assert!(e.contains(what), "{e}");
     }
 }
+
+#[test]
+fn auto_compresses_only_what_a_slow_link_cannot_hide() {
+    let data = batches(3);
+    let run = |gbps: f64| {
+        let mut dp = dp("auto", "bsp");
+        dp.link_gbps = Some(gbps);
+        let mut pipe = pipeline(&config(2, dp, 3));
+        data.iter().map(|b| pipe.train_step(b).unwrap()).collect::<Vec<_>>()
+    };
+    // The first step measures (fp32); the plan follows from it.
+    let fast = run(1e6);
+    let slow = run(1e-4);
+    for r in [&fast[0], &slow[0]] {
+        assert!(r.compress.iter().flatten().all(|m| *m == Compression::None));
+    }
+    assert!(
+        fast[1..]
+            .iter()
+            .all(|r| r.compress.iter().flatten().all(|m| *m == Compression::None)),
+        "a fast link hides fp32: {:?}",
+        fast[2].compress
+    );
+    // 0.1 Mbit/s hides nothing: every bucket takes the last rung, and the bytes fall with it.
+    let last = *baton_engine::compress::auto_ladder().last().unwrap();
+    assert!(
+        slow[1..]
+            .iter()
+            .all(|r| r.compress.iter().flatten().all(|m| *m == last)),
+        "{:?}",
+        slow[1].compress
+    );
+    assert!(slow[2].reduced_bytes * 20 < fast[2].reduced_bytes);
+    // A link in between: a mix, less lossy where there is compute left to hide under.
+    let ms: Vec<f64> = fast[0].comm.iter().map(|c| c.bytes as f64).collect();
+    let total: f64 = ms.iter().sum();
+    // Bandwidth at which the whole fp32 payload takes about the schedule's time.
+    let mid_gbps = total * 8.0 / 1e9 / fast[0].pipeline_s;
+    let mid = run(mid_gbps);
+    let modes: Vec<Compression> = mid[2].compress.iter().flatten().copied().collect();
+    assert!(modes.iter().any(|m| *m != last), "{modes:?}");
+    assert!(modes.iter().any(|m| *m != Compression::None), "{modes:?}");
+}

@@ -610,7 +610,7 @@ fn device_map(c: &TrainConfig, devices: &[String]) -> String {
     let mut out =
         format!(
         "data parallel: {} replicas × {} stages, {} sequences per replica in {} micro-batches, gradients summed in \
-         replica order ({}{}, buckets of {} MiB){}",
+         replica order ({}{}, buckets of {} MiB{}{}){}",
         c.data_parallel,
         p,
         c.batch / c.data_parallel as usize,
@@ -618,6 +618,8 @@ fn device_map(c: &TrainConfig, devices: &[String]) -> String {
         if c.no_overlap { "after the schedule" } else { "overlapped with the schedule" },
         if c.zero == 1 { ", ZeRO-1" } else { "" },
         c.bucket_mib,
+        if c.compress == "none" { String::new() } else { format!(", compressed: {}", c.compress) },
+        if c.sync == "bsp" { String::new() } else { format!(", synchronised by {}", c.sync) },
         "\ndevice map:"
     );
     for (r, workers) in devices.chunks(p.max(1)).enumerate() {

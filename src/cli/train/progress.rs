@@ -40,6 +40,8 @@ pub(super) struct CliObserver {
     /// Steps the trace covers, and the last of them (set at the start).
     trace_steps: u64,
     trace_until: u64,
+    /// The data-parallel encodings of the last step (a change is logged).
+    last_compress: Vec<Vec<crate::engine::Compression>>,
 }
 
 /// `1:02:03` or `4:05`.
@@ -92,6 +94,7 @@ impl CliObserver {
             warnings: Vec::new(),
             trace_steps: c.trace_steps,
             trace_until: 0,
+            last_compress: Vec::new(),
         }
     }
 
@@ -194,6 +197,23 @@ impl trainer::Observer for CliObserver {
             {
                 line["data_parallel"]["compress"] = serde_json::json!(r.compress);
             }
+            if !self.last_compress.is_empty() && r.compress != self.last_compress {
+                let stages: Vec<String> = r
+                    .compress
+                    .iter()
+                    .enumerate()
+                    .map(|(s, modes)| {
+                        let names: Vec<String> = modes.iter().map(ToString::to_string).collect();
+                        format!("stage {s}: {}", names.join(", "))
+                    })
+                    .collect();
+                self.say(format!(
+                    "step {}: gradient buckets now encoded as {}",
+                    r.step,
+                    stages.join("; ")
+                ));
+            }
+            self.last_compress = r.compress.clone();
             if r.outer_step {
                 line["data_parallel"]["outer_step"] = serde_json::json!(true);
             }
@@ -562,6 +582,32 @@ pub(super) fn summary<B: Backend>(i: &SummaryInputs<'_, B>) {
             memory::human_bytes(dense as u64),
             dense / per_step.max(1.0)
         );
+        if let Some(gbps) = dp.link_gbps {
+            let bw = gbps * 1e9 / 8.0;
+            let d = pipeline.num_replicas() as f64;
+            let compute_ms = trainer::measured_costs(pipeline, report)
+                .and_then(|costs| crate::schedules::simulate(pipeline.schedule(), &costs).ok())
+                .map(|r| r.makespan * 1e3);
+            if dp.sync.is_local() {
+                // The outer step's reduction runs after the optimizer: fully exposed, once per H steps.
+                let comm_ms = per_step * 2.0 * (d - 1.0) / d / bw * 1e3;
+                if let Some(c) = compute_ms {
+                    eprintln!(
+                        "  on a {gbps} Gbit/s link between replicas (simulated): {:.1} ms/step ({c:.1} ms schedule + \
+                         {comm_ms:.1} ms of outer-step reduction per step on average)",
+                        c + comm_ms
+                    );
+                }
+            } else if let Some(sim) = trainer::predicted_on_link(pipeline, report, bw) {
+                eprintln!(
+                    "  on a {gbps} Gbit/s link between replicas (simulated): {:.1} ms/step ({:.1} ms schedule + \
+                     {:.1} ms exposed reduction)",
+                    sim.step_time * 1e3,
+                    sim.compute_makespan * 1e3,
+                    sim.exposed_comm * 1e3
+                );
+            }
+        }
         if let Some(sim) = trainer::predicted_data_parallel(pipeline, report) {
             eprintln!(
                 "  data parallel, simulated from the measured costs and reduction rate: step {:.1} ms (schedule \
