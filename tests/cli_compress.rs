@@ -143,3 +143,32 @@ fn residuals_and_diloco_state_survive_a_checkpoint() {
     resumes_bitwise("topk", &["--compress", "topk:0.05"]);
     resumes_bitwise("diloco", &["--sync", "diloco:4", "--compress", "powersgd:1:0"]);
 }
+
+#[test]
+fn two_bw_streams_windows_and_resumes_bitwise() {
+    // One replica, two stages: PipeDream-2BW, windows streamed up to each checkpoint; the older weight version
+    // travels in the checkpoint, so a stop at step 3 and a resume give the uninterrupted run's bits.
+    let flags = ["--data-parallel", "1", "--microbatches", "4", "--schedule", "2bw"];
+    let whole = tmp(SUITE, "2bw-whole");
+    let log = run(&whole, &flags);
+    assert!(log.contains("2bw"), "{log}");
+    let m = metrics(&whole);
+    assert_eq!(m.len(), 6);
+    assert!(m.iter().all(|l| l["loss"].as_f64().unwrap().is_finite()));
+    let half = tmp(SUITE, "2bw-half");
+    let mut first = flags.to_vec();
+    first.extend(["--stop-at", "3"]);
+    run(&half, &first);
+    let ck = checkpoint::load(&half.join("checkpoints")).unwrap();
+    assert!(
+        ck.state.keys().any(|k| k.starts_with("2bw.prev.")),
+        "the older weights are saved"
+    );
+    let mut rest = flags.to_vec();
+    rest.extend(["--resume", "latest"]);
+    run(&half, &rest);
+    let (want, got) = (params(&whole), params(&half));
+    for (n, t) in &want {
+        assert!(got[n] == *t, "2bw: `{n}` differs after the resume");
+    }
+}

@@ -179,7 +179,7 @@ fn bad_input_exits_non_zero_with_one_line_and_writes_nothing() {
                 "--microbatches".into(),
                 "1".into(),
             ],
-            "multiple of 2",
+            "at least 2 micro-batches",
         ),
         (vec!["--max-skips".into(), "0".into()], "--max-skips"),
         (vec!["--on-nonfinite".into(), "ignore".into()], "skip or abort"),

@@ -934,10 +934,10 @@ mod tests {
         assert!(state.q.contains_key(&(0, 0, 0)));
         assert!(!state.q.contains_key(&(0, 1, 0)));
         let q1 = state.q[&(0, 0, 0)].clone();
-        for r in 0..2 {
-            let e = &state.error[r][&(0, 0, 0)];
+        for (errors, g) in state.error.iter().zip(&grads) {
+            let e = &errors[&(0, 0, 0)];
             for k in 0..n * m {
-                assert!((e[k] - (grads[r][0][k] - 0.5 * out[0][0][k])).abs() < 1e-5);
+                assert!((e[k] - (g[0][k] - 0.5 * out[0][0][k])).abs() < 1e-5);
             }
         }
         // A second step starts from the kept Q (its values change: they are the new Mᵀ·P).

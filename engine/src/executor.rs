@@ -233,6 +233,44 @@ pub(crate) struct StageOutcome {
     pub nonfinite: Option<NonFinite>,
     /// The transfers this stage sent.
     pub copies: Vec<CopySpan>,
+    /// PipeDream-2BW: the weight version each action read, in list order (empty otherwise).
+    pub versions: Vec<u64>,
+}
+
+/// One stage's gradients of one 2BW window, `[chunk][layer][param]`, moved out of the stage after its last
+/// backward of the window: `(stage, window in the stream, gradients)`.
+pub(crate) type WindowGrads<B> = (usize, usize, Vec<Vec<Vec<<B as Backend>::Buf>>>);
+
+/// A stage's parameter values, `[chunk][layer][param]`.
+pub(crate) type StageValues<B> = Vec<Vec<Vec<<B as Backend>::Buf>>>;
+
+/// What a stage needs to run a PipeDream-2BW stream of windows without a flush: window `j` (micro-batches
+/// `j·window .. (j+1)·window`, optimizer step `first_window + j`) reads weight version
+/// `max(first_window + j − delay, 0)`; version `k` is "the weights after `k` updates". The stage starts with
+/// `installed` in its parameters and `spare` as the other copy; newer versions arrive on `rx`, in order, from the
+/// pipeline's updater, to which the stage sends each window's gradients on `tx`.
+pub(crate) struct StageVersions<B: Backend> {
+    /// Micro-batches per window.
+    pub window: u32,
+    /// Version delay (2BW: 1; one micro-batch in flight: 0).
+    pub delay: u64,
+    /// Optimizer step of the stream's first window.
+    pub first_window: u64,
+    /// The version in the stage's parameters at the start.
+    pub installed: u64,
+    /// The other version the stage holds, if any.
+    pub spare: Option<(u64, StageValues<B>)>,
+    /// New versions: `(version, values)`.
+    pub rx: crossbeam_channel::Receiver<(u64, StageValues<B>)>,
+    /// Each window's gradients.
+    pub tx: crossbeam_channel::Sender<WindowGrads<B>>,
+}
+
+impl<B: Backend> StageVersions<B> {
+    /// The version micro-batch `mb` of the stream reads.
+    pub fn version_of(&self, mb: u32) -> u64 {
+        (self.first_window + u64::from(mb / self.window)).saturating_sub(self.delay)
+    }
 }
 
 /// What a part keeps for one micro-batch between F and B/I (and, split, between I and W).
@@ -302,8 +340,10 @@ pub(crate) fn run_step<B: Backend>(
     mbs: Vec<Vec<MicroBatch<B>>>,
     cfg: &ExecConfig,
     sink: Option<GradSink<B>>,
+    versions: Option<Vec<StageVersions<B>>>,
 ) -> StepRun<B> {
     let p = stages.len();
+    let mut versions = versions.map(|v| v.into_iter());
     assert_eq!(p, schedule.actions.len(), "one stage per action list");
     assert_eq!(p, backends.len(), "one backend per stage");
     assert_eq!(p, mbs.len(), "one micro-batch list per stage");
@@ -387,6 +427,7 @@ pub(crate) fn run_step<B: Backend>(
             done: Vec::new(),
             sink: sink.clone(),
             last_weight: crate::data_parallel::last_weight_actions(&schedule, s),
+            versions: versions.as_mut().and_then(Iterator::next),
         };
         let done_tx = done_tx.clone();
         let spawned = std::thread::Builder::new()
@@ -594,6 +635,8 @@ struct Worker<B: Backend> {
     sink: Option<GradSink<B>>,
     /// Per chunk: the index of the last `B`/`W` on it.
     last_weight: Vec<Option<usize>>,
+    /// PipeDream-2BW: the weight versions of a stream of windows.
+    versions: Option<StageVersions<B>>,
 }
 
 /// An action whose marks are not resolved yet.
@@ -642,6 +685,10 @@ impl<B: Backend> Worker<B> {
             self.started = None;
             self.host_busy = 0.0;
             self.host_since = Instant::now();
+            if self.versions.is_some() {
+                let v = self.use_version(action).map_err(fail)?;
+                out.versions.push(v);
+            }
             let slot = action.chunk as usize * m + action.mb as usize;
             match action.op {
                 Op::F => {
@@ -692,6 +739,15 @@ impl<B: Backend> Worker<B> {
             if self.last_weight.get(action.chunk as usize).copied().flatten() == Some(index) {
                 self.hand_over(action.chunk as usize).map_err(fail)?;
             }
+            if let Some(v) = &self.versions {
+                // 2BW: after the stage's last weight-gradient action of a window, the window's gradients go to
+                // the updater (one chunk: the last `B` on the window's last micro-batch).
+                let w = v.window;
+                if matches!(action.op, Op::B | Op::W) && (action.mb + 1) % w == 0 {
+                    let window = (action.mb / w) as usize;
+                    self.send_window(window).map_err(fail)?;
+                }
+            }
         }
         debug_assert_eq!(stashed, 0, "every activation stash was consumed");
         out.spans = self.action_spans().map_err(|e| WorkerError::Failed {
@@ -720,6 +776,124 @@ impl<B: Backend> Worker<B> {
             cause: format!("timing the transfers: {e}"),
         })?;
         Ok(out)
+    }
+
+    /// 2BW: installs the weight version `action`'s micro-batch reads (swapping with the spare copy, or taking the
+    /// next version from the updater, which then retires the oldest copy), and returns it.
+    fn use_version(&mut self, action: Action) -> Result<u64> {
+        let Some(v) = self.versions.as_mut() else {
+            return Ok(0);
+        };
+        let want = v.version_of(action.mb);
+        if want == v.installed {
+            return Ok(want);
+        }
+        let stage = &mut self.stage;
+        let swap = |stage: &mut Stage<B>, values: &mut StageValues<B>| {
+            for (part, layers) in stage.parts.iter_mut().zip(values.iter_mut()) {
+                for (layer, params) in part.layers.iter_mut().zip(layers.iter_mut()) {
+                    for (p, value) in layer.params_mut().iter_mut().zip(params.iter_mut()) {
+                        std::mem::swap(&mut p.value, value);
+                    }
+                }
+            }
+        };
+        if let Some((k, spare)) = v.spare.as_mut() {
+            if *k == want {
+                swap(stage, spare);
+                *k = v.installed;
+                v.installed = want;
+                return Ok(want);
+            }
+        }
+        if want < v.installed {
+            return Err(EngineError::Invariant {
+                stage: self.s as u32,
+                what: format!(
+                    "`{action}` reads weight version {want}, which this stage no longer holds (it holds {} and {:?})",
+                    v.installed,
+                    v.spare.as_ref().map(|s| s.0)
+                ),
+            });
+        }
+        // A newer version: wait for the updater.
+        self.host_busy += self.host_since.elapsed().as_secs_f64();
+        self.progress.set(WAITING, self.t0);
+        let deadline = Instant::now() + self.cfg.recv_timeout * 4 + ABORT_GRACE;
+        let (k, mut values) = loop {
+            match v.rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(got) => break got,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.abort.load(Ordering::SeqCst) {
+                        return Err(EngineError::Aborted { stage: self.s as u32 });
+                    }
+                    if Instant::now() > deadline {
+                        return Err(EngineError::Comm {
+                            seam: "2bw",
+                            stage: self.s as u32,
+                            reason: format!("weight version {want} did not arrive from the updater"),
+                        });
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(if self.abort.load(Ordering::SeqCst) {
+                        EngineError::Aborted { stage: self.s as u32 }
+                    } else {
+                        EngineError::Comm {
+                            seam: "2bw",
+                            stage: self.s as u32,
+                            reason: format!("the updater stopped before weight version {want}"),
+                        }
+                    });
+                }
+            }
+        };
+        self.progress.set(COMPUTING, self.t0);
+        self.host_since = Instant::now();
+        if k != want {
+            return Err(EngineError::Invariant {
+                stage: self.s as u32,
+                what: format!("`{action}` reads weight version {want}, the updater sent {k}"),
+            });
+        }
+        // The new version goes in and the older of the two held retires (every micro-batch that read it has
+        // finished on this stage): first make the newer one the installed one, then it becomes the spare.
+        if let Some((k, spare)) = v.spare.as_mut() {
+            if *k > v.installed {
+                swap(stage, spare);
+                std::mem::swap(k, &mut v.installed);
+            }
+        }
+        swap(stage, &mut values);
+        v.spare = Some((v.installed, values));
+        v.installed = want;
+        Ok(want)
+    }
+
+    /// 2BW: moves the stage's gradients of `window` out (leaving zeros for the next window) to the updater.
+    fn send_window(&mut self, window: usize) -> Result<()> {
+        let be = &self.backends[self.s];
+        let mut grads = Vec::with_capacity(self.stage.parts.len());
+        for part in &mut self.stage.parts {
+            let mut layers = Vec::with_capacity(part.layers.len());
+            for layer in &mut part.layers {
+                let mut params = Vec::new();
+                for p in layer.params_mut().iter_mut() {
+                    let len = be.len(&p.grad);
+                    params.push(std::mem::replace(&mut p.grad, be.zeros(len)?));
+                }
+                layers.push(params);
+            }
+            grads.push(layers);
+        }
+        let Some(v) = &self.versions else {
+            return Ok(());
+        };
+        v.tx.send((self.s, window, grads)).map_err(|_| EngineError::Comm {
+            seam: "2bw",
+            stage: self.s as u32,
+            reason: format!("the updater is gone before window {window}'s gradients"),
+        })
     }
 
     /// Hands copies of chunk `chunk`'s final gradients to the sink, if there is one.

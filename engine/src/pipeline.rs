@@ -22,12 +22,14 @@ use crate::data_parallel::{
 use crate::local_sgd::Outer;
 
 mod sync;
+mod two_bw;
 use crate::error::{EngineError, Result};
 use crate::executor::{run_step, ActionSpan, CopySpan, ExecConfig, FailurePoint, GradSink, Part, Stage, StepRun};
 use crate::model::{Gpt2, GptConfig, Layer, MicroBatch, Model, Param};
 use crate::optim::OptimizerConfig;
 use crate::split::StageSplit;
 pub use sync::{AUTO_REPLAN_SHARE, AUTO_SLACK_SHARE};
+pub use two_bw::WINDOWS_MAX;
 
 /// A tensor on the host: shape (row-major) and data.
 #[derive(Clone, Debug, PartialEq)]
@@ -227,6 +229,10 @@ pub struct StepReport {
     /// Every transfer between stages (on the destination queue's clock).
     #[serde(skip)]
     pub copies: Vec<CopySpan>,
+    /// PipeDream-2BW: per stage, the weight version each action read (empty for other schedules; with a stream of
+    /// windows, on the last window's report).
+    #[serde(skip)]
+    pub weight_versions: Vec<Vec<u64>>,
     /// Per replica, per stage: seconds spent computing actions (`busy_s` is replica 0's).
     pub replica_busy_s: Vec<Vec<f64>>,
     /// Per replica: when its last action ended, seconds since the step began (its pipelined part).
@@ -305,6 +311,8 @@ pub struct Pipeline<B: Backend> {
     auto_basis: Option<(f64, f64)>,
     /// DiLoCo's anchor and outer momentum (made at the first step).
     outer: Option<Outer<B>>,
+    /// PipeDream-2BW: the older weight version (`[stage]`), which the next window reads.
+    two_bw_prev: Option<Vec<crate::executor::StageValues<B>>>,
     step: u64,
     /// Set when a failure took some stage's state with it; every later step fails.
     lost: Option<String>,
@@ -559,6 +567,7 @@ impl<B: Backend> Pipeline<B> {
             auto_plan: Vec::new(),
             auto_basis: None,
             outer: None,
+            two_bw_prev: None,
             step: 0,
             lost: None,
             fail: None,
@@ -1039,7 +1048,7 @@ impl<B: Backend> Pipeline<B> {
                     let exec = &exec[r];
                     let abort = &abort;
                     move || {
-                        let run = run_step(stages, backends, schedule, transport.as_ref(), mbs, exec, sink);
+                        let run = run_step(stages, backends, schedule, transport.as_ref(), mbs, exec, sink, None);
                         if run.result.is_err() {
                             abort.store(true, Ordering::SeqCst);
                         }
@@ -1092,6 +1101,14 @@ impl<B: Backend> Pipeline<B> {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepReport> {
         if let Some(why) = &self.lost {
             return Err(EngineError::Lost(why.clone()));
+        }
+        if self.schedule.kind == ScheduleKind::TwoBw {
+            // One window, flushed; `train_windows` streams several.
+            let mut reports = self.train_windows(std::slice::from_ref(batch))?;
+            return reports.pop().ok_or_else(|| EngineError::Invariant {
+                stage: 0,
+                what: "a 2BW window without a report".into(),
+            });
         }
         let started = Instant::now();
         let mbs = self.micro_batches(batch)?;
@@ -1278,6 +1295,7 @@ impl<B: Backend> Pipeline<B> {
             peak_stashed: outcomes.iter().map(|o| o.peak_stashed).collect(),
             peak_stash_bytes: outcomes.iter().map(|o| o.peak_stash_bytes).collect(),
             copies: outcomes.iter().flat_map(|o| o.copies.iter().copied()).collect(),
+            weight_versions: Vec::new(),
             spans: outcomes.into_iter().map(|o| o.spans).collect(),
             replica_busy_s,
             replica_pipeline_s,

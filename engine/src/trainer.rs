@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use baton_schedules::{simulate, simulate_data_parallel, Costs, DpCosts, DpReport, Op};
+use baton_schedules::{simulate, simulate_data_parallel, Costs, DpCosts, DpReport, Op, ScheduleKind};
 
 use crate::backend::Backend;
 use crate::checkpoint::{self, AsyncSaver, Checkpoint};
@@ -605,14 +605,51 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut replica_avg = vec![0.0f64; d];
         let mut replica_warned_at: Vec<Option<u64>> = vec![None; d];
         let stop_requested = |flag: &Option<Arc<AtomicBool>>| flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
-        while self.pipeline.step() < stop {
-            if stop_requested(&self.stop) {
+        // PipeDream-2BW: windows run in streams (no flush between them) up to the next evaluation, checkpoint or
+        // stop; their reports are then taken one per iteration.
+        let mut streamed: std::collections::VecDeque<StepReport> = std::collections::VecDeque::new();
+        let mut stream_seq = 0usize;
+        while self.pipeline.step() < stop || !streamed.is_empty() {
+            if streamed.is_empty() && stop_requested(&self.stop) {
                 summary.interrupted = true;
                 break;
             }
             let step_started = started.elapsed().as_secs_f64();
-            let batch = data.next_batch();
-            let flops_per_token = self.pipeline.model().flops_per_token(batch.seq);
+            let two_bw = self.pipeline.schedule().kind == ScheduleKind::TwoBw;
+            let mut stream_failed = None;
+            if streamed.is_empty() && two_bw {
+                let at = self.pipeline.step();
+                let next_event = |every: u64| at.checked_div(every).map_or(u64::MAX, |n| (n + 1) * every);
+                let until = stop.min(next_event(c.eval_every)).min(next_event(c.save_every));
+                let k = until.saturating_sub(at).clamp(1, STREAM_WINDOWS);
+                let batches: Vec<Batch> = (0..k).map(|_| data.next_batch()).collect();
+                stream_seq = batches[0].seq;
+                match self.pipeline.train_windows(&batches) {
+                    Ok(reports) => streamed.extend(reports),
+                    Err(e) => stream_failed = Some(e),
+                }
+            }
+            let batch = (!two_bw).then(|| data.next_batch());
+            let seq = batch.as_ref().map_or(stream_seq, |b| b.seq);
+            let mut run = |pipeline: &mut Pipeline<B>| -> std::result::Result<StepReport, (u64, EngineError)> {
+                let failed_at = pipeline.step() + 1;
+                if let Some(e) = stream_failed.take() {
+                    return Err((failed_at, e));
+                }
+                match &batch {
+                    Some(b) => pipeline.train_step(b).map_err(|e| (failed_at, e)),
+                    None => streamed.pop_front().ok_or_else(|| {
+                        (
+                            failed_at,
+                            EngineError::Invariant {
+                                stage: 0,
+                                what: "a 2BW stream returned fewer reports than windows".into(),
+                            },
+                        )
+                    }),
+                }
+            };
+            let flops_per_token = self.pipeline.model().flops_per_token(seq);
             // A failed step, or a background checkpoint write that failed meanwhile: both go back to the latest
             // good checkpoint while restarts are left.
             let outcome = match saver.poll() {
@@ -626,19 +663,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
                 Some(Ok(dir)) => {
                     summary.checkpoint = Some(dir);
-                    self.pipeline
-                        .train_step(&batch)
-                        .map_err(|e| (self.pipeline.step() + 1, e))
+                    run(&mut self.pipeline)
                 }
-                None => self
-                    .pipeline
-                    .train_step(&batch)
-                    .map_err(|e| (self.pipeline.step() + 1, e)),
+                None => run(&mut self.pipeline),
             };
             let report = match outcome {
                 Ok(r) => r,
                 Err((failed_step, e)) if summary.restarts < c.max_restarts => {
                     summary.restarts += 1;
+                    streamed.clear();
                     // The write in flight must finish before we look for the latest good checkpoint.
                     match saver.wait() {
                         Ok(Some(dir)) => summary.checkpoint = Some(dir),
@@ -825,6 +858,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(summary)
     }
 }
+
+/// Most 2BW windows the trainer streams at once (fewer up to the next evaluation, checkpoint or stop).
+pub const STREAM_WINDOWS: u64 = 8;
 
 /// Loads `ck` into `pipeline` and puts `data` at the checkpoint's position.
 fn restore<B: Backend>(pipeline: &mut Pipeline<B>, ck: &Checkpoint, data: &mut dyn TrainData) -> Result<()> {

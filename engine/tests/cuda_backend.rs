@@ -203,7 +203,8 @@ fn every_schedule_tracks_the_cpu_in_fp32_and_bf16() {
     let mut worst = [0.0f32; 2];
     for kind in ScheduleKind::GENERATED {
         for p in [1u32, 2, 4] {
-            if generate(kind, p, MICROBATCHES, chunks_of(kind)).is_err() {
+            // PipeDream-2BW reads weights one window old with a pipeline: not the unpipelined run.
+            if generate(kind, p, MICROBATCHES, chunks_of(kind)).is_err() || (kind == ScheduleKind::TwoBw && p > 1) {
                 continue;
             }
             for (i, (precision, tol)) in [(Precision::F32, 1e-4f32), (Precision::Bf16, 0.02)]
@@ -229,7 +230,7 @@ fn every_schedule_tracks_the_cpu_in_fp32_and_bf16() {
         worst[0],
         worst[1]
     );
-    // 5 families × 3 stage counts × 2 precisions, less the shapes a family cannot serve.
+    // 6 families × 3 stage counts × 2 precisions, less the shapes a family cannot serve (and 2BW with a pipeline).
     assert!(checked >= 20, "only {checked} runs");
 }
 

@@ -151,7 +151,9 @@ fn every_schedule_trains_like_the_unpipelined_run(d: &impl Device) {
         assert_ne!(reference.losses[0], reference.losses[STEPS - 1]);
         for kind in ScheduleKind::GENERATED {
             for p in 1..=4u32 {
-                if generate(kind, p, m, chunks_of(kind)).is_err() {
+                // PipeDream-2BW trains differently on purpose (weights one window old; engine/tests/two_bw.rs),
+                // except with one stage, where it is plain 1F1B.
+                if generate(kind, p, m, chunks_of(kind)).is_err() || (kind == ScheduleKind::TwoBw && p > 1) {
                     continue;
                 }
                 let run = train(d, kind, p, m, chunks_of(kind), false);

@@ -273,6 +273,7 @@ impl<B: Backend> Pipeline<B> {
                 }
             }
         }
+        self.two_bw_state(&mut out)?;
         if self.dp.sync.is_local() {
             if let Some(outer) = &self.outer {
                 let rep = &self.replicas[0];
@@ -334,6 +335,7 @@ impl<B: Backend> Pipeline<B> {
                 }
             }
         }
+        self.load_two_bw_state(state)?;
         if !self.dp.sync.is_local() {
             return Ok(());
         }
