@@ -100,6 +100,8 @@ fn bad_settings_are_one_line_errors() {
         (&["--sync", "diloco:4", "--zero", "1"][..], "--zero 0"),
         (&["--compress", "bf16", "--data-parallel", "1"][..], "nothing to send"),
         (&["--compress", "auto", "--link-gbps", "-1"][..], "--link-gbps"),
+        (&["--schedule", "2bw", "--compress", "bf16"][..], "--schedule 2bw"),
+        (&["--schedule", "2bw", "--sync", "diloco:4"][..], "--schedule 2bw"),
     ] {
         let out = tmp(SUITE, "bad");
         let mut args: Vec<&str> = MODEL.to_vec();

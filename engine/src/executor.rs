@@ -238,7 +238,7 @@ pub(crate) struct StageOutcome {
 }
 
 /// One stage's gradients of one 2BW window, `[chunk][layer][param]`, moved out of the stage after its last
-/// backward of the window: `(stage, window in the stream, gradients)`.
+/// backward of the window: `(worker r·p + s, window in the stream, gradients)`.
 pub(crate) type WindowGrads<B> = (usize, usize, Vec<Vec<Vec<<B as Backend>::Buf>>>);
 
 /// A stage's parameter values, `[chunk][layer][param]`.
@@ -250,6 +250,8 @@ pub(crate) type StageValues<B> = Vec<Vec<Vec<<B as Backend>::Buf>>>;
 /// `installed` in its parameters and `spare` as the other copy; newer versions arrive on `rx`, in order, from the
 /// pipeline's updater, to which the stage sends each window's gradients on `tx`.
 pub(crate) struct StageVersions<B: Backend> {
+    /// The worker (`replica·p + stage`) the gradients are sent as.
+    pub worker: usize,
     /// Micro-batches per window.
     pub window: u32,
     /// Version delay (2BW: 1; one micro-batch in flight: 0).
@@ -889,7 +891,7 @@ impl<B: Backend> Worker<B> {
         let Some(v) = &self.versions else {
             return Ok(());
         };
-        v.tx.send((self.s, window, grads)).map_err(|_| EngineError::Comm {
+        v.tx.send((v.worker, window, grads)).map_err(|_| EngineError::Comm {
             seam: "2bw",
             stage: self.s as u32,
             reason: format!("the updater is gone before window {window}'s gradients"),

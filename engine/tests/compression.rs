@@ -291,3 +291,19 @@ fn auto_compresses_only_what_a_slow_link_cannot_hide() {
     assert!(modes.iter().any(|m| *m != last), "{modes:?}");
     assert!(modes.iter().any(|m| *m != Compression::None), "{modes:?}");
 }
+
+#[test]
+fn compression_composes_with_zero1() {
+    // ZeRO-1 steps each tensor on its owner and broadcasts it: with compressed gradients, the same bits.
+    let data = batches(3);
+    for mode in ["bf16", "powersgd:2:0", "topk:0.05"] {
+        let (plain, unsharded) = train(&config(2, dp(mode, "bsp"), 3), None, &data);
+        let mut z = dp(mode, "bsp");
+        z.zero = true;
+        let (sharded, pipe) = train(&config(2, z, 3), None, &data);
+        assert_eq!(plain, sharded, "{mode}: ZeRO-1 vs unsharded");
+        // Every replica of the unsharded run holds all moments; sharded, the two replicas hold them once between them.
+        let total = |p: &Pipeline<Cpu>| -> usize { p.optimizer_bytes().iter().map(|r| r.iter().sum::<usize>()).sum() };
+        assert_eq!(2 * total(&pipe), total(&unsharded), "{mode}: moments are sharded");
+    }
+}

@@ -177,16 +177,53 @@ fn a_failure_inside_a_stream_changes_nothing() {
 }
 
 #[test]
-fn streams_need_the_2bw_schedule_and_one_replica() {
+fn streams_need_the_2bw_schedule_and_plain_data_parallelism() {
     let data = batches(1);
     let mut plain = pipeline(&config(ScheduleKind::OneFOneB, 2, 2, 2));
     let e = plain.train_windows(&data).unwrap_err().to_string();
     assert!(e.contains("2bw"), "{e}");
     let mut cfg = config(ScheduleKind::TwoBw, 2, 2, 2);
-    cfg.data_parallel = baton_engine::DataParallel::replicas(2);
+    cfg.data_parallel = baton_engine::DataParallel {
+        zero: true,
+        ..baton_engine::DataParallel::replicas(2)
+    };
     let mut two = Pipeline::new(cfg, vec![Cpu; 4]).unwrap();
     let e = two.train_windows(&data).unwrap_err().to_string();
-    assert!(e.contains("one replica"), "{e}");
+    assert!(e.contains("no ZeRO-1"), "{e}");
     let mut ok = pipeline(&config(ScheduleKind::TwoBw, 2, 2, 2));
     assert!(ok.train_windows(&[]).is_err());
+}
+
+/// `D` replicas of `cfg`, one-window steps or one stream; losses, and every replica's parameters at the end.
+fn replicated(cfg: &PipelineConfig, d: u32, data: &[Batch], stream: bool) -> (Vec<u32>, Vec<TensorMap>) {
+    let mut cfg = cfg.clone();
+    cfg.data_parallel = baton_engine::DataParallel::replicas(d);
+    let mut pipe = Pipeline::new(cfg.clone(), vec![Cpu; (cfg.stages * d) as usize]).unwrap();
+    let reports = if stream {
+        pipe.train_windows(data).unwrap()
+    } else {
+        data.iter().map(|b| pipe.train_step(b).unwrap()).collect()
+    };
+    for r in &reports {
+        assert!(r.reduced_bytes > 0, "the replicas' gradients are summed every window");
+    }
+    let params = (0..d as usize).map(|r| pipe.replica_parameters(r).unwrap()).collect();
+    (reports.iter().map(|r| r.loss.to_bits()).collect(), params)
+}
+
+#[test]
+fn data_parallel_2bw_sums_replicas_every_window() {
+    let data = batches(4);
+    // One stage: 2BW is 1F1B, with replicas too.
+    let (a, pa) = replicated(&config(ScheduleKind::TwoBw, 1, 2, 4), 2, &data, true);
+    let (b, pb) = replicated(&config(ScheduleKind::OneFOneB, 1, 2, 4), 2, &data, false);
+    assert_eq!(a, b, "D=2 p=1: 2BW vs 1F1B losses");
+    assert!(pa[0] == pb[0], "D=2 p=1: 2BW vs 1F1B parameters");
+    // Two stages: a stream equals its windows one at a time, and the replicas stay equal.
+    let cfg = config(ScheduleKind::TwoBw, 2, 2, 4);
+    let (s, ps) = replicated(&cfg, 2, &data, true);
+    let (w, pw) = replicated(&cfg, 2, &data, false);
+    assert_eq!(s, w, "D=2 p=2: stream vs windows");
+    assert!(ps[0] == pw[0], "D=2 p=2: stream vs windows, parameters");
+    assert!(ps[0] == ps[1], "D=2 p=2: the replicas agree");
 }

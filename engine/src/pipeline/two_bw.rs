@@ -22,7 +22,7 @@ use super::{host, Pipeline, StepReport, TensorMap};
 use crate::backend::Backend;
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
-use crate::executor::{run_step, ExecConfig, Stage, StageValues, StageVersions, WindowGrads};
+use crate::executor::{run_step, ExecConfig, Stage, StageValues, StageVersions, StepRun, WindowGrads};
 use crate::model::MicroBatch;
 use crate::pipeline::NonFinitePolicy;
 
@@ -37,6 +37,8 @@ struct WindowUpdate {
     grad_norm: f32,
     lr: f32,
     skipped: bool,
+    /// Per stage: seconds summing the window's gradients over the replicas.
+    comm_s: Vec<f64>,
 }
 
 /// Where each parameter of a stage sits and how it counts: `(chunk, layer, param, unit, counted in the norm,
@@ -58,11 +60,12 @@ impl<B: Backend> Pipeline<B> {
                 "streamed windows need the 2bw schedule",
             ));
         }
-        if self.replicas.len() != 1 {
+        if self.sharded() || self.dp.sync.is_local() || self.dp.compress != crate::compress::Compression::None {
             return Err(EngineError::config(
                 "data_parallel",
                 self.replicas.len(),
-                "PipeDream-2BW runs one replica here (its weight versions are per stage)",
+                "PipeDream-2BW sums the replicas' window gradients in fp32 every window: no ZeRO-1, compression or \
+                 local SGD with it",
             ));
         }
         if batches.is_empty() || batches.len() > WINDOWS_MAX {
@@ -74,103 +77,125 @@ impl<B: Backend> Pipeline<B> {
         }
         let started = Instant::now();
         let p = self.num_stages();
+        let d = self.replicas.len();
         let m = self.schedule.microbatches;
         let k = batches.len();
         let delay = u64::from(two_bw_delay(p as u32, m)?);
         let stream = Arc::new(two_bw_stream(p as u32, m, k as u32)?);
-        // Every window's micro-batches, per stage, in stream order.
-        let mut mbs: Vec<Vec<MicroBatch<B>>> = (0..p).map(|_| Vec::with_capacity(k * m as usize)).collect();
+        // Every window's micro-batches, per replica and stage, in stream order.
+        let mut mbs: Vec<Vec<Vec<MicroBatch<B>>>> = (0..d)
+            .map(|_| (0..p).map(|_| Vec::with_capacity(k * m as usize)).collect())
+            .collect();
         let mut tokens = Vec::with_capacity(k);
         for batch in batches {
             tokens.push(batch.batch * batch.seq);
-            for (s, list) in self.micro_batches(batch)?.swap_remove(0).into_iter().enumerate() {
-                mbs[s].extend(list);
+            for (r, stages) in self.micro_batches(batch)?.into_iter().enumerate() {
+                for (s, list) in stages.into_iter().enumerate() {
+                    mbs[r][s].extend(list);
+                }
             }
         }
         let k0 = self.step;
         let fail = self
             .fail
             .take()
-            .filter(|(r, f)| *r == 0 && f.step.is_none_or(|s| s > k0 && s <= k0 + k as u64));
-        let exec = ExecConfig {
-            recompute: self.options.recompute,
-            recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
-            fail: fail.map(|(_, f)| f),
-        };
-        // The updater's copies: the newest weights and the moments (moved out of the stages for the stream), and
-        // what to restore if the stream fails.
-        let rep = &mut self.replicas[0];
-        let backends = Arc::clone(&rep.backends);
+            .filter(|(_, f)| f.step.is_none_or(|s| s > k0 && s <= k0 + k as u64));
+        let exec: Vec<ExecConfig> = (0..d)
+            .map(|r| ExecConfig {
+                recompute: self.options.recompute,
+                recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
+                fail: fail.as_ref().filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
+            })
+            .collect();
+        // The updater's copies (every replica holds the same weights and moments): the newest weights and the
+        // moments, moved out of the stages for the stream, and what to restore if the stream fails.
         let mut newest: Vec<StageValues<B>> = Vec::with_capacity(p);
         let mut moments: Vec<(StageValues<B>, StageValues<B>)> = Vec::with_capacity(p);
         let mut plans: Vec<ParamPlan> = Vec::with_capacity(p);
-        for (stage, be) in rep.stages.iter_mut().zip(backends.iter()) {
-            newest.push(values_of(stage, be, |p| &p.value)?);
-            let mut plan = Vec::new();
-            let (mut sm, mut sv) = (Vec::new(), Vec::new());
-            for (c, part) in stage.parts.iter_mut().enumerate() {
-                let (mut lm, mut lv) = (Vec::new(), Vec::new());
-                for (l, layer) in part.layers.iter_mut().enumerate() {
-                    let (mut pm, mut pv) = (Vec::new(), Vec::new());
-                    for (pi, prm) in layer.params_mut().iter_mut().enumerate() {
-                        plan.push((
-                            c,
-                            l,
-                            pi,
-                            part.units.start + l,
-                            !self.primaries.contains_key(&prm.name),
-                            prm.decay,
-                        ));
-                        pm.push(std::mem::replace(&mut prm.m, be.zeros_state(0)?));
-                        pv.push(std::mem::replace(&mut prm.v, be.zeros_state(0)?));
-                    }
-                    lm.push(pm);
-                    lv.push(pv);
+        for (r, rep) in self.replicas.iter_mut().enumerate() {
+            let backends = Arc::clone(&rep.backends);
+            for (stage, be) in rep.stages.iter_mut().zip(backends.iter()) {
+                if r == 0 {
+                    newest.push(values_of(stage, be, |p| &p.value)?);
                 }
-                sm.push(lm);
-                sv.push(lv);
+                let mut plan = Vec::new();
+                let (mut sm, mut sv) = (Vec::new(), Vec::new());
+                for (c, part) in stage.parts.iter_mut().enumerate() {
+                    let (mut lm, mut lv) = (Vec::new(), Vec::new());
+                    for (l, layer) in part.layers.iter_mut().enumerate() {
+                        let (mut pm, mut pv) = (Vec::new(), Vec::new());
+                        for (pi, prm) in layer.params_mut().iter_mut().enumerate() {
+                            plan.push((
+                                c,
+                                l,
+                                pi,
+                                part.units.start + l,
+                                !self.primaries.contains_key(&prm.name),
+                                prm.decay,
+                            ));
+                            pm.push(std::mem::replace(&mut prm.m, be.zeros_state(0)?));
+                            pv.push(std::mem::replace(&mut prm.v, be.zeros_state(0)?));
+                        }
+                        lm.push(pm);
+                        lv.push(pv);
+                    }
+                    sm.push(lm);
+                    sv.push(lv);
+                }
+                if r == 0 {
+                    moments.push((sm, sv));
+                    plans.push(plan);
+                }
             }
-            moments.push((sm, sv));
-            plans.push(plan);
         }
+        let backends: Vec<Arc<Vec<B>>> = self.replicas.iter().map(|r| Arc::clone(&r.backends)).collect();
         let backup_moments: Vec<(StageValues<B>, StageValues<B>)> = moments
             .iter()
-            .zip(backends.iter())
+            .zip(backends[0].iter())
             .map(|((m, v), be)| Ok((dup(m, be)?, dup(v, be)?)))
             .collect::<Result<_>>()?;
         let start_values: Vec<StageValues<B>> = newest
             .iter()
-            .zip(backends.iter())
+            .zip(backends[0].iter())
             .map(|(v, be)| dup(v, be))
             .collect::<Result<_>>()?;
         let prev_at_start = self.two_bw_prev.take();
-        // Channels: new versions to each stage, window gradients to the updater.
+        // Channels: new versions to each worker, window gradients to the updater.
         let (gtx, grx) = crossbeam_channel::unbounded::<WindowGrads<B>>();
-        let mut vtx = Vec::with_capacity(p);
-        let mut versions = Vec::with_capacity(p);
-        for s in 0..p {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            vtx.push(tx);
-            let spare = match &prev_at_start {
-                Some(prev) if k0 > 0 => Some((k0 - 1, dup(&prev[s], &backends[s])?)),
-                _ => None,
-            };
-            versions.push(StageVersions {
-                window: m,
-                delay,
-                first_window: k0,
-                installed: k0,
-                spare,
-                rx,
-                tx: gtx.clone(),
-            });
+        let mut vtx = Vec::with_capacity(d * p);
+        let mut versions: Vec<Vec<StageVersions<B>>> = Vec::with_capacity(d);
+        for (r, bes) in backends.iter().enumerate() {
+            let mut per = Vec::with_capacity(p);
+            for (s, be) in bes.iter().enumerate() {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                vtx.push(tx);
+                let spare = match &prev_at_start {
+                    Some(prev) if k0 > 0 => Some((k0 - 1, dup(&prev[s], be)?)),
+                    _ => None,
+                };
+                per.push(StageVersions {
+                    worker: r * p + s,
+                    window: m,
+                    delay,
+                    first_window: k0,
+                    installed: k0,
+                    spare,
+                    rx,
+                    tx: gtx.clone(),
+                });
+            }
+            versions.push(per);
         }
         drop(gtx);
-        let stages: Vec<Stage<B>> = std::mem::take(&mut self.replicas[0].stages);
+        let stage_sets: Vec<Vec<Stage<B>>> = self
+            .replicas
+            .iter_mut()
+            .map(|r| std::mem::take(&mut r.stages))
+            .collect();
         let abort = AtomicBool::new(false);
         let timeout = Duration::from_millis(self.options.recv_timeout_ms) * 4;
         let this = &*self;
-        let (run, updated) = std::thread::scope(|scope| {
+        let (runs, updated) = std::thread::scope(|scope| {
             let updater = scope.spawn(|| {
                 let out = this.update_windows(
                     &grx,
@@ -184,6 +209,7 @@ impl<B: Backend> Pipeline<B> {
                     delay,
                     &abort,
                     timeout,
+                    started,
                 );
                 if out.is_err() {
                     abort.store(true, Ordering::SeqCst);
@@ -191,19 +217,39 @@ impl<B: Backend> Pipeline<B> {
                 drop(vtx);
                 out.map(|(updates, prev)| (updates, prev, newest, moments))
             });
-            let transport = Arc::clone(&this.replicas[0].transport);
-            let run = run_step(
-                stages,
-                Arc::clone(&backends),
-                Arc::clone(&stream),
-                transport.as_ref(),
-                mbs,
-                &exec,
-                None,
-                Some(versions),
-            );
-            if run.result.is_err() {
-                abort.store(true, Ordering::SeqCst);
+            let mut jobs = Vec::with_capacity(d);
+            let mut first = None;
+            for (r, ((stages, mbs), versions)) in stage_sets.into_iter().zip(mbs).zip(versions).enumerate() {
+                let transport = Arc::clone(&this.replicas[r].transport);
+                let bes = Arc::clone(&backends[r]);
+                let stream = Arc::clone(&stream);
+                let exec = &exec[r];
+                let abort = &abort;
+                let job = move || {
+                    let run = run_step(stages, bes, stream, transport.as_ref(), mbs, exec, None, Some(versions));
+                    if run.result.is_err() {
+                        abort.store(true, Ordering::SeqCst);
+                    }
+                    run
+                };
+                if r == 0 {
+                    first = Some(job);
+                } else {
+                    jobs.push(scope.spawn(job));
+                }
+            }
+            let mut runs = Vec::with_capacity(d);
+            if let Some(job) = first {
+                runs.push(job());
+            }
+            for j in jobs {
+                runs.push(j.join().unwrap_or_else(|_| StepRun {
+                    stages: (0..p).map(|_| None).collect(),
+                    result: Err(EngineError::Invariant {
+                        stage: 0,
+                        what: "a replica's driver thread panicked".into(),
+                    }),
+                }));
             }
             let updated = updater.join().unwrap_or_else(|_| {
                 Err(EngineError::Invariant {
@@ -211,55 +257,68 @@ impl<B: Backend> Pipeline<B> {
                     what: "the 2BW updater panicked".into(),
                 })
             });
-            (run, updated)
+            (runs, updated)
         });
-        let complete = run.stages.iter().all(Option::is_some);
-        self.replicas[0].stages = run.stages.into_iter().flatten().collect();
-        let failure = match (&run.result, &updated) {
-            (Err(e), _) => Some(e.to_string()),
-            (_, Err(e)) => Some(e.to_string()),
-            _ => None,
+        let mut complete = true;
+        let mut failure: Option<EngineError> = None;
+        let mut outcomes = Vec::with_capacity(d);
+        for (r, run) in runs.into_iter().enumerate() {
+            complete &= run.stages.iter().all(Option::is_some);
+            self.replicas[r].stages = run.stages.into_iter().flatten().collect();
+            match run.result {
+                Ok(o) => outcomes.push(o),
+                Err(e) => {
+                    let e = if d > 1 { e.in_replica(r) } else { e };
+                    if failure.as_ref().is_none_or(|f| f.is_abort() && !e.is_abort()) {
+                        failure = Some(e);
+                    }
+                }
+            }
+        }
+        let (updates, prev, newest, moments) = match updated {
+            Ok(u) if failure.is_none() => u,
+            Ok(_) => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            Err(e) => {
+                if failure.as_ref().is_none_or(|f| f.is_abort() && !e.is_abort()) {
+                    failure = Some(e);
+                }
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new())
+            }
         };
-        if failure.is_some() {
+        if let Some(e) = failure {
             if !complete {
-                let why = failure.unwrap_or_default();
-                self.lost = Some(why.clone());
-                return Err(run.result.err().unwrap_or(EngineError::Lost(why)));
+                self.lost = Some(e.to_string());
+                return Err(e);
             }
             // Back to the state before the stream.
             self.install(start_values, backup_moments)?;
             self.two_bw_prev = prev_at_start;
-            return Err(match (run.result, updated) {
-                (Err(e), _) => e,
-                (_, Err(e)) => e,
-                _ => EngineError::Invariant {
-                    stage: 0,
-                    what: "a failure without an error".into(),
-                },
-            });
+            return Err(e);
         }
-        let (outcomes, (updates, prev, newest, moments)) = match (run.result, updated) {
-            (Ok(o), Ok(u)) => (o, u),
-            _ => unreachable!("failures returned above"),
-        };
         self.install(newest, moments)?;
         self.two_bw_prev = Some(prev);
         let taken = updates.iter().filter(|u| !u.skipped).count() as u64;
         self.step += taken;
-        if updates.iter().any(|u| !u.skipped) {
+        if taken > 0 {
             self.consecutive_skips = 0;
         }
         // One report per window; the stream's timing is shared evenly, its spans go with the last window.
         let elapsed = started.elapsed().as_secs_f64();
-        let pipeline_s = outcomes
-            .iter()
-            .flat_map(|o| o.spans.last())
-            .map(|s| s.end_s)
-            .fold(0.0, f64::max);
-        let busy: Vec<f64> = outcomes
-            .iter()
-            .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
-            .collect();
+        let end_of = |o: &Vec<crate::executor::StageOutcome>| {
+            o.iter()
+                .flat_map(|o| o.spans.last())
+                .map(|s| s.end_s)
+                .fold(0.0, f64::max)
+        };
+        let replica_pipeline_s: Vec<f64> = outcomes.iter().map(end_of).collect();
+        let pipeline_s = replica_pipeline_s.iter().copied().fold(0.0, f64::max);
+        let busy_of = |o: &Vec<crate::executor::StageOutcome>| -> Vec<f64> {
+            o.iter()
+                .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
+                .collect()
+        };
+        let replica_busy: Vec<Vec<f64>> = outcomes.iter().map(busy_of).collect();
+        let busy = replica_busy.first().cloned().unwrap_or_default();
         let idle: Vec<f64> = busy.iter().map(|b| (pipeline_s - b).max(0.0)).collect();
         let bubble = if pipeline_s > 0.0 {
             idle.iter().sum::<f64>() / (p as f64 * pipeline_s)
@@ -267,22 +326,31 @@ impl<B: Backend> Pipeline<B> {
             0.0
         };
         let mut losses = vec![0.0f64; k];
-        for o in &outcomes {
-            for &(mb, l) in &o.losses {
-                losses[(mb / m) as usize] += l;
+        // Per window: (replica, micro-batch) order, the global micro-batch order.
+        let mut per_window: Vec<Vec<(usize, u32, f64)>> = vec![Vec::new(); k];
+        for (r, o) in outcomes.iter().enumerate() {
+            for stage in o {
+                for &(mb, l) in &stage.losses {
+                    per_window[(mb / m) as usize].push((r, mb, l));
+                }
             }
         }
+        for (j, mut list) in per_window.into_iter().enumerate() {
+            list.sort_by_key(|&(r, mb, _)| (r, mb));
+            losses[j] = list.iter().map(|&(_, _, l)| l).sum();
+        }
         let share = 1.0 / k as f64;
+        let dense = self.dense_reduce_bytes();
         let mut step = k0;
         let mut reports = Vec::with_capacity(k);
-        let mut outcomes = Some(outcomes);
+        let mut outcomes = outcomes.into_iter();
+        let mut last_outcome = outcomes.next();
         for (j, u) in updates.into_iter().enumerate() {
             if !u.skipped {
                 step += 1;
             }
-            let last = j + 1 == k;
-            let o = if last {
-                outcomes.take().unwrap_or_default()
+            let o = if j + 1 == k {
+                last_outcome.take().unwrap_or_default()
             } else {
                 Vec::new()
             };
@@ -306,12 +374,22 @@ impl<B: Backend> Pipeline<B> {
                 copies: o.iter().flat_map(|o| o.copies.iter().copied()).collect(),
                 weight_versions: o.iter().map(|o| o.versions.clone()).collect(),
                 spans: o.into_iter().map(|o| o.spans).collect(),
-                replica_busy_s: vec![busy.iter().map(|b| b * share).collect()],
-                replica_pipeline_s: vec![pipeline_s * share],
-                comm_s: vec![0.0; p],
+                replica_busy_s: replica_busy
+                    .iter()
+                    .map(|b| b.iter().map(|x| x * share).collect())
+                    .collect(),
+                replica_pipeline_s: replica_pipeline_s.iter().map(|x| x * share).collect(),
+                comm_s: u.comm_s.clone(),
                 exposed_comm_s: vec![0.0; p],
-                reduced_bytes: 0,
-                compress: Vec::new(),
+                reduced_bytes: dense,
+                compress: if d > 1 {
+                    self.buckets
+                        .iter()
+                        .map(|b| vec![crate::compress::Compression::None; b.len()])
+                        .collect()
+                } else {
+                    Vec::new()
+                },
                 outer_step: false,
                 comm: Vec::new(),
                 skipped: u.skipped,
@@ -321,19 +399,46 @@ impl<B: Backend> Pipeline<B> {
         Ok(reports)
     }
 
-    /// Puts weights and moments (`[stage]`, each `[chunk][layer][param]`) into replica 0's stages, with zero
-    /// gradients.
+    /// Puts weights and moments (`[stage]`, each `[chunk][layer][param]`) into every replica's stages (copies for
+    /// all but the last), with zero gradients.
     fn install(&mut self, values: Vec<StageValues<B>>, moments: Vec<(StageValues<B>, StageValues<B>)>) -> Result<()> {
-        let rep = &mut self.replicas[0];
-        let backends = Arc::clone(&rep.backends);
-        for (((stage, be), values), (m, v)) in rep.stages.iter_mut().zip(backends.iter()).zip(values).zip(moments) {
-            for (((part, vals), ms), vs) in stage.parts.iter_mut().zip(values).zip(m).zip(v) {
-                for (((layer, vals), ms), vs) in part.layers.iter_mut().zip(vals).zip(ms).zip(vs) {
-                    for (((prm, val), mm), vv) in layer.params_mut().iter_mut().zip(vals).zip(ms).zip(vs) {
-                        prm.value = val;
-                        prm.m = mm;
-                        prm.v = vv;
-                        be.fill_zero(&mut prm.grad)?;
+        let d = self.replicas.len();
+        let mut values = Some(values);
+        let mut moments = Some(moments);
+        for (r, rep) in self.replicas.iter_mut().enumerate() {
+            let backends = Arc::clone(&rep.backends);
+            let (vals, moms) = if r + 1 == d {
+                (values.take().unwrap_or_default(), moments.take().unwrap_or_default())
+            } else {
+                let v = values.as_ref().map_or(Ok(Vec::new()), |v| {
+                    v.iter()
+                        .zip(backends.iter())
+                        .map(|(x, be)| dup(x, be))
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                let m = moments.as_ref().map_or(Ok(Vec::new()), |m| {
+                    m.iter()
+                        .zip(backends.iter())
+                        .map(|((a, b), be)| Ok((dup(a, be)?, dup(b, be)?)))
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                (v, m)
+            };
+            if vals.len() != rep.stages.len() || moms.len() != rep.stages.len() {
+                return Err(EngineError::Invariant {
+                    stage: 0,
+                    what: format!("2BW installs {} stages' weights into {}", vals.len(), rep.stages.len()),
+                });
+            }
+            for (((stage, be), values), (m, v)) in rep.stages.iter_mut().zip(backends.iter()).zip(vals).zip(moms) {
+                for (((part, vals), ms), vs) in stage.parts.iter_mut().zip(values).zip(m).zip(v) {
+                    for (((layer, vals), ms), vs) in part.layers.iter_mut().zip(vals).zip(ms).zip(vs) {
+                        for (((prm, val), mm), vv) in layer.params_mut().iter_mut().zip(vals).zip(ms).zip(vs) {
+                            prm.value = val;
+                            prm.m = mm;
+                            prm.v = vv;
+                            be.fill_zero(&mut prm.grad)?;
+                        }
                     }
                 }
             }
@@ -349,7 +454,7 @@ impl<B: Backend> Pipeline<B> {
         &self,
         grx: &crossbeam_channel::Receiver<WindowGrads<B>>,
         vtx: &[crossbeam_channel::Sender<(u64, StageValues<B>)>],
-        backends: &[B],
+        backends: &[Arc<Vec<B>>],
         plans: &[ParamPlan],
         newest: &mut [StageValues<B>],
         moments: &mut [(StageValues<B>, StageValues<B>)],
@@ -358,8 +463,11 @@ impl<B: Backend> Pipeline<B> {
         delay: u64,
         abort: &AtomicBool,
         timeout: Duration,
+        started: Instant,
     ) -> Result<(Vec<WindowUpdate>, Vec<StageValues<B>>)> {
         let p = plans.len();
+        let workers = vtx.len();
+        let d = workers / p.max(1);
         let o = &self.options.optimizer;
         let mut arrived: BTreeMap<usize, Vec<Option<StageValues<B>>>> = BTreeMap::new();
         let mut updates = Vec::with_capacity(k);
@@ -370,10 +478,15 @@ impl<B: Backend> Pipeline<B> {
             let mut waited = Instant::now();
             while arrived.get(&j).is_none_or(|v| v.iter().any(Option::is_none)) {
                 match grx.recv_timeout(Duration::from_millis(5)) {
-                    Ok((s, w, g)) => {
-                        let slot = arrived.entry(w).or_insert_with(|| (0..p).map(|_| None).collect());
-                        if s >= p || slot[s].replace(g).is_some() {
-                            return Err(updater_err(s, format!("stage {s} sent window {w}'s gradients twice")));
+                    Ok((w, win, g)) => {
+                        let slot = arrived
+                            .entry(win)
+                            .or_insert_with(|| (0..workers).map(|_| None).collect());
+                        if w >= workers || slot[w].replace(g).is_some() {
+                            return Err(updater_err(
+                                w % p.max(1),
+                                format!("worker {w} sent window {win}'s gradients twice"),
+                            ));
                         }
                         waited = Instant::now();
                     }
@@ -384,13 +497,41 @@ impl<B: Backend> Pipeline<B> {
                             .get(&j)
                             .map_or(0, |v| v.iter().position(Option::is_none).unwrap_or(0));
                         return Err(updater_err(
-                            missing,
-                            format!("window {j}'s gradients did not arrive from stage {missing}"),
+                            missing % p.max(1),
+                            format!(
+                                "window {j}'s gradients did not arrive from replica {}, stage {}",
+                                missing / p.max(1),
+                                missing % p.max(1)
+                            ),
                         ));
                     }
                 }
             }
-            let mut grads: Vec<StageValues<B>> = arrived.remove(&j).unwrap_or_default().into_iter().flatten().collect();
+            // `all[r·p + s]`: worker gradients; replica 0's stages carry the sums afterwards.
+            let mut all: Vec<StageValues<B>> = arrived.remove(&j).unwrap_or_default().into_iter().flatten().collect();
+            let mut comm_s = vec![0.0; p];
+            if d > 1 {
+                // Every tensor summed over the replicas in replica order, through the stage's group.
+                let mut by_replica: Vec<Vec<StageValues<B>>> = Vec::with_capacity(d);
+                let mut it = all.into_iter();
+                for _ in 0..d {
+                    by_replica.push(it.by_ref().take(p).collect());
+                }
+                for (s, c_s) in comm_s.iter_mut().enumerate() {
+                    let t = started.elapsed().as_secs_f64();
+                    for &(c, l, pi, ..) in &plans[s] {
+                        let mut views: Vec<(usize, &mut B::Buf)> = by_replica
+                            .iter_mut()
+                            .enumerate()
+                            .map(|(r, rep)| (r, &mut rep[s][c][l][pi]))
+                            .collect();
+                        self.dp_groups[s].all_reduce(&mut views)?;
+                    }
+                    *c_s = started.elapsed().as_secs_f64() - t;
+                }
+                all = by_replica.into_iter().next().unwrap_or_default();
+            }
+            let mut grads = all;
             // Tied copies: the sum into every copy, in the group's order.
             for tied in &self.replicas[0].tied {
                 let mut views: Vec<(usize, &mut B::Buf)> = Vec::with_capacity(tied.at.len());
@@ -412,7 +553,7 @@ impl<B: Backend> Pipeline<B> {
             for (s, plan) in plans.iter().enumerate() {
                 let counted: Vec<&(usize, usize, usize, usize, bool, bool)> = plan.iter().filter(|x| x.4).collect();
                 let bufs: Vec<&B::Buf> = counted.iter().map(|&&(c, l, pi, ..)| &grads[s][c][l][pi]).collect();
-                let sums = backends[s].sum_squares_many(&bufs)?;
+                let sums = backends[0][s].sum_squares_many(&bufs)?;
                 squares.extend(
                     counted
                         .iter()
@@ -425,7 +566,7 @@ impl<B: Backend> Pipeline<B> {
             let lr = o.lr_at(step);
             prev = newest
                 .iter()
-                .zip(backends)
+                .zip(backends[0].iter())
                 .map(|(v, be)| dup(v, be))
                 .collect::<Result<Vec<_>>>()?;
             let skipped = !norm.is_finite();
@@ -451,7 +592,7 @@ impl<B: Backend> Pipeline<B> {
                 let step_no =
                     u32::try_from(step + 1).map_err(|_| EngineError::config("steps", step + 1, "too many steps"))?;
                 for (s, plan) in plans.iter().enumerate() {
-                    let be = &backends[s];
+                    let be = &backends[0][s];
                     let (ms, vs) = &mut moments[s];
                     for &(c, l, pi, _, _, decay) in plan {
                         let cfg = AdamW {
@@ -478,11 +619,13 @@ impl<B: Backend> Pipeline<B> {
                 grad_norm: norm,
                 lr,
                 skipped,
+                comm_s,
             });
             // Version k0 + j + 1 is read by window j + 1 + delay.
             if (j as u64 + 1 + delay) < k as u64 {
-                for (s, tx) in vtx.iter().enumerate() {
-                    let copy = dup(&newest[s], &backends[s])?;
+                for (w, tx) in vtx.iter().enumerate() {
+                    let (r, s) = (w / p, w % p);
+                    let copy = dup(&newest[s], &backends[r][s])?;
                     if tx.send((k0 + j as u64 + 1, copy)).is_err() && !abort.load(Ordering::SeqCst) {
                         return Err(updater_err(
                             s,

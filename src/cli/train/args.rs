@@ -555,6 +555,12 @@ pub fn check(c: &TrainConfig) -> Result<(), CliError> {
              --zero 0"
         )));
     }
+    if c.schedule == "2bw" && (c.zero == 1 || compress != crate::engine::Compression::None || sync.is_local()) {
+        return Err(CliError::usage(
+            "--schedule 2bw sums the replicas' gradients in fp32 every window: drop --zero 1, --compress and --sync \
+             diloco with it",
+        ));
+    }
     if compress != crate::engine::Compression::None && c.data_parallel < 2 {
         return Err(CliError::usage(format!(
             "--compress {compress} compresses what replicas exchange; with one replica there is nothing to send: \
