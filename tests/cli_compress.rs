@@ -91,30 +91,22 @@ fn bytes_per_step_follow_the_setting() {
 
 #[test]
 fn bad_settings_are_one_line_errors() {
-    for (flags, want) in [
-        (&["--compress", "topk:2"][..], "--compress"),
-        (&["--compress", "powersgd:0"][..], "PowerSGD rank"),
-        (&["--compress", "gzip"][..], "expected none, bf16"),
-        (&["--sync", "diloco:0"][..], "--sync"),
-        (&["--sync", "gossip"][..], "expected bsp, diloco:H"),
-        (&["--sync", "diloco:4", "--zero", "1"][..], "--zero 0"),
-        (&["--compress", "bf16", "--data-parallel", "1"][..], "nothing to send"),
-        (&["--compress", "auto", "--link-gbps", "-1"][..], "--link-gbps"),
-        (&["--schedule", "2bw", "--compress", "bf16"][..], "--schedule 2bw"),
-        (&["--schedule", "2bw", "--sync", "diloco:4"][..], "--schedule 2bw"),
-    ] {
-        let out = tmp(SUITE, "bad");
-        let mut args: Vec<&str> = MODEL.to_vec();
-        let out_s = out.to_str().unwrap().to_string();
-        args.extend(["--out", &out_s]);
-        args.extend(flags);
-        let o = baton(&args);
-        let e = err(&o);
-        assert_eq!(o.status.code(), Some(2), "{flags:?}: {e}");
-        assert!(e.contains(want), "{flags:?}: {e}");
-        assert_eq!(e.trim().lines().count(), 1, "{flags:?}: {e}");
-        assert!(!out.exists(), "{flags:?}: nothing is written");
-    }
+    common::assert_usage_errors(
+        SUITE,
+        MODEL,
+        &[
+            (&["--compress", "topk:2"][..], "--compress"),
+            (&["--compress", "powersgd:0"][..], "PowerSGD rank"),
+            (&["--compress", "gzip"][..], "expected none, bf16"),
+            (&["--sync", "diloco:0"][..], "--sync"),
+            (&["--sync", "gossip"][..], "expected bsp, diloco:H"),
+            (&["--sync", "diloco:4", "--zero", "1"][..], "--zero 0"),
+            (&["--compress", "bf16", "--data-parallel", "1"][..], "nothing to send"),
+            (&["--compress", "auto", "--link-gbps", "-1"][..], "--link-gbps"),
+            (&["--schedule", "2bw", "--compress", "bf16"][..], "--schedule 2bw"),
+            (&["--schedule", "2bw", "--sync", "diloco:4"][..], "--schedule 2bw"),
+        ],
+    );
 }
 
 fn params(out: &Path) -> baton::engine::pipeline::TensorMap {

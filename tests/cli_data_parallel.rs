@@ -94,27 +94,19 @@ fn the_run_prints_its_device_map_and_records_the_reduction() {
 
 #[test]
 fn bad_data_parallel_settings_are_one_line_errors() {
-    for (flags, want) in [
-        (&["--data-parallel", "0"][..], "--data-parallel must be >= 1"),
-        (
-            &["--data-parallel", "3", "--microbatches", "2"][..],
-            "--data-parallel 3 × --microbatches 2 must divide --batch 8",
-        ),
-        (&["--data-parallel", "2", "--zero", "2"][..], "--zero 2"),
-        (&["--data-parallel", "2", "--bucket-mib", "0"][..], "--bucket-mib 0"),
-    ] {
-        let out = tmp(SUITE, "bad");
-        let mut args: Vec<&str> = MODEL.to_vec();
-        let out_s = out.to_str().unwrap().to_string();
-        args.extend(["--out", &out_s]);
-        args.extend(flags);
-        let o = baton(&args);
-        let e = err(&o);
-        assert_eq!(o.status.code(), Some(2), "{flags:?}: {e}");
-        assert!(e.contains(want), "{flags:?}: {e}");
-        assert_eq!(e.trim().lines().count(), 1, "{flags:?}: {e}");
-        assert!(!out.exists(), "{flags:?}: nothing is written");
-    }
+    common::assert_usage_errors(
+        SUITE,
+        MODEL,
+        &[
+            (&["--data-parallel", "0"][..], "--data-parallel must be >= 1"),
+            (
+                &["--data-parallel", "3", "--microbatches", "2"][..],
+                "--data-parallel 3 × --microbatches 2 must divide --batch 8",
+            ),
+            (&["--data-parallel", "2", "--zero", "2"][..], "--zero 2"),
+            (&["--data-parallel", "2", "--bucket-mib", "0"][..], "--bucket-mib 0"),
+        ],
+    );
 }
 
 fn params(out: &Path) -> baton::engine::pipeline::TensorMap {

@@ -374,33 +374,17 @@ fn dense<B: Backend>(
         .first()
         .map(|a| a.iter().map(Vec::len).collect())
         .unwrap_or_default();
-    let total: usize = lens.iter().sum();
     let payloads = acc
         .iter()
         .enumerate()
         .map(|(i, a)| (members[i], a.iter().flatten().map(|&x| f64::from(r(x))).collect()))
         .collect();
     let all = exchange(group, payloads)?;
-    let mut flat = vec![0.0f32; total];
-    for (j, payload) in all.iter().enumerate() {
-        if payload.len() != total {
-            return Err(fail(format!(
-                "replica {j}'s payload holds {} values, the bucket {total}",
-                payload.len()
-            )));
-        }
-        for (s, &v) in flat.iter_mut().zip(payload) {
-            if j == 0 {
-                *s = v as f32;
-            } else {
-                *s += v as f32;
-            }
-        }
-    }
+    let mut sums = sum_members(fail, &all, &lens)?;
     if round.is_some() {
-        flat.iter_mut().for_each(|x| *x = r(*x));
+        sums.iter_mut().flatten().for_each(|x| *x = r(*x));
     }
-    Ok(split(&flat, &lens))
+    Ok(sums)
 }
 
 fn split(flat: &[f32], lens: &[usize]) -> Vec<Vec<f32>> {
@@ -610,7 +594,7 @@ fn sum_members(fail: &dyn Fn(String) -> EngineError, all: &[Vec<f64>], sizes: &[
     for (j, payload) in all.iter().enumerate() {
         if payload.len() != total {
             return Err(fail(format!(
-                "replica {j}'s PowerSGD payload holds {} values, expected {total}",
+                "replica {j}'s payload holds {} values, expected {total}",
                 payload.len()
             )));
         }

@@ -348,6 +348,51 @@ impl<B: Backend> Codec<'_, B> {
     }
 }
 
+impl<B: Backend> Codec<'_, B> {
+    /// Sums bucket `index` of stage `stage` over the replicas — `grads[r]` are replica `r`'s buffers for its
+    /// items, in item order — fp32 per tensor through the group (to the owner under ZeRO-1) or compressed, and
+    /// returns its span (times since `t0`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn reduce_bucket(
+        &mut self,
+        group: &dyn Collective<B>,
+        stage: usize,
+        index: usize,
+        bucket: &Bucket,
+        owners: Option<&BTreeMap<Slot, usize>>,
+        grads: Vec<Vec<&mut B::Buf>>,
+        t0: Instant,
+    ) -> Result<CommSpan> {
+        let start_s = t0.elapsed().as_secs_f64();
+        let (bytes, mode) = if self.plain(index, bucket) {
+            let mut per_item: Vec<Vec<(usize, &mut B::Buf)>> = (0..bucket.items.len())
+                .map(|_| Vec::with_capacity(grads.len()))
+                .collect();
+            for (r, g) in grads.into_iter().enumerate() {
+                for (i, buf) in g.into_iter().enumerate() {
+                    per_item[i].push((r, buf));
+                }
+            }
+            for (slot, mut views) in bucket.items.iter().zip(per_item) {
+                let owner = owners.and_then(|o| o.get(slot).copied());
+                reduce_tensor(group, owner, &mut views)?;
+            }
+            (bucket.bytes, Compression::None)
+        } else {
+            let bytes = self.reduce(group, stage, index, bucket, grads)?;
+            (bytes, self.modes.get(index).copied().unwrap_or_default())
+        };
+        Ok(CommSpan {
+            stage: stage as u32,
+            bucket: index as u32,
+            bytes,
+            mode,
+            start_s,
+            end_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// The `&mut` entries of `all` for `items`, in item order (`None` when one is missing).
 pub(crate) fn pick<'a, T: 'a>(all: impl Iterator<Item = (Slot, &'a mut T)>, items: &[Slot]) -> Option<Vec<&'a mut T>> {
     let mut out: Vec<Option<&'a mut T>> = (0..items.len()).map(|_| None).collect();
@@ -428,58 +473,24 @@ impl<B: Backend> Reducer<'_, B> {
     }
 
     fn reduce_bucket(&mut self, index: usize, got: &mut Arrived<B>) -> Result<CommSpan> {
-        let start_s = self.t0.elapsed().as_secs_f64();
         let bucket = &self.buckets[index];
-        if !self.codec.plain(index, bucket) {
-            let mut grads = Vec::with_capacity(self.replicas);
-            for (r, parts) in got.iter_mut().enumerate() {
-                let all = parts.iter_mut().enumerate().flat_map(|(c, part)| {
-                    part.iter_mut().flat_map(move |layers| {
-                        layers.iter_mut().enumerate().flat_map(move |(l, params)| {
-                            params.iter_mut().enumerate().map(move |(pi, g)| ((c, l, pi), g))
-                        })
-                    })
-                });
-                grads.push(
-                    pick(all, &bucket.items)
-                        .ok_or_else(|| self.err(format!("replica {r} sent no gradients for bucket {index}")))?,
-                );
-            }
-            let bytes = self.codec.reduce(self.group, self.stage, index, bucket, grads)?;
-            return Ok(CommSpan {
-                stage: self.stage as u32,
-                bucket: index as u32,
-                bytes,
-                mode: self.codec.modes.get(index).copied().unwrap_or_default(),
-                start_s,
-                end_s: self.t0.elapsed().as_secs_f64(),
+        let mut grads = Vec::with_capacity(self.replicas);
+        for (r, parts) in got.iter_mut().enumerate() {
+            let all = parts.iter_mut().enumerate().flat_map(|(c, part)| {
+                part.iter_mut().flat_map(move |layers| {
+                    layers
+                        .iter_mut()
+                        .enumerate()
+                        .flat_map(move |(l, params)| params.iter_mut().enumerate().map(move |(pi, g)| ((c, l, pi), g)))
+                })
             });
+            grads.push(
+                pick(all, &bucket.items)
+                    .ok_or_else(|| self.err(format!("replica {r} sent no gradients for bucket {index}")))?,
+            );
         }
-        for &(c, l, pi) in &bucket.items {
-            let mut views: Vec<(usize, &mut B::Buf)> = Vec::with_capacity(self.replicas);
-            for (r, parts) in got.iter_mut().enumerate() {
-                let buf = parts[c]
-                    .as_mut()
-                    .and_then(|layers| layers.get_mut(l))
-                    .and_then(|params| params.get_mut(pi))
-                    .ok_or_else(|| {
-                        self.err(format!(
-                            "replica {r} sent no gradient for chunk {c}, layer {l}, param {pi}"
-                        ))
-                    })?;
-                views.push((r, buf));
-            }
-            let owner = self.owners.and_then(|o| o.get(&(c, l, pi)).copied());
-            reduce_tensor(self.group, owner, &mut views)?;
-        }
-        Ok(CommSpan {
-            stage: self.stage as u32,
-            bucket: index as u32,
-            bytes: bucket.bytes,
-            mode: Compression::None,
-            start_s,
-            end_s: self.t0.elapsed().as_secs_f64(),
-        })
+        self.codec
+            .reduce_bucket(self.group, self.stage, index, bucket, self.owners, grads, self.t0)
     }
 
     fn err(&self, reason: String) -> EngineError {

@@ -16,8 +16,8 @@ use crate::comm::{Collective, Collectives, LocalCollectives, LocalTransport, Tra
 use crate::compress::{CompressState, Compression, TensorInfo};
 use crate::data::Batch;
 use crate::data_parallel::{
-    assign_owners, last_weight_actions, pick, plan_buckets, reduce_tensor, Bucket, Codec, CommSpan, DataParallel,
-    ReadyPart, Reducer, Slot, StageGrads,
+    assign_owners, last_weight_actions, pick, plan_buckets, Bucket, Codec, CommSpan, DataParallel, ReadyPart, Reducer,
+    Slot, StageGrads,
 };
 use crate::local_sgd::Outer;
 
@@ -1357,46 +1357,18 @@ impl<B: Backend> Pipeline<B> {
                 backends: backends.iter().map(|b| &b[s]).collect(),
             };
             for (index, bucket) in stage_buckets.iter().enumerate() {
-                let start_s = t0.elapsed().as_secs_f64();
-                if !codec.plain(index, bucket) {
-                    let grads = replicas
-                        .iter_mut()
-                        .map(|rep| {
-                            let all = rep.stages[s].params_mut().map(|(slot, p)| (slot, &mut p.grad));
-                            pick(all, &bucket.items).ok_or_else(|| EngineError::Invariant {
-                                stage: s as u32,
-                                what: format!("bucket {index} names a tensor the stage does not hold"),
-                            })
+                let grads = replicas
+                    .iter_mut()
+                    .map(|rep| {
+                        let all = rep.stages[s].params_mut().map(|(slot, p)| (slot, &mut p.grad));
+                        pick(all, &bucket.items).ok_or_else(|| EngineError::Invariant {
+                            stage: s as u32,
+                            what: format!("bucket {index} names a tensor the stage does not hold"),
                         })
-                        .collect::<Result<Vec<_>>>()?;
-                    let bytes = codec.reduce(dp_groups[s].as_ref(), s, index, bucket, grads)?;
-                    spans.push(CommSpan {
-                        stage: s as u32,
-                        bucket: index as u32,
-                        bytes,
-                        mode: modes[s][index],
-                        start_s,
-                        end_s: t0.elapsed().as_secs_f64(),
-                    });
-                    continue;
-                }
-                for &slot in &bucket.items {
-                    let mut views: Vec<(usize, &mut B::Buf)> = replicas
-                        .iter_mut()
-                        .enumerate()
-                        .map(|(r, rep)| (r, &mut rep.stages[s].param_mut(slot).grad))
-                        .collect();
-                    let owner = sharded.then(|| owners[s].get(&slot).copied()).flatten();
-                    reduce_tensor(dp_groups[s].as_ref(), owner, &mut views)?;
-                }
-                spans.push(CommSpan {
-                    stage: s as u32,
-                    bucket: index as u32,
-                    bytes: bucket.bytes,
-                    mode: Compression::None,
-                    start_s,
-                    end_s: t0.elapsed().as_secs_f64(),
-                });
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let owners = sharded.then(|| &owners[s]);
+                spans.push(codec.reduce_bucket(dp_groups[s].as_ref(), s, index, bucket, owners, grads, t0)?);
             }
         }
         Ok(spans)

@@ -51,3 +51,21 @@ pub const TINY_MODEL: &[&str] = &[
 pub fn tiny_with(extra: &[&'static str]) -> Vec<&'static str> {
     [TINY_MODEL, extra].concat()
 }
+
+/// Runs `baton` with `base`, `--out <fresh dir>` and each case's flags, and checks that it exits 2 with one line
+/// containing the case's text, writing nothing.
+pub fn assert_usage_errors(suite: &str, base: &[&str], cases: &[(&[&str], &str)]) {
+    for (flags, want) in cases {
+        let out = tmp(suite, "bad");
+        let mut args: Vec<&str> = base.to_vec();
+        let out_s = out.to_str().unwrap().to_string();
+        args.extend(["--out", &out_s]);
+        args.extend(flags.iter());
+        let o = baton(&args);
+        let e = err(&o);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {e}");
+        assert!(e.contains(want), "{flags:?}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{flags:?}: {e}");
+        assert!(!out.exists(), "{flags:?}: nothing is written");
+    }
+}

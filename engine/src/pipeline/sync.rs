@@ -180,7 +180,6 @@ impl<B: Backend> Pipeline<B> {
                     backends: backends.iter().map(|b| &b[s]).collect(),
                 };
                 for (index, bucket) in stage_buckets.iter().enumerate() {
-                    let start_s = t0.elapsed().as_secs_f64();
                     let grads = deltas
                         .iter_mut()
                         .map(|rep| {
@@ -192,30 +191,7 @@ impl<B: Backend> Pipeline<B> {
                             })
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    let (bytes, mode) = if codec.plain(index, bucket) {
-                        let mut per_item: Vec<Vec<(usize, &mut B::Buf)>> =
-                            (0..bucket.items.len()).map(|_| Vec::with_capacity(d)).collect();
-                        for (r, g) in grads.into_iter().enumerate() {
-                            for (i, buf) in g.into_iter().enumerate() {
-                                per_item[i].push((r, buf));
-                            }
-                        }
-                        for mut views in per_item {
-                            dp_groups[s].all_reduce(&mut views)?;
-                        }
-                        (bucket.bytes, Compression::None)
-                    } else {
-                        let bytes = codec.reduce(dp_groups[s].as_ref(), s, index, bucket, grads)?;
-                        (bytes, modes[s][index])
-                    };
-                    spans.push(CommSpan {
-                        stage: s as u32,
-                        bucket: index as u32,
-                        bytes,
-                        mode,
-                        start_s,
-                        end_s: t0.elapsed().as_secs_f64(),
-                    });
+                    spans.push(codec.reduce_bucket(dp_groups[s].as_ref(), s, index, bucket, None, grads, t0)?);
                 }
             }
         }
