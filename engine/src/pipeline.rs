@@ -258,6 +258,55 @@ pub struct StepReport {
     pub nonfinite_stage: Option<u32>,
 }
 
+/// A step's timing from every replica's stage outcomes: when each replica's last action ended, the latest of those,
+/// each stage's busy seconds, replica 0's busy and idle seconds and its bubble (idle / (stages × pipeline time)).
+pub(crate) struct Timing {
+    pub replica_pipeline_s: Vec<f64>,
+    pub pipeline_s: f64,
+    pub replica_busy_s: Vec<Vec<f64>>,
+    pub busy_s: Vec<f64>,
+    pub idle_s: Vec<f64>,
+    pub bubble: f64,
+}
+
+impl Timing {
+    pub(crate) fn of(outcomes: &[Vec<crate::executor::StageOutcome>]) -> Timing {
+        let replica_pipeline_s: Vec<f64> = outcomes
+            .iter()
+            .map(|o| {
+                o.iter()
+                    .flat_map(|o| o.spans.last())
+                    .map(|s| s.end_s)
+                    .fold(0.0, f64::max)
+            })
+            .collect();
+        let pipeline_s = replica_pipeline_s.iter().copied().fold(0.0, f64::max);
+        let replica_busy_s: Vec<Vec<f64>> = outcomes
+            .iter()
+            .map(|o| {
+                o.iter()
+                    .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
+                    .collect()
+            })
+            .collect();
+        let busy_s = replica_busy_s.first().cloned().unwrap_or_default();
+        let idle_s: Vec<f64> = busy_s.iter().map(|b| (pipeline_s - b).max(0.0)).collect();
+        let bubble = if pipeline_s > 0.0 {
+            idle_s.iter().sum::<f64>() / (idle_s.len() as f64 * pipeline_s)
+        } else {
+            0.0
+        };
+        Timing {
+            replica_pipeline_s,
+            pipeline_s,
+            replica_busy_s,
+            busy_s,
+            idle_s,
+            bubble,
+        }
+    }
+}
+
 /// Where a parameter lives: (stage, chunk, layer in the part, parameter in the layer).
 type ParamAt = (usize, usize, usize, usize);
 
@@ -1164,16 +1213,8 @@ impl<B: Backend> Pipeline<B> {
             }
             return Err(e);
         }
-        let replica_pipeline_s: Vec<f64> = outcomes
-            .iter()
-            .map(|o| {
-                o.iter()
-                    .flat_map(|o| o.spans.last())
-                    .map(|s| s.end_s)
-                    .fold(0.0, f64::max)
-            })
-            .collect();
-        let pipeline_s = replica_pipeline_s.iter().copied().fold(0.0, f64::max);
+        let timing = Timing::of(&outcomes);
+        let pipeline_s = timing.pipeline_s;
         // Loss: per micro-batch sums in (replica, micro-batch) order — the global micro-batch order — over all
         // tokens.
         let mut losses: Vec<(usize, u32, f64)> = outcomes
@@ -1262,21 +1303,16 @@ impl<B: Backend> Pipeline<B> {
             }
         }
 
-        let busy = |o: &Vec<crate::executor::StageOutcome>| -> Vec<f64> {
-            o.iter()
-                .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
-                .collect()
-        };
-        let replica_busy_s: Vec<Vec<f64>> = outcomes.iter().map(busy).collect();
         let mut outcomes = outcomes.into_iter();
         let outcomes = outcomes.next().unwrap_or_default();
-        let busy_s = replica_busy_s.first().cloned().unwrap_or_default();
-        let idle_s: Vec<f64> = busy_s.iter().map(|b| (pipeline_s - b).max(0.0)).collect();
-        let bubble = if pipeline_s > 0.0 {
-            idle_s.iter().sum::<f64>() / (idle_s.len() as f64 * pipeline_s)
-        } else {
-            0.0
-        };
+        let Timing {
+            replica_pipeline_s,
+            replica_busy_s,
+            busy_s,
+            idle_s,
+            bubble,
+            ..
+        } = timing;
         Ok(StepReport {
             step: self.step,
             loss,

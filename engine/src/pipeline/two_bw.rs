@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use baton_kernels::cpu::AdamW;
 use baton_schedules::{two_bw_delay, two_bw_stream, ScheduleKind};
 
-use super::{host, Pipeline, StepReport, TensorMap};
+use super::{host, Pipeline, StepReport, TensorMap, Timing};
 use crate::backend::Backend;
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
@@ -304,27 +304,14 @@ impl<B: Backend> Pipeline<B> {
         }
         // One report per window; the stream's timing is shared evenly, its spans go with the last window.
         let elapsed = started.elapsed().as_secs_f64();
-        let end_of = |o: &Vec<crate::executor::StageOutcome>| {
-            o.iter()
-                .flat_map(|o| o.spans.last())
-                .map(|s| s.end_s)
-                .fold(0.0, f64::max)
-        };
-        let replica_pipeline_s: Vec<f64> = outcomes.iter().map(end_of).collect();
-        let pipeline_s = replica_pipeline_s.iter().copied().fold(0.0, f64::max);
-        let busy_of = |o: &Vec<crate::executor::StageOutcome>| -> Vec<f64> {
-            o.iter()
-                .map(|o| o.spans.iter().map(|s| s.end_s - s.start_s).sum())
-                .collect()
-        };
-        let replica_busy: Vec<Vec<f64>> = outcomes.iter().map(busy_of).collect();
-        let busy = replica_busy.first().cloned().unwrap_or_default();
-        let idle: Vec<f64> = busy.iter().map(|b| (pipeline_s - b).max(0.0)).collect();
-        let bubble = if pipeline_s > 0.0 {
-            idle.iter().sum::<f64>() / (p as f64 * pipeline_s)
-        } else {
-            0.0
-        };
+        let Timing {
+            replica_pipeline_s,
+            pipeline_s,
+            replica_busy_s: replica_busy,
+            busy_s: busy,
+            idle_s: idle,
+            bubble,
+        } = Timing::of(&outcomes);
         let mut losses = vec![0.0f64; k];
         // Per window: (replica, micro-batch) order, the global micro-batch order.
         let mut per_window: Vec<Vec<(usize, u32, f64)>> = vec![Vec::new(); k];
