@@ -551,11 +551,14 @@ impl<B: Backend> Pipeline<B> {
             squares.sort_by_key(|&(key, _)| key);
             let norm = squares.iter().map(|&(_, s)| s).sum::<f64>().sqrt() as f32;
             let lr = o.lr_at(step);
-            prev = newest
-                .iter()
-                .zip(backends[0].iter())
-                .map(|(v, be)| dup(v, be))
-                .collect::<Result<Vec<_>>>()?;
+            if j + 1 == k {
+                // The version before the stream's last update: what the next stream's first window reads.
+                prev = newest
+                    .iter()
+                    .zip(backends[0].iter())
+                    .map(|(v, be)| dup(v, be))
+                    .collect::<Result<Vec<_>>>()?;
+            }
             let skipped = !norm.is_finite();
             if skipped {
                 skips += 1;
