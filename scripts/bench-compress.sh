@@ -5,6 +5,7 @@
 # action time, F = 2/3 and B = 4/3 of it) with each row's payload, so rows differ only by what they send. Prints a
 # Markdown table (BENCHMARKS.md, "Less communication").
 #   scripts/bench-compress.sh [STEPS] [GBPS] [SETTING ...]   (a SETTING is the flags of one row, quoted)
+#   COST_MS=7.9 scripts/bench-compress.sh ...                 (a given mean action time instead of the first row's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-300}
@@ -21,7 +22,7 @@ out=$(mktemp -d)
 echo "| setting | train loss | val loss | bytes/replica/step | vs fp32 | measured step | step on ${gbps} Gbit/s (sim.) |"
 echo "|---|---|---|---|---|---|---|"
 i=0
-cost_ms=""
+cost_ms=${COST_MS:-}
 for flags in "$@"; do
   i=$((i + 1))
   dir="$out/run$i"
