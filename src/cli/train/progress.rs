@@ -197,7 +197,7 @@ impl trainer::Observer for CliObserver {
             {
                 line["data_parallel"]["compress"] = serde_json::json!(r.compress);
             }
-            if !self.last_compress.is_empty() && r.compress != self.last_compress {
+            if !self.last_compress.is_empty() && !r.compress.is_empty() && r.compress != self.last_compress {
                 let stages: Vec<String> = r
                     .compress
                     .iter()
@@ -213,7 +213,9 @@ impl trainer::Observer for CliObserver {
                     stages.join("; ")
                 ));
             }
-            self.last_compress = r.compress.clone();
+            if !r.compress.is_empty() {
+                self.last_compress = r.compress.clone();
+            }
             if r.outer_step {
                 line["data_parallel"]["outer_step"] = serde_json::json!(true);
             }
