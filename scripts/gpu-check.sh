@@ -44,7 +44,7 @@ if [[ "${1:-}" == "build" ]]; then
   # without a device.
   build_one engine_lib test --release -p baton-engine --lib
   # The backend-generic suites (written once; `cuda::*` are their CUDA instances).
-  for suite in equivalence faults faults_matrix checkpoint data_parallel; do
+  for suite in equivalence faults faults_matrix checkpoint data_parallel two_bw; do
     build_one "suite_$suite" test --release -p baton-engine --test "$suite"
   done
   build_one kernels_bench bench -p baton --bench kernels
@@ -154,7 +154,7 @@ fi
 # The equivalence, fault and checkpoint suites on CUDA: the same test code CI runs on the CPU.
 run_suites() {
   local rc=0 suite
-  for suite in equivalence faults faults_matrix checkpoint data_parallel; do
+  for suite in equivalence faults faults_matrix checkpoint data_parallel two_bw; do
     if [[ -x "$BIN/suite_$suite" ]]; then
       "$BIN/suite_$suite" --ignored cuda:: --test-threads 1 || rc=1
     else

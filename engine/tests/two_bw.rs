@@ -227,3 +227,35 @@ fn data_parallel_2bw_sums_replicas_every_window() {
     assert!(ps[0] == pw[0], "D=2 p=2: stream vs windows, parameters");
     assert!(ps[0] == ps[1], "D=2 p=2: the replicas agree");
 }
+
+on_every_backend!(a_stream_matches_its_windows_on_every_backend);
+
+/// The flush-free stream against the same windows one at a time, on the backend under test (CUDA: the updater
+/// steps AdamW on the stages' streams from its own thread while they compute): bitwise on the CPU, within the
+/// device's tolerance elsewhere; and against the CPU's stream.
+fn a_stream_matches_its_windows_on_every_backend(dev: &impl common::Device) {
+    let data = batches(4);
+    let cfg = config(ScheduleKind::TwoBw, 2, 2, 4);
+    let mut windows = Pipeline::new(cfg.clone(), dev.stages(2)).unwrap();
+    let one: Vec<f32> = data.iter().map(|b| windows.train_step(b).unwrap().loss).collect();
+    let mut stream = Pipeline::new(cfg.clone(), dev.stages(2)).unwrap();
+    let all: Vec<f32> = stream.train_windows(&data).unwrap().iter().map(|r| r.loss).collect();
+    let mut cpu = pipeline(&cfg);
+    let reference: Vec<f32> = cpu.train_windows(&data).unwrap().iter().map(|r| r.loss).collect();
+    let (a, b) = (stream.parameters().unwrap(), windows.parameters().unwrap());
+    match dev.tolerance() {
+        None => {
+            assert_eq!(all, one, "stream vs windows");
+            assert!(a == b, "stream vs windows: parameters");
+        }
+        Some(tol) => {
+            for (x, y) in all.iter().zip(&one).chain(all.iter().zip(&reference)) {
+                assert!(((x - y) / y).abs() as f64 <= tol, "loss {x} vs {y}");
+            }
+            for (name, t) in &a {
+                let e = common::rel_err(&t.data, &b[name].data);
+                assert!(e <= 10.0 * tol, "`{name}`: {e:e}");
+            }
+        }
+    }
+}
