@@ -124,6 +124,14 @@ pub enum EngineError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Profiling a model for the planner failed.
+    #[error("profile of {what}: {reason}")]
+    Profile {
+        /// The model and backend.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A checkpoint is missing, incomplete, corrupt or does not match the model.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {

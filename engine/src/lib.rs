@@ -27,6 +27,7 @@ pub mod model;
 pub mod optim;
 pub mod pipeline;
 pub mod predict;
+pub mod profile;
 pub mod split;
 pub mod trainer;
 

@@ -105,6 +105,15 @@ fn unit_elems(m: &GptConfig, unit: usize, b: usize, t: usize) -> (u64, u64, u64)
     (act as u64, w as u64, scratch as u64)
 }
 
+/// Bytes one micro-batch of `mb_seqs × seq` tokens makes GPT-2's unit `unit` hold on the CPU backend: (activation
+/// stash from F to B / I, weight-gradient stash from I to W, the largest scratch of its backward) — the figures
+/// [`estimate_gpt2`] adds up, for the planner's per-unit profile.
+pub fn gpt2_unit_bytes(model: &GptConfig, unit: usize, mb_seqs: usize, seq: usize) -> (u64, u64, u64) {
+    let elem = CPU_ELEM_BYTES as u64;
+    let (a, w, s) = unit_elems(model, unit, mb_seqs, seq);
+    (a * elem, w * elem, s * elem)
+}
+
 /// The estimate for `model` split into `ranges` (unit ranges per part, in part order) under `schedule`, with
 /// micro-batches of `mb_seqs` sequences of `seq` tokens, and `data_tokens` tokens of training data.
 pub fn estimate_gpt2(

@@ -81,6 +81,26 @@ pub enum ScheduleError {
     /// A lowered (compute + comm) schedule is inconsistent.
     #[error("communication mismatch: {0}")]
     Comm(String),
+    /// No split of the model fits the per-stage memory budget under this candidate.
+    #[error(
+        "{what}: no split fits the budget of {budget_bytes} bytes per stage; the split needing least memory still \
+         needs {needed_bytes} bytes on stage {stage} ({detail})"
+    )]
+    MemoryBudget {
+        /// The candidate (schedule, chunks, micro-batches, recomputation).
+        what: String,
+        /// The largest stage of the split needing least memory.
+        stage: u32,
+        /// That stage's bytes.
+        needed_bytes: u64,
+        /// The per-stage budget, bytes.
+        budget_bytes: u64,
+        /// What the stage's bytes are made of.
+        detail: String,
+    },
+    /// The planner was given inputs it cannot use, or could not serve a candidate.
+    #[error("planner: {0}")]
+    Planner(String),
     /// The list scheduler was given options it cannot honour on a stage, or could not go on.
     #[error("list scheduler, stage {stage}: {reason}")]
     ListScheduler {

@@ -1,6 +1,7 @@
 //! Pipeline schedules for Baton: the IR, generators (GPipe, 1F1B, interleaved 1F1B, ZB-H1,
 //! ZB-V, PipeDream-2BW and its weight versions), a list scheduler for any shape, a validator,
-//! a discrete-event simulator (with the data-parallel gradient reduction),
+//! a discrete-event simulator (with the data-parallel gradient reduction), a planner (the fastest split,
+//! schedule and micro-batch count under a memory budget),
 //! PyTorch-compatible text formats (schedule interchange with PyTorch 2.15's
 //! `torch.distributed.pipelining`, both ways) and renderers. Pure Rust: no device, no threads.
 
@@ -13,6 +14,7 @@ mod generate;
 mod graph;
 mod ir;
 mod list;
+mod plan;
 mod render;
 mod simulate;
 mod text;
@@ -29,6 +31,12 @@ pub use error::ScheduleError;
 pub use generate::{generate, gpipe, interleaved, one_f_one_b, zb_h1, zb_v};
 pub use ir::{Action, Op, Placement, Schedule, ScheduleKind, CHUNKS_MAX, MICROBATCHES_MAX, STAGES_MAX};
 pub use list::{interleaved_stash_cap, list_schedule, one_f_one_b_stash_cap, zb_h1_weight_stash_cap, ListOptions};
+pub use plan::{
+    evaluate_split, part_costs, partition, partition_below, plan, stage_memory, Candidate, CandidateOutcome,
+    Evaluation, LostBy, MemoryModel, Outcome, Partition, Plan, PlanInput, PlanSpace, RunnerUp, SearchLimits,
+    ShapeProfile, StageMemory, UnitProfile, INTERLEAVED_CHUNKS_DEFAULT, PLAN_CANDIDATES_MAX, PLAN_EVALUATIONS_MAX,
+    PLAN_NODES_MAX, PLAN_TWO_BW_WINDOWS, PLAN_UNITS_MAX,
+};
 pub use render::{to_json, to_svg, to_svg_with, to_text, SvgOptions, SVG_WIDTH_MAX, TEXT_COLUMNS_MAX};
 pub use simulate::{simulate, Costs, SimReport, Span};
 pub use text::{

@@ -2,6 +2,7 @@
 
 mod export;
 mod generate;
+mod plan;
 pub mod report;
 mod schedule;
 pub mod tensorboard;
@@ -31,6 +32,9 @@ pub struct Cli {
 pub enum Command {
     /// Generate (or import), validate and simulate a pipeline schedule, and print or draw it.
     Schedule(schedule::ScheduleArgs),
+    /// Profile a GPT's units and find the fastest split, schedule, micro-batch count, chunks and recomputation
+    /// under a per-stage memory budget; print the plan and draw its timeline.
+    Plan(Box<plan::PlanArgs>),
     /// Train a GPT split into pipeline stages (defaults: 4 layers, d_model 128, 4 stages, 1F1B, 8 micro-batches).
     Train(Box<train::TrainArgs>),
     /// Sample text from a checkpoint.
@@ -86,6 +90,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Schedule(args) => schedule::run(&args),
+        Command::Plan(args) => plan::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Export(args) => export::run(&args),

@@ -130,6 +130,13 @@ pub struct TrainConfig {
     pub sync: String,
     /// `--compress auto`: the bandwidth between replicas, Gbit/s (0: measured from the reductions).
     pub link_gbps: f64,
+    /// `auto`: profile the model and let the planner choose the split, schedule, micro-batches, chunks and
+    /// recomputation (the stages stay as given).
+    pub plan: Option<String>,
+    /// Memory per stage (device), e.g. `2GiB`: the planner's budget, and without a plan a check of the layout.
+    pub memory_budget: Option<String>,
+    /// Directory of the planner's cached profiles (default: the output directory).
+    pub profile_cache: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -185,6 +192,9 @@ impl Default for TrainConfig {
             compress: "none".into(),
             sync: "bsp".into(),
             link_gbps: 0.0,
+            plan: None,
+            memory_budget: None,
+            profile_cache: None,
         }
     }
 }
@@ -346,6 +356,17 @@ pub struct TrainArgs {
     /// For --compress auto: the bandwidth between replicas in Gbit/s (default: measured).
     #[arg(long, value_name = "GBPS")]
     pub link_gbps: Option<f64>,
+    /// `auto`: profile the model's units (cached) and train with the split, schedule, micro-batches, chunks and
+    /// recomputation the planner finds fastest under --memory-budget (the stages stay as given).
+    #[arg(long, value_name = "auto")]
+    pub plan: Option<String>,
+    /// Memory per stage (device): bytes or a size such as 2GiB, 512MiB, 1.5GB; with --plan auto the planner's
+    /// budget, otherwise the configured layout is checked against it.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_budget: Option<String>,
+    /// Directory of cached profiles for --plan auto (default: the output directory).
+    #[arg(long, value_name = "DIR")]
+    pub profile_cache: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -431,6 +452,15 @@ impl TrainArgs {
         }
         if let Some(g) = self.link_gbps {
             c.link_gbps = g;
+        }
+        if self.plan.is_some() {
+            c.plan = self.plan.clone();
+        }
+        if self.memory_budget.is_some() {
+            c.memory_budget = self.memory_budget.clone();
+        }
+        if self.profile_cache.is_some() {
+            c.profile_cache = self.profile_cache.clone();
         }
         if self.out.is_some() {
             c.out = self.out.clone();

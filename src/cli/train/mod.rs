@@ -533,7 +533,21 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         ),
         None => None,
     };
-    let setup = setup(args, &mut c, &ckpt_root)?;
+    // `--plan auto` chooses the schedule, micro-batches, chunks, recomputation and split before they are read.
+    let given = [
+        ("--schedule", args.schedule.is_some()),
+        ("--microbatches", args.microbatches.is_some()),
+        ("--chunks", args.chunks.is_some()),
+        ("--split", args.split.is_some()),
+        ("--recompute", args.recompute),
+    ];
+    let mut planned = super::plan::plan_for_train(&mut c, &given, &device, &out)?;
+    let mut setup = setup(args, &mut c, &ckpt_root)?;
+    if let Some(p) = &planned {
+        setup.schedule = p.schedule().clone();
+    } else if c.memory_budget.is_some() {
+        super::plan::check_budget(&c, &setup.pcfg, &setup.schedule)?;
+    }
     if let (Some(text), Some(fail)) = (&fail_text, &fail_at) {
         check_fail_at(text, fail, &setup.schedule, c.steps)?;
     }
@@ -545,6 +559,10 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let token_count = tokens.len();
     let est = estimate(&c, &setup, token_count)?.with_process_now();
     let available = available_memory();
+    if let Some(p) = &planned {
+        eprintln!("plan: {}", super::plan::choice_line(p));
+        eprintln!("plan: {}", super::plan::runner_up_line(p));
+    }
     if args.dry_run {
         return dry_run(&c, &setup, &est, available, &out);
     }
@@ -563,11 +581,14 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     }
     let split = Split::new(&tokens, Split::DEFAULT_VAL_FRACTION, c.batch, c.seq).map_err(engine_err)?;
     drop(tokens);
+    if let Some(p) = planned.as_mut() {
+        p.store_profiles()?;
+    }
     let setup = Setup {
         estimate: Some(est),
         ..setup
     };
-    match device {
+    let result = match device {
         Device::Cpu => {
             let names = vec!["cpu".to_string(); (c.stages * c.data_parallel) as usize];
             train_on(&c, setup, split, token_count, &out, fail_at, &names, None, &|| {
@@ -601,7 +622,13 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
             });
             train_on(&c, setup, split, token_count, &out, fail_at, &names, collectives, &make)
         }
+    };
+    if let (Ok(()), Some(p)) = (&result, &planned) {
+        if let Some(line) = super::plan::predicted_vs_measured(p, &out.join("metrics.jsonl")) {
+            eprintln!("{line}");
+        }
     }
+    result
 }
 
 /// Which stage of which replica runs where, one line per replica (worker `r·p + s` on `devices[r·p + s]`).
@@ -638,14 +665,15 @@ fn device_map(c: &TrainConfig, devices: &[String]) -> String {
 type CollectivesFor<B> = fn(&crate::engine::comm::Workers<B>) -> crate::engine::Result<Arc<dyn Collectives<B>>>;
 
 /// Where a run trains.
-enum Device {
+pub(crate) enum Device {
+    /// The CPU backend.
     Cpu,
     /// CUDA with this many GPUs.
     Cuda(usize),
 }
 
 /// `cpu`, `cuda` (an error without a GPU) or `auto` (CUDA when a GPU is present).
-fn device(name: &str) -> Result<Device, CliError> {
+pub(crate) fn device(name: &str) -> Result<Device, CliError> {
     let cuda = || -> Result<usize, String> {
         use crate::kernels::cuda as kc;
         kc::driver_available().map_err(|e| e.to_string())?;
