@@ -1338,7 +1338,11 @@ impl<B: Backend> Pipeline<B> {
             comm_s,
             exposed_comm_s,
             reduced_bytes,
-            compress: if d > 1 && (!local || outer_step) { modes } else { Vec::new() },
+            compress: if d > 1 && (!local || outer_step) {
+                modes
+            } else {
+                Vec::new()
+            },
             outer_step,
             comm,
             skipped,
