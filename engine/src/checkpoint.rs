@@ -814,10 +814,25 @@ fn f32_tensor(name: &str, view: &TensorView<'_>, shape: &[usize]) -> std::result
 
 /// Little-endian F32 bytes to floats (a trailing partial element is ignored).
 pub(crate) fn le_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
+    let whole = &bytes[..bytes.len() / 4 * 4];
+    if cfg!(target_endian = "little") {
+        // One copy: the file's bytes are this machine's floats (copied into aligned storage).
+        let mut out = vec![0.0f32; whole.len() / 4];
+        bytemuck::cast_slice_mut::<f32, u8>(&mut out).copy_from_slice(whole);
+        return out;
+    }
+    whole
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
+}
+
+/// Floats to little-endian bytes (one copy on a little-endian machine).
+fn f32_le(data: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        return bytemuck::cast_slice(data).to_vec();
+    }
+    data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Serializes F32 tensors into safetensors bytes.
@@ -825,10 +840,8 @@ pub(crate) fn serialize_f32(
     tensors: &TensorMap,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> std::result::Result<Vec<u8>, String> {
-    let buffers: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, t)| (k, &t.shape, t.data.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
+    let buffers: Vec<(&String, &Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(k, t)| (k, &t.shape, f32_le(&t.data))).collect();
     let views = buffers
         .iter()
         .map(|(k, shape, bytes)| {

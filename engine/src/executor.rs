@@ -435,6 +435,7 @@ pub(crate) fn run_step<B: Backend>(
         let spawned = std::thread::Builder::new()
             .name(format!("baton-stage-{s}"))
             .spawn(move || {
+                worker.backends[s].bind_stage(s);
                 let out = catch_unwind(AssertUnwindSafe(|| worker.run()));
                 let out = match out {
                     Ok(r) => r,

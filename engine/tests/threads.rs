@@ -37,10 +37,12 @@ fn run(kind: ScheduleKind, p: u32) -> Vec<u32> {
 }
 
 #[test]
-fn results_are_bitwise_identical_for_1_2_3_and_4_threads() {
+fn results_are_bitwise_identical_for_1_2_3_and_4_threads_and_stage_pools() {
     let mut reference: Option<Vec<u32>> = None;
-    for threads in [1, 2, 3, 4] {
+    // Shared pools of 1–4 threads, then a pool of its own per stage (1 and 2 threads each).
+    for (threads, per_stage) in [(1, 0), (2, 0), (3, 0), (4, 0), (2, 1), (2, 2)] {
         baton_kernels::fast::set_threads(threads);
+        baton_kernels::fast::set_stage_threads(per_stage);
         assert_eq!(baton_kernels::fast::threads(), threads);
         for (kind, p) in [
             (ScheduleKind::OneFOneB, 1),
@@ -52,9 +54,10 @@ fn results_are_bitwise_identical_for_1_2_3_and_4_threads() {
                 None => reference = Some(bits),
                 Some(want) => assert!(
                     *want == bits,
-                    "{threads} threads, {kind} on {p} stages: differs from 1 thread, 1 stage"
+                    "{threads} threads ({per_stage} per stage), {kind} on {p} stages: differs from 1 thread, 1 stage"
                 ),
             }
         }
     }
+    baton_kernels::fast::set_stage_threads(0);
 }

@@ -67,6 +67,9 @@ pub struct PlanArgs {
     /// CPU compute threads shared by all stages (0: one per core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// CPU threads of each stage's own pool (0: shared); the profile is then taken with that many threads.
+    #[arg(long, value_name = "N")]
+    pub stage_threads: Option<usize>,
     /// Data-parallel replicas (the budget is per device; ZeRO-1 shards the optimizer state over them).
     #[arg(long, value_name = "D")]
     pub data_parallel: Option<u32>,
@@ -266,7 +269,9 @@ fn profile_on(
     let workers = (c.stages * c.data_parallel.max(1)) as usize;
     let fail = |e: crate::engine::EngineError| CliError::failure(format!("profiling the model: {e}"));
     let (backend, threads, concurrent) = match device {
-        // Every stage thread shares the one pool: profile that many at once.
+        // Every stage thread shares the one pool: profile that many at once; with stage pools, one at a time on a
+        // stage pool's threads.
+        Device::Cpu if c.stage_threads > 0 => (format!("cpu ({} per stage)", c.stage_threads), c.stage_threads, 1),
         Device::Cpu => ("cpu".to_string(), crate::kernels::fast::threads(), workers as u32),
         Device::Cuda(count) => {
             let precision = cuda_precision(c);
@@ -719,6 +724,7 @@ fn config_of(args: &PlanArgs) -> Result<TrainConfig, CliError> {
         batch,
         device,
         threads,
+        stage_threads,
         data_parallel,
         zero
     );
@@ -772,6 +778,14 @@ pub fn run(args: &PlanArgs) -> Result<(), CliError> {
     if c.threads > 0 {
         crate::kernels::fast::set_threads(c.threads);
     }
+    if c.stage_threads > crate::kernels::fast::THREADS_MAX {
+        return Err(CliError::usage(format!(
+            "--stage-threads {}: at most {}",
+            c.stage_threads,
+            crate::kernels::fast::THREADS_MAX
+        )));
+    }
+    crate::kernels::fast::set_stage_threads(c.stage_threads);
     let device = super::train::device(&c.device)?;
     let device_name = match device {
         Device::Cpu => format!("cpu ({} threads)", crate::kernels::fast::threads()),

@@ -81,6 +81,9 @@ impl Backend for Cpu {
     fn host_reads_are_free(&self) -> bool {
         true
     }
+    fn bind_stage(&self, stage: usize) {
+        baton_kernels::fast::bind_stage(stage);
+    }
     type Mark = std::time::Instant;
     fn mark(&self) -> Result<std::time::Instant> {
         Ok(std::time::Instant::now())

@@ -115,6 +115,10 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// Called on a stage's thread when it starts running stage `stage`: a backend whose compute threads are
+    /// shared by the process may give the stage its own (the CPU with stage pools on). Default: nothing.
+    fn bind_stage(&self, _stage: usize) {}
+
     /// `buf = 0`.
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// `dst = src`.

@@ -23,4 +23,4 @@ pub mod pool;
 mod testutil;
 pub mod vector;
 
-pub use pool::{set_threads, threads, THREADS_MAX};
+pub use pool::{bind_stage, set_stage_threads, set_threads, stage_threads, threads, THREADS_MAX};

@@ -1,9 +1,13 @@
 //! The process-wide thread pool every fast op runs on, and the shape-based partition of work.
 //!
 //! One pool for the process, shared by all stage threads: a stage thread that calls an op hands its chunks to
-//! the pool and waits, so however many stages run at once, at most [`threads`] threads compute.
+//! the pool and waits, so however many stages run at once, at most [`threads`] threads compute. Optionally
+//! ([`set_stage_threads`]) each pipeline stage gets a pool of its own instead, so stages behave like separate
+//! devices (a waiting stage's threads do not serve another); a stage thread binds itself with [`bind_stage`].
+//! Work is cut by shape only, so results are the same either way.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rayon::prelude::*;
 
@@ -41,9 +45,52 @@ fn cell() -> &'static RwLock<Arc<rayon::ThreadPool>> {
     })
 }
 
-/// The pool ops run on.
+thread_local! {
+    /// The pool of the stage this thread runs, when stage pools are on and the thread bound itself.
+    static BOUND: RefCell<Option<Arc<rayon::ThreadPool>>> = const { RefCell::new(None) };
+}
+
+/// Threads per stage pool (0: stages share the process pool), and the pools made so far.
+static STAGE_POOLS: Mutex<(usize, Vec<Arc<rayon::ThreadPool>>)> = Mutex::new((0, Vec::new()));
+
+/// The pool ops run on: the calling thread's stage pool if it bound one, else the process pool.
 pub fn pool() -> Arc<rayon::ThreadPool> {
+    if let Some(p) = BOUND.with(|b| b.borrow().clone()) {
+        return p;
+    }
     Arc::clone(&cell().read().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
+/// Gives every pipeline stage a pool of `threads` threads of its own (1..=[`THREADS_MAX`]), or, with 0, makes
+/// the stages share the process pool again (the default). Takes effect for stage threads that bind after it.
+pub fn set_stage_threads(threads: usize) {
+    let mut pools = STAGE_POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let threads = threads.min(THREADS_MAX);
+    if pools.0 != threads {
+        *pools = (threads, Vec::new());
+    }
+}
+
+/// Threads per stage pool (0: shared).
+pub fn stage_threads() -> usize {
+    STAGE_POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0
+}
+
+/// Binds the calling thread to stage `stage`'s pool when stage pools are on (made on first use), else to none.
+pub fn bind_stage(stage: usize) {
+    let pool = {
+        let mut pools = STAGE_POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let threads = pools.0;
+        if threads == 0 {
+            None
+        } else {
+            while pools.1.len() <= stage {
+                pools.1.push(build(threads));
+            }
+            Some(Arc::clone(&pools.1[stage]))
+        }
+    };
+    BOUND.with(|b| *b.borrow_mut() = pool);
 }
 
 /// Sets the number of compute threads (1..=[`THREADS_MAX`]; default: the machine's cores). Ops already running
@@ -99,6 +146,34 @@ pub fn for_each(count: usize, f: impl Fn(usize) + Sync + Send) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_stage_runs_on_its_own_pool() {
+        let _pool = crate::fast::testutil::pool_lock();
+        set_threads(2);
+        set_stage_threads(1);
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                bind_stage(0);
+                (threads(), Arc::as_ptr(&pool()) as usize)
+            });
+            let b = s.spawn(|| {
+                bind_stage(1);
+                (threads(), Arc::as_ptr(&pool()) as usize)
+            });
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!((a.0, b.0), (1, 1), "one thread per stage");
+        assert_ne!(a.1, b.1, "a pool per stage");
+        set_stage_threads(0);
+        let shared = std::thread::spawn(|| {
+            bind_stage(0);
+            threads()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(shared, 2, "back to the shared pool");
+    }
 
     #[test]
     fn chunks_depend_on_the_sizes_only_and_cover_every_row() {

@@ -114,6 +114,9 @@ pub struct TrainConfig {
     pub copy_gbps: f64,
     /// CPU compute threads, shared by all stages (0: one per core). Results do not depend on it.
     pub threads: usize,
+    /// CPU threads of each stage's own pool (0: the stages share `threads`), so stages compute like separate
+    /// devices. Results do not depend on it.
+    pub stage_threads: usize,
     /// Data-parallel replicas of the pipeline; `batch` is the global batch, shared evenly among them, and
     /// `microbatches` is per replica.
     pub data_parallel: u32,
@@ -185,6 +188,7 @@ impl Default for TrainConfig {
             precision: "auto".into(),
             copy_gbps: 0.0,
             threads: 0,
+            stage_threads: 0,
             data_parallel: 1,
             zero: 0,
             no_overlap: false,
@@ -332,6 +336,10 @@ pub struct TrainArgs {
     /// CPU compute threads shared by all stages (0: one per core); the results are the same for any number.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Give each stage a CPU pool of N threads of its own instead (stages then compute like separate devices; the
+    /// results are the same).
+    #[arg(long, value_name = "N")]
+    pub stage_threads: Option<usize>,
     /// Data-parallel replicas of the pipeline (D × stages workers); --batch is the global batch, split evenly
     /// among the replicas, --microbatches is per replica.
     #[arg(long, value_name = "D")]
@@ -433,6 +441,9 @@ impl TrainArgs {
         }
         if let Some(n) = self.threads {
             c.threads = n;
+        }
+        if let Some(n) = self.stage_threads {
+            c.stage_threads = n;
         }
         if let Some(d) = self.data_parallel {
             c.data_parallel = d;

@@ -507,6 +507,14 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     if c.threads > 0 {
         crate::kernels::fast::set_threads(c.threads);
     }
+    if c.stage_threads > crate::kernels::fast::THREADS_MAX {
+        return Err(CliError::usage(format!(
+            "--stage-threads {}: at most {}",
+            c.stage_threads,
+            crate::kernels::fast::THREADS_MAX
+        )));
+    }
+    crate::kernels::fast::set_stage_threads(c.stage_threads);
     // Checked in `setup`, once a `--schedule-csv` has set the stages and micro-batches.
     let device = device(&c.device)?;
     let precision = match (c.precision.as_str(), &device) {
