@@ -768,24 +768,7 @@ pub fn run(args: &PlanArgs) -> Result<(), CliError> {
     if c.data_parallel == 0 {
         return Err(CliError::usage("--data-parallel must be >= 1"));
     }
-    if c.threads > crate::kernels::fast::THREADS_MAX {
-        return Err(CliError::usage(format!(
-            "--threads {}: at most {}",
-            c.threads,
-            crate::kernels::fast::THREADS_MAX
-        )));
-    }
-    if c.threads > 0 {
-        crate::kernels::fast::set_threads(c.threads);
-    }
-    if c.stage_threads > crate::kernels::fast::THREADS_MAX {
-        return Err(CliError::usage(format!(
-            "--stage-threads {}: at most {}",
-            c.stage_threads,
-            crate::kernels::fast::THREADS_MAX
-        )));
-    }
-    crate::kernels::fast::set_stage_threads(c.stage_threads);
+    super::train::set_cpu_threads(&c)?;
     let device = super::train::device(&c.device)?;
     let device_name = match device {
         Device::Cpu => format!("cpu ({} threads)", crate::kernels::fast::threads()),

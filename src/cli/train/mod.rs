@@ -497,24 +497,7 @@ pub(crate) fn resume_command(steps: Option<u64>) -> String {
 /// Runs `baton train`.
 pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let mut c = args.resolve()?;
-    if c.threads > crate::kernels::fast::THREADS_MAX {
-        return Err(CliError::usage(format!(
-            "--threads {}: at most {}",
-            c.threads,
-            crate::kernels::fast::THREADS_MAX
-        )));
-    }
-    if c.threads > 0 {
-        crate::kernels::fast::set_threads(c.threads);
-    }
-    if c.stage_threads > crate::kernels::fast::THREADS_MAX {
-        return Err(CliError::usage(format!(
-            "--stage-threads {}: at most {}",
-            c.stage_threads,
-            crate::kernels::fast::THREADS_MAX
-        )));
-    }
-    crate::kernels::fast::set_stage_threads(c.stage_threads);
+    set_cpu_threads(&c)?;
     // Checked in `setup`, once a `--schedule-csv` has set the stages and micro-batches.
     let device = device(&c.device)?;
     let precision = match (c.precision.as_str(), &device) {
@@ -897,3 +880,20 @@ fn train_on<B: Backend>(
 
 /// The configuration file every run writes at its start.
 pub const CONFIG_FILE: &str = "config.json";
+
+/// Checks `--threads` and `--stage-threads` and sets the CPU pools to them.
+pub(crate) fn set_cpu_threads(c: &TrainConfig) -> Result<(), CliError> {
+    for (flag, n) in [("--threads", c.threads), ("--stage-threads", c.stage_threads)] {
+        if n > crate::kernels::fast::THREADS_MAX {
+            return Err(CliError::usage(format!(
+                "{flag} {n}: at most {}",
+                crate::kernels::fast::THREADS_MAX
+            )));
+        }
+    }
+    if c.threads > 0 {
+        crate::kernels::fast::set_threads(c.threads);
+    }
+    crate::kernels::fast::set_stage_threads(c.stage_threads);
+    Ok(())
+}
