@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use baton_schedules::{peak_receive_buffers, Op, Schedule};
+use baton_schedules::{peak_receive_buffers, Op, Schedule, ScheduleKind};
 
 use crate::model::GptConfig;
 
@@ -18,7 +18,7 @@ pub const PROCESS_BASE_BYTES: u64 = 16 << 20;
 /// A configuration's memory needs on the CPU backend, bytes, by what holds them.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct MemoryEstimate {
-    /// Parameter values (a tied group's copies counted once per copy).
+    /// Parameter values (a tied group's copies counted once per copy; under 2BW, every weight copy it holds).
     pub params_bytes: u64,
     /// Their gradients.
     pub grads_bytes: u64,
@@ -183,10 +183,18 @@ pub fn estimate_gpt2(
     }
     // Evaluation runs one micro-batch at a time through the stages: its logits are the largest buffer.
     let eval = (mb_seqs * seq) as u64 * v * elem;
+    // PipeDream-2BW streams hold, beside the weights: each stage's second version, the updater's newest and previous
+    // copies, one version in transit and the stream's starting weights (for the rollback) — five more copies — and
+    // the starting moments (two more).
+    let (weight_copies, moment_copies) = if schedule.kind == ScheduleKind::TwoBw {
+        (6, 4)
+    } else {
+        (1, 2)
+    };
     MemoryEstimate {
-        params_bytes: params * elem,
+        params_bytes: weight_copies * params * elem,
         grads_bytes: params * elem,
-        adam_bytes: 2 * params * elem,
+        adam_bytes: moment_copies * params * elem,
         stash_bytes: stash,
         receive_bytes,
         scratch_bytes: scratch_max.iter().sum::<u64>() * elem + eval,

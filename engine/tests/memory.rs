@@ -64,3 +64,19 @@ fn estimated_stash_bytes_are_within_25_percent_of_the_measured_peak_per_stage() 
         }
     }
 }
+
+#[test]
+fn the_2bw_estimate_counts_its_weight_and_moment_copies() {
+    let cfg = common::tiny_model();
+    let model = Gpt2::new(cfg.clone(), 7).unwrap();
+    let ranges = StageSplit::Uniform.resolve::<Cpu>(&model as &dyn Model<Cpu>, 2).unwrap();
+    let est = |kind| {
+        let schedule = generate(kind, 2, 4, 1).unwrap();
+        estimate_gpt2(&cfg, &schedule, &ranges, 2, common::SEQ, false, 1000)
+    };
+    let (plain, two_bw) = (est(ScheduleKind::OneFOneB), est(ScheduleKind::TwoBw));
+    assert_eq!(two_bw.params_bytes, 6 * plain.params_bytes);
+    assert_eq!(two_bw.adam_bytes, 2 * plain.adam_bytes);
+    assert_eq!(two_bw.grads_bytes, plain.grads_bytes);
+    assert!(two_bw.total_bytes() > plain.total_bytes());
+}
