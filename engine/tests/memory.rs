@@ -69,7 +69,9 @@ fn estimated_stash_bytes_are_within_25_percent_of_the_measured_peak_per_stage() 
 fn the_2bw_estimate_counts_its_weight_and_moment_copies() {
     let cfg = common::tiny_model();
     let model = Gpt2::new(cfg.clone(), 7).unwrap();
-    let ranges = StageSplit::Uniform.resolve::<Cpu>(&model as &dyn Model<Cpu>, 2).unwrap();
+    let ranges = StageSplit::Uniform
+        .resolve::<Cpu>(&model as &dyn Model<Cpu>, 2)
+        .unwrap();
     let est = |kind| {
         let schedule = generate(kind, 2, 4, 1).unwrap();
         estimate_gpt2(&cfg, &schedule, &ranges, 2, common::SEQ, false, 1000)
