@@ -258,6 +258,44 @@ pub struct StepReport {
     pub nonfinite_stage: Option<u32>,
 }
 
+/// Keeps `e` as the failure to report unless one is kept already: a real failure beats a worker that merely
+/// stopped because of it (an abort).
+pub(crate) fn prefer(failure: &mut Option<EngineError>, e: EngineError) {
+    if failure.as_ref().is_none_or(|f| f.is_abort() && !e.is_abort()) {
+        *failure = Some(e);
+    }
+}
+
+/// Runs one job per replica: replica 0's on the calling thread, the others on threads of `scope`; a driver thread
+/// that panicked is a failed run with none of its `p` stages back.
+pub(crate) fn drive_replicas<'scope, B: Backend, F>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    jobs: Vec<F>,
+    p: usize,
+) -> Vec<StepRun<B>>
+where
+    F: FnOnce() -> StepRun<B> + Send + 'scope,
+    StepRun<B>: Send + 'scope,
+{
+    let mut jobs = jobs.into_iter();
+    let first = jobs.next();
+    let others: Vec<_> = jobs.map(|job| scope.spawn(job)).collect();
+    let mut runs = Vec::with_capacity(others.len() + 1);
+    if let Some(job) = first {
+        runs.push(job());
+    }
+    for h in others {
+        runs.push(h.join().unwrap_or_else(|_| StepRun {
+            stages: (0..p).map(|_| None).collect(),
+            result: Err(EngineError::Invariant {
+                stage: 0,
+                what: "a replica's driver thread panicked".into(),
+            }),
+        }));
+    }
+    runs
+}
+
 /// A step's timing from every replica's stage outcomes: when each replica's last action ended, the latest of those,
 /// each stage's busy seconds, replica 0's busy and idle seconds and its bubble (idle / (stages × pipeline time)).
 pub(crate) struct Timing {
@@ -1086,44 +1124,24 @@ impl<B: Backend> Pipeline<B> {
             };
             let mut mbs = mbs.into_iter();
             let mut jobs = Vec::with_capacity(d);
-            let mut first = None;
             for (r, (rep, stages)) in replicas.iter().zip(stage_sets).enumerate() {
                 let mbs = mbs.next().unwrap_or_default();
                 let sink = sink(r);
-                let job = {
-                    let backends = Arc::clone(&rep.backends);
-                    let schedule = Arc::clone(&schedule);
-                    let transport = Arc::clone(&rep.transport);
-                    let exec = &exec[r];
-                    let abort = &abort;
-                    move || {
-                        let run = run_step(stages, backends, schedule, transport.as_ref(), mbs, exec, sink, None);
-                        if run.result.is_err() {
-                            abort.store(true, Ordering::SeqCst);
-                        }
-                        run
+                let backends = Arc::clone(&rep.backends);
+                let schedule = Arc::clone(&schedule);
+                let transport = Arc::clone(&rep.transport);
+                let exec = &exec[r];
+                let abort = &abort;
+                jobs.push(move || {
+                    let run = run_step(stages, backends, schedule, transport.as_ref(), mbs, exec, sink, None);
+                    if run.result.is_err() {
+                        abort.store(true, Ordering::SeqCst);
                     }
-                };
-                if r == 0 {
-                    first = Some(job);
-                } else {
-                    jobs.push(scope.spawn(job));
-                }
+                    run
+                });
             }
             drop(senders);
-            let mut runs = Vec::with_capacity(d);
-            if let Some(job) = first {
-                runs.push(job());
-            }
-            for j in jobs {
-                runs.push(j.join().unwrap_or_else(|_| StepRun {
-                    stages: (0..p).map(|_| None).collect(),
-                    result: Err(EngineError::Invariant {
-                        stage: 0,
-                        what: "a replica's driver thread panicked".into(),
-                    }),
-                }));
-            }
+            let runs = drive_replicas(scope, jobs, p);
             let reduced = overlap.then(|| {
                 reducers
                     .into_iter()
@@ -1180,23 +1198,7 @@ impl<B: Backend> Pipeline<B> {
         }
         let modes = self.step_modes();
         let (runs, reduced) = self.run_replicas(mbs, &exec, started, &modes);
-        let mut complete = true;
-        let mut failure: Option<EngineError> = None;
-        let mut outcomes = Vec::with_capacity(d);
-        for (r, run) in runs.into_iter().enumerate() {
-            complete &= run.stages.iter().all(Option::is_some);
-            self.replicas[r].stages = run.stages.into_iter().flatten().collect();
-            match run.result {
-                Ok(o) => outcomes.push(o),
-                Err(e) => {
-                    let e = if d > 1 { e.in_replica(r) } else { e };
-                    // A real failure beats a replica that merely stopped because of it.
-                    if failure.as_ref().is_none_or(|f| f.is_abort() && !e.is_abort()) {
-                        failure = Some(e);
-                    }
-                }
-            }
-        }
+        let (complete, outcomes, mut failure) = self.take_back(runs);
         let reduced = match reduced {
             Some(Err(e)) if failure.is_none() => {
                 failure = Some(e);
@@ -1348,6 +1350,27 @@ impl<B: Backend> Pipeline<B> {
             skipped,
             nonfinite_stage,
         })
+    }
+
+    /// Puts every replica's stages back from its run (a stage whose thread was lost stays missing) and returns
+    /// whether all came back, the outcomes of the replicas that succeeded, and the failure to report.
+    fn take_back(
+        &mut self,
+        runs: Vec<StepRun<B>>,
+    ) -> (bool, Vec<Vec<crate::executor::StageOutcome>>, Option<EngineError>) {
+        let d = self.replicas.len();
+        let mut complete = true;
+        let mut failure = None;
+        let mut outcomes = Vec::with_capacity(d);
+        for (r, run) in runs.into_iter().enumerate() {
+            complete &= run.stages.iter().all(Option::is_some);
+            self.replicas[r].stages = run.stages.into_iter().flatten().collect();
+            match run.result {
+                Ok(o) => outcomes.push(o),
+                Err(e) => prefer(&mut failure, if d > 1 { e.in_replica(r) } else { e }),
+            }
+        }
+        (complete, outcomes, failure)
     }
 
     /// Puts stage `s`'s reduced gradients (`[replica][chunk][layer][param]`, from its reducer) in place.

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use baton_kernels::cpu::AdamW;
 use baton_schedules::{two_bw_delay, two_bw_stream, ScheduleKind};
 
-use super::{host, Pipeline, StepReport, TensorMap, Timing};
+use super::{drive_replicas, host, prefer, Pipeline, StepReport, TensorMap, Timing};
 use crate::backend::Backend;
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
-use crate::executor::{run_step, ExecConfig, Stage, StageValues, StageVersions, StepRun, WindowGrads};
+use crate::executor::{run_step, ExecConfig, Stage, StageValues, StageVersions, WindowGrads};
 use crate::model::MicroBatch;
 use crate::pipeline::NonFinitePolicy;
 
@@ -218,39 +218,21 @@ impl<B: Backend> Pipeline<B> {
                 out.map(|(updates, prev)| (updates, prev, newest, moments))
             });
             let mut jobs = Vec::with_capacity(d);
-            let mut first = None;
             for (r, ((stages, mbs), versions)) in stage_sets.into_iter().zip(mbs).zip(versions).enumerate() {
                 let transport = Arc::clone(&this.replicas[r].transport);
                 let bes = Arc::clone(&backends[r]);
                 let stream = Arc::clone(&stream);
                 let exec = &exec[r];
                 let abort = &abort;
-                let job = move || {
+                jobs.push(move || {
                     let run = run_step(stages, bes, stream, transport.as_ref(), mbs, exec, None, Some(versions));
                     if run.result.is_err() {
                         abort.store(true, Ordering::SeqCst);
                     }
                     run
-                };
-                if r == 0 {
-                    first = Some(job);
-                } else {
-                    jobs.push(scope.spawn(job));
-                }
+                });
             }
-            let mut runs = Vec::with_capacity(d);
-            if let Some(job) = first {
-                runs.push(job());
-            }
-            for j in jobs {
-                runs.push(j.join().unwrap_or_else(|_| StepRun {
-                    stages: (0..p).map(|_| None).collect(),
-                    result: Err(EngineError::Invariant {
-                        stage: 0,
-                        what: "a replica's driver thread panicked".into(),
-                    }),
-                }));
-            }
+            let runs = drive_replicas(scope, jobs, p);
             let updated = updater.join().unwrap_or_else(|_| {
                 Err(EngineError::Invariant {
                     stage: 0,
@@ -259,29 +241,12 @@ impl<B: Backend> Pipeline<B> {
             });
             (runs, updated)
         });
-        let mut complete = true;
-        let mut failure: Option<EngineError> = None;
-        let mut outcomes = Vec::with_capacity(d);
-        for (r, run) in runs.into_iter().enumerate() {
-            complete &= run.stages.iter().all(Option::is_some);
-            self.replicas[r].stages = run.stages.into_iter().flatten().collect();
-            match run.result {
-                Ok(o) => outcomes.push(o),
-                Err(e) => {
-                    let e = if d > 1 { e.in_replica(r) } else { e };
-                    if failure.as_ref().is_none_or(|f| f.is_abort() && !e.is_abort()) {
-                        failure = Some(e);
-                    }
-                }
-            }
-        }
+        let (complete, outcomes, mut failure) = self.take_back(runs);
         let (updates, prev, newest, moments) = match updated {
             Ok(u) if failure.is_none() => u,
             Ok(_) => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             Err(e) => {
-                if failure.as_ref().is_none_or(|f| f.is_abort() && !e.is_abort()) {
-                    failure = Some(e);
-                }
+                prefer(&mut failure, e);
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new())
             }
         };
