@@ -296,6 +296,50 @@ where
     runs
 }
 
+/// One replica's buffers to reduce, `[stage]` of `(slot, buffer)`.
+pub(crate) type ReplicaViews<'a, B> = Vec<Vec<(Slot, &'a mut <B as Backend>::Buf)>>;
+
+/// Sums every stage's buckets over the replicas, in bucket order, each through its stage's group (fp32 per tensor,
+/// to the owner under ZeRO-1, or compressed): `views[r][s]` are replica `r`'s buffers of stage `s` by slot (its
+/// gradients, or DiLoCo's outer deltas).
+#[allow(clippy::too_many_arguments)]
+fn reduce_stages<B: Backend>(
+    views: &mut [ReplicaViews<'_, B>],
+    buckets: &[Vec<Bucket>],
+    codecs: &mut [CompressState],
+    infos: &[BTreeMap<Slot, TensorInfo>],
+    modes: &[Vec<Compression>],
+    backends: &[Arc<Vec<B>>],
+    groups: &[Box<dyn Collective<B>>],
+    owners: Option<&[BTreeMap<Slot, usize>]>,
+    t0: Instant,
+) -> Result<Vec<CommSpan>> {
+    let mut spans = Vec::new();
+    for (s, (stage_buckets, state)) in buckets.iter().zip(codecs.iter_mut()).enumerate() {
+        let mut codec = Codec {
+            modes: &modes[s],
+            infos: &infos[s],
+            state,
+            backends: backends.iter().map(|b| &b[s]).collect(),
+        };
+        for (index, bucket) in stage_buckets.iter().enumerate() {
+            let grads = views
+                .iter_mut()
+                .map(|rep| {
+                    let all = rep[s].iter_mut().map(|(k, v)| (*k, &mut **v));
+                    pick(all, &bucket.items).ok_or_else(|| EngineError::Invariant {
+                        stage: s as u32,
+                        what: format!("bucket {index} names a tensor the stage does not hold"),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let owners = owners.map(|o| &o[s]);
+            spans.push(codec.reduce_bucket(groups[s].as_ref(), s, index, bucket, owners, grads, t0)?);
+        }
+    }
+    Ok(spans)
+}
+
 /// A step's timing from every replica's stage outcomes: when each replica's last action ended, the latest of those,
 /// each stage's busy seconds, replica 0's busy and idle seconds and its bubble (idle / (stages × pipeline time)).
 pub(crate) struct Timing {
@@ -1185,13 +1229,7 @@ impl<B: Backend> Pipeline<B> {
             _ => None,
         };
         let d = self.replicas.len();
-        let exec: Vec<ExecConfig> = (0..d)
-            .map(|r| ExecConfig {
-                recompute: self.options.recompute,
-                recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
-                fail: fail.as_ref().filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
-            })
-            .collect();
+        let exec = self.exec_configs(fail.as_ref());
         let local = self.dp.sync.is_local();
         if local && self.outer.is_none() {
             self.outer = Some(self.anchor_here()?);
@@ -1352,6 +1390,17 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
+    /// Each replica's executor settings, with the failure to inject on its replica (tests, `BATON_FAIL_AT`).
+    fn exec_configs(&self, fail: Option<&(usize, FailurePoint)>) -> Vec<ExecConfig> {
+        (0..self.replicas.len())
+            .map(|r| ExecConfig {
+                recompute: self.options.recompute,
+                recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
+                fail: fail.filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
+            })
+            .collect()
+    }
+
     /// Puts every replica's stages back from its run (a stage whose thread was lost stays missing) and returns
     /// whether all came back, the outcomes of the replicas that succeeded, and the failure to report.
     fn take_back(
@@ -1411,30 +1460,19 @@ impl<B: Backend> Pipeline<B> {
             ..
         } = self;
         let backends: Vec<Arc<Vec<B>>> = replicas.iter().map(|r| Arc::clone(&r.backends)).collect();
-        let mut spans = Vec::new();
-        for (s, (stage_buckets, state)) in buckets.iter().zip(codecs.iter_mut()).enumerate() {
-            let mut codec = Codec {
-                modes: &modes[s],
-                infos: &infos[s],
-                state,
-                backends: backends.iter().map(|b| &b[s]).collect(),
-            };
-            for (index, bucket) in stage_buckets.iter().enumerate() {
-                let grads = replicas
+        let mut views: Vec<ReplicaViews<'_, B>> = replicas
+            .iter_mut()
+            .map(|rep| {
+                rep.stages
                     .iter_mut()
-                    .map(|rep| {
-                        let all = rep.stages[s].params_mut().map(|(slot, p)| (slot, &mut p.grad));
-                        pick(all, &bucket.items).ok_or_else(|| EngineError::Invariant {
-                            stage: s as u32,
-                            what: format!("bucket {index} names a tensor the stage does not hold"),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let owners = sharded.then(|| &owners[s]);
-                spans.push(codec.reduce_bucket(dp_groups[s].as_ref(), s, index, bucket, owners, grads, t0)?);
-            }
-        }
-        Ok(spans)
+                    .map(|st| st.params_mut().map(|(slot, p)| (slot, &mut p.grad)).collect())
+                    .collect()
+            })
+            .collect();
+        let owners = sharded.then_some(owners.as_slice());
+        reduce_stages(
+            &mut views, buckets, codecs, infos, modes, &backends, dp_groups, owners, t0,
+        )
     }
 
     /// Global gradient norm: per-tensor sums of squares added in global (layer, parameter)

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{host, HostTensor, Pipeline, TensorMap};
+use super::{host, reduce_stages, HostTensor, Pipeline, ReplicaViews, TensorMap};
 use crate::backend::Backend;
 use crate::compress::{payload_bytes, plan_auto, Compression, TensorInfo};
-use crate::data_parallel::{last_weight_actions, pick, Codec, CommSpan, Slot};
+use crate::data_parallel::{last_weight_actions, CommSpan, Slot};
 use crate::error::{EngineError, Result};
 use crate::executor::ActionSpan;
 use crate::local_sgd::{nesterov, Outer, SyncMode};
@@ -169,32 +169,22 @@ impl<B: Backend> Pipeline<B> {
             }
             deltas.push(per_stage);
         }
-        let mut spans = Vec::new();
-        if d > 1 {
+        let spans = if d > 1 {
             let backends: Vec<Arc<Vec<B>>> = replicas.iter().map(|r| Arc::clone(&r.backends)).collect();
-            for (s, (stage_buckets, state)) in buckets.iter().zip(codecs.iter_mut()).enumerate() {
-                let mut codec = Codec {
-                    modes: &modes[s],
-                    infos: &infos[s],
-                    state,
-                    backends: backends.iter().map(|b| &b[s]).collect(),
-                };
-                for (index, bucket) in stage_buckets.iter().enumerate() {
-                    let grads = deltas
-                        .iter_mut()
-                        .map(|rep| {
-                            pick(rep[s].iter_mut().map(|(k, v)| (*k, v)), &bucket.items).ok_or_else(|| {
-                                EngineError::Invariant {
-                                    stage: s as u32,
-                                    what: format!("bucket {index} names a tensor the stage does not hold"),
-                                }
-                            })
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    spans.push(codec.reduce_bucket(dp_groups[s].as_ref(), s, index, bucket, None, grads, t0)?);
-                }
-            }
-        }
+            let mut views: Vec<ReplicaViews<'_, B>> = deltas
+                .iter_mut()
+                .map(|rep| {
+                    rep.iter_mut()
+                        .map(|st| st.iter_mut().map(|(k, v)| (*k, v)).collect())
+                        .collect()
+                })
+                .collect();
+            reduce_stages(
+                &mut views, buckets, codecs, infos, modes, &backends, dp_groups, None, t0,
+            )?
+        } else {
+            Vec::new()
+        };
         for (r, (rep, rep_deltas)) in replicas.iter_mut().zip(deltas).enumerate() {
             let backends = Arc::clone(&rep.backends);
             for (s, (stage, stage_deltas)) in rep.stages.iter_mut().zip(rep_deltas).enumerate() {

@@ -22,7 +22,7 @@ use super::{drive_replicas, host, prefer, Pipeline, StepReport, TensorMap, Timin
 use crate::backend::Backend;
 use crate::data::Batch;
 use crate::error::{EngineError, Result};
-use crate::executor::{run_step, ExecConfig, Stage, StageValues, StageVersions, WindowGrads};
+use crate::executor::{run_step, Stage, StageValues, StageVersions, WindowGrads};
 use crate::model::MicroBatch;
 use crate::pipeline::NonFinitePolicy;
 
@@ -100,13 +100,7 @@ impl<B: Backend> Pipeline<B> {
             .fail
             .take()
             .filter(|(_, f)| f.step.is_none_or(|s| s > k0 && s <= k0 + k as u64));
-        let exec: Vec<ExecConfig> = (0..d)
-            .map(|r| ExecConfig {
-                recompute: self.options.recompute,
-                recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
-                fail: fail.as_ref().filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
-            })
-            .collect();
+        let exec = self.exec_configs(fail.as_ref());
         // The updater's copies (every replica holds the same weights and moments): the newest weights and the
         // moments, moved out of the stages for the stream, and what to restore if the stream fails.
         let mut newest: Vec<StageValues<B>> = Vec::with_capacity(p);
