@@ -281,15 +281,9 @@ fn auto_compresses_only_what_a_slow_link_cannot_hide() {
         slow[1].compress
     );
     assert!(slow[2].reduced_bytes * 20 < fast[2].reduced_bytes);
-    // A link in between: a mix, less lossy where there is compute left to hide under.
-    let ms: Vec<f64> = fast[0].comm.iter().map(|c| c.bytes as f64).collect();
-    let total: f64 = ms.iter().sum();
-    // Bandwidth at which the whole fp32 payload takes about the schedule's time.
-    let mid_gbps = total * 8.0 / 1e9 / fast[0].pipeline_s;
-    let mid = run(mid_gbps);
-    let modes: Vec<Compression> = mid[2].compress.iter().flatten().copied().collect();
-    assert!(modes.iter().any(|m| *m != last), "{modes:?}");
-    assert!(modes.iter().any(|m| *m != Compression::None), "{modes:?}");
+    // Links in between give a per-bucket mix whose exact form follows the measured times of the step before, so it
+    // is not asserted here (it moved with the machine's load in CI); the mix itself is tested on given times in
+    // `compress::tests::auto_takes_the_least_lossy_rung_that_hides`.
 }
 
 #[test]
