@@ -1,7 +1,7 @@
 //! Resume, resharding, automatic recovery and non-finite handling through the real `baton`
 //! binary, each in fresh processes: the results must be bitwise those of an uninterrupted run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use baton::engine::checkpoint;
@@ -13,7 +13,7 @@ fn tiny() -> Vec<&'static str> {
     common::tiny_with(&["--stages", "4", "--eval-every", "0", "--keep-last", "0"])
 }
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::TmpDir {
     common::tmp("cli-recovery", name)
 }
 

@@ -1,13 +1,13 @@
 //! `baton train`, `generate` and `export` end to end on a tiny model, and the bad-input table.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 mod common;
 use common::baton;
 
 /// A fresh, empty directory.
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::TmpDir {
     let dir = common::tmp("cli-train", name);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{baton, bin, err};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::TmpDir {
     common::tmp("cli-ux", name)
 }
 

@@ -56,10 +56,11 @@ impl TrainData for Fixed {
     }
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-trainer-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A fresh path `…/{name}` inside a temporary directory that is removed when the guard drops.
+fn tmp(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::Builder::new().prefix("baton-trainer-").tempdir().unwrap();
+    let dir = root.path().join(name);
+    (root, dir)
 }
 
 /// A trainer over the tiny GPT with `kind` on `p` stages; `built` counts pipeline constructions.
@@ -146,7 +147,7 @@ fn reference() -> (Vec<(String, Vec<u32>)>, Log) {
 
 #[test]
 fn the_observer_sees_every_step_eval_and_checkpoint() {
-    let dir = tmp("events");
+    let (_root, dir) = tmp("events");
     let mut t = trainer(config(Some(dir.clone())), ScheduleKind::OneFOneB, 4, Arc::default());
     let mut log = Log::default();
     let run = t.run(&mut Fixed::new(), &mut log).unwrap();
@@ -173,7 +174,7 @@ fn the_observer_sees_every_step_eval_and_checkpoint() {
 #[test]
 fn resume_on_another_layout_continues_bitwise() {
     let (want, want_log) = reference();
-    let dir = tmp("resume");
+    let (_root, dir) = tmp("resume");
     let mut first = trainer(
         TrainerConfig {
             stop_at: Some(3),
@@ -206,7 +207,7 @@ fn resume_on_another_layout_continues_bitwise() {
 fn a_failed_step_restarts_from_the_latest_checkpoint_and_ends_bitwise() {
     let (want, _) = reference();
     for kind in [FailureKind::Panic, FailureKind::Error, FailureKind::Hang] {
-        let dir = tmp(&format!("restart-{kind:?}"));
+        let (_root, dir) = tmp(&format!("restart-{kind:?}"));
         let built = Arc::new(AtomicUsize::new(0));
         let mut t = trainer(
             TrainerConfig {
@@ -334,7 +335,7 @@ impl Observer for StopAt {
 #[test]
 fn the_stop_flag_ends_the_run_after_the_step_with_a_complete_checkpoint_that_resumes_bitwise() {
     let (want, _) = reference();
-    let dir = tmp("stop-flag");
+    let (_root, dir) = tmp("stop-flag");
     let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut first = trainer(
         TrainerConfig {
@@ -399,7 +400,7 @@ impl Observer for Unblock {
 fn a_failed_background_save_is_reported_when_it_happens_and_restarts_like_a_failed_step() {
     // A file where step 2's checkpoint directory would go: that write fails (a checkpoint is never rewritten).
     let run_with = |restarts: u32, name: &str| {
-        let dir = tmp(name);
+        let (root, dir) = tmp(name);
         std::fs::create_dir_all(&dir).unwrap();
         let blocker = dir.join("step-00000002");
         std::fs::write(&blocker, "in the way").unwrap();
@@ -419,9 +420,9 @@ fn a_failed_background_save_is_reported_when_it_happens_and_restarts_like_a_fail
             log: Log::default(),
         };
         let result = t.run(&mut Fixed::new(), &mut obs);
-        (dir, result.map(|r| (r, bits(&t))), obs.log)
+        (root, dir, result.map(|r| (r, bits(&t))), obs.log)
     };
-    let (dir, result, log) = run_with(0, "save-fails");
+    let (_root, dir, result, log) = run_with(0, "save-fails");
     let err = result.unwrap_err().to_string();
     assert!(err.contains("never rewritten"), "{err}");
     let failed_at = log
@@ -441,7 +442,7 @@ fn a_failed_background_save_is_reported_when_it_happens_and_restarts_like_a_fail
     );
     std::fs::remove_dir_all(&dir).unwrap();
 
-    let (dir, result, log) = run_with(1, "save-fails-restart");
+    let (_root, dir, result, log) = run_with(1, "save-fails-restart");
     let (run, _) = result.unwrap();
     assert_eq!((run.step, run.restarts), (STEPS, 1));
     assert_eq!(log.restarts.len(), 1);

@@ -21,12 +21,36 @@ pub fn err(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A path for this test process under the system's temporary directory, `baton-{suite}-{pid}-{name}`, removed
-/// if it exists (not created).
-pub fn tmp(suite: &str, name: &str) -> PathBuf {
+/// A directory path for this test process under the system's temporary directory, `baton-{suite}-{pid}-{name}`,
+/// removed if it exists (not created) and removed again when the guard drops, so no run leaves its checkpoints
+/// behind (a wide-head run writes hundreds of MB).
+pub fn tmp(suite: &str, name: &str) -> TmpDir {
     let dir = std::env::temp_dir().join(format!("baton-{suite}-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    dir
+    TmpDir(dir)
+}
+
+/// A temporary path that is removed (with everything under it) on drop; derefs to the path.
+#[derive(Debug)]
+pub struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TmpDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `baton train` on a 2-block model with d_model 16, 2 heads and context 16, a batch of 4 sequences in 2
