@@ -25,7 +25,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use std::sync::Arc;
+
 use crate::backend::Backend;
+use crate::comm::Cohort;
 use crate::data::{LoaderState, TokenizerKind};
 use crate::error::{EngineError, Result};
 use crate::model::{Gpt2, GptConfig};
@@ -290,6 +293,11 @@ pub struct Snapshot {
     pub stages: Vec<TensorMap>,
     /// The replicas' communication state ([`Pipeline::sync_state`]).
     pub state: TensorMap,
+    /// Per stage: whether this process holds it (and writes its file); all true in one process.
+    pub held: Vec<bool>,
+    /// The job's processes when the pipeline spans several: every one writes its stages' files into the same
+    /// checkpoint, rank 0 the manifest last ([`write`]).
+    pub cohort: Option<Arc<dyn Cohort>>,
 }
 
 /// Copies the pipeline's state to host memory (see [`Snapshot`]).
@@ -299,7 +307,12 @@ pub fn snapshot<B: Backend>(
     loader: Option<LoaderState>,
 ) -> Result<Snapshot> {
     let mut stages = Vec::with_capacity(pipeline.num_stages());
-    for stage in 0..pipeline.num_stages() {
+    let held: Vec<bool> = (0..pipeline.num_stages()).map(|s| pipeline.hosts(0, s)).collect();
+    for (stage, &here) in held.iter().enumerate() {
+        if !here {
+            stages.push(TensorMap::new()); // written by the process holding it
+            continue;
+        }
         let (values, m, v) = pipeline.stage_tensors(stage)?;
         let mut all = TensorMap::new();
         for (map, suffix) in [(values, ""), (m, ADAM_M_SUFFIX), (v, ADAM_V_SUFFIX)] {
@@ -333,6 +346,8 @@ pub fn snapshot<B: Backend>(
         loader,
         stages,
         state: pipeline.sync_state()?,
+        held,
+        cohort: pipeline.cohort().cloned(),
     })
 }
 
@@ -347,11 +362,98 @@ pub const FAIL_SAVE_ENV: &str = "BATON_FAIL_SAVE";
 /// manifest last, the directory renamed to `root/step-…`, then the `latest` pointer replaced
 /// atomically (temp file + rename). A crash at any point leaves the previous checkpoint and
 /// pointer intact; a directory without a manifest is never loaded.
+///
+/// With a cohort (the pipeline spans several processes) every process calls this with its own snapshot: rank 0
+/// prepares the temporary directory, every process writes the files of the stages it holds, the file entries are
+/// gathered, and rank 0 writes the manifest, renames and moves the pointer; a checkpoint is visible only when
+/// every process's files are in. Every process learns of any process's failure and returns it.
 pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let name = step_dir_name(snap.step);
     let tmp = root.join(format!("{TMP_PREFIX}{name}"));
     let target = root.join(&name);
-    if fs::symlink_metadata(&target).is_ok() {
+    let Some(cohort) = snap.cohort.as_ref().filter(|c| c.size() > 1) else {
+        prepare(root, &tmp, &target)?;
+        let files = write_stage_files(&tmp, snap)?;
+        return finish(root, &tmp, &target, snap, files);
+    };
+    let rank = cohort.rank();
+    let prepared = if rank == 0 {
+        prepare(root, &tmp, &target)
+    } else {
+        Ok(())
+    };
+    agree(cohort.as_ref(), prepared.map(|()| Vec::new()), &target)?;
+    let mine = write_stage_files(&tmp, snap).and_then(|files| {
+        serde_json::to_vec(&files).map_err(|e| EngineError::Checkpoint {
+            path: tmp.display().to_string(),
+            reason: format!("cannot encode the file list: {e}"),
+        })
+    });
+    let lists = agree(cohort.as_ref(), mine, &target)?;
+    let finished = if rank == 0 {
+        let mut files = Vec::new();
+        for list in &lists {
+            let part: Vec<FileEntry> = serde_json::from_slice(list).map_err(|e| EngineError::Checkpoint {
+                path: tmp.display().to_string(),
+                reason: format!("a rank's file list does not parse: {e}"),
+            })?;
+            files.extend(part);
+        }
+        files.sort_by_key(|f| stage_of_file(&f.name));
+        finish(root, &tmp, &target, snap, files).map(|_| Vec::new())
+    } else {
+        Ok(Vec::new())
+    };
+    agree(cohort.as_ref(), finished, &target)?;
+    Ok(target)
+}
+
+/// The stage number in a `stage-{s}.safetensors` name (files sort by it).
+fn stage_of_file(name: &str) -> usize {
+    name.strip_prefix("stage-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// Gathers every rank's outcome of one phase of a shared write: on success every rank's payload, in rank order;
+/// if any rank failed, an error naming the first that did (its own error on that rank).
+fn agree(cohort: &dyn Cohort, mine: Result<Vec<u8>>, target: &Path) -> Result<Vec<Vec<u8>>> {
+    let (own_err, msg) = match mine {
+        Ok(bytes) => (None, [vec![0u8], bytes].concat()),
+        Err(e) => {
+            let text = e.to_string();
+            (Some(e), [vec![1u8], text.into_bytes()].concat())
+        }
+    };
+    let all = cohort.all_gather_bytes(&msg)?;
+    if let Some(e) = own_err {
+        return Err(e);
+    }
+    let mut out = Vec::with_capacity(all.len());
+    for (r, m) in all.into_iter().enumerate() {
+        match m.split_first() {
+            Some((0, rest)) => out.push(rest.to_vec()),
+            Some((_, rest)) => {
+                return Err(EngineError::Checkpoint {
+                    path: target.display().to_string(),
+                    reason: format!("rank {r} failed its part: {}", String::from_utf8_lossy(rest)),
+                })
+            }
+            None => {
+                return Err(EngineError::Checkpoint {
+                    path: target.display().to_string(),
+                    reason: format!("rank {r} sent an empty status"),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses an existing checkpoint and makes a fresh temporary directory for it.
+fn prepare(root: &Path, tmp: &Path, target: &Path) -> Result<()> {
+    if fs::symlink_metadata(target).is_ok() {
         return Err(EngineError::Checkpoint {
             path: target.display().to_string(),
             reason: "already exists; a checkpoint is never rewritten (train into another directory)".into(),
@@ -359,16 +461,22 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
     }
     fs::create_dir_all(root).map_err(|e| io(root, e))?;
     if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        fs::remove_dir_all(tmp).map_err(|e| io(tmp, e))?;
     }
-    fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    fs::create_dir(tmp).map_err(|e| io(tmp, e))
+}
+
+/// Writes the files of the stages this process holds into `tmp` (each fsynced) and returns their entries.
+fn write_stage_files(tmp: &Path, snap: &Snapshot) -> Result<Vec<FileEntry>> {
     let abort_after = std::env::var(FAIL_SAVE_ENV).ok().and_then(|v| {
         v.strip_prefix("abort_after_files:")
             .and_then(|n| n.trim().parse::<usize>().ok())
     });
-
     let mut files = Vec::new();
     for (stage, all) in snap.stages.iter().enumerate() {
+        if !snap.held.get(stage).copied().unwrap_or(true) {
+            continue;
+        }
         let file_name = format!("stage-{stage}.safetensors");
         let path = tmp.join(&file_name);
         let bytes = serialize_f32(all, None).map_err(|reason| EngineError::Checkpoint {
@@ -390,7 +498,12 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
             std::process::abort();
         }
     }
+    Ok(files)
+}
 
+/// The state files, the manifest (last), the rename and the `latest` pointer.
+fn finish(root: &Path, tmp: &Path, target: &Path, snap: &Snapshot, files: Vec<FileEntry>) -> Result<PathBuf> {
+    let name = step_dir_name(snap.step);
     let mut state_files = Vec::new();
     if !snap.state.is_empty() {
         let path = tmp.join(STATE_FILE);
@@ -424,23 +537,23 @@ pub fn write(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
         reason: format!("cannot encode the manifest: {e}"),
     })?;
     write_synced(&manifest_path, json.as_bytes())?;
-    sync_dir(&tmp)?;
+    sync_dir(tmp)?;
 
     if target.exists() {
         // Never replace what is there (a resumed run must not rewrite the checkpoint it came from).
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_dir_all(tmp);
         return Err(EngineError::Checkpoint {
             path: target.display().to_string(),
             reason: "already exists; a checkpoint is never rewritten (train into another directory)".into(),
         });
     }
-    fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
+    fs::rename(tmp, target).map_err(|e| io(target, e))?;
     sync_dir(root)?;
     let pointer_tmp = root.join(format!("{TMP_PREFIX}{LATEST_FILE}"));
     write_synced(&pointer_tmp, format!("{name}\n").as_bytes())?;
     fs::rename(&pointer_tmp, root.join(LATEST_FILE)).map_err(|e| io(root, e))?;
     sync_dir(root)?;
-    Ok(target)
+    Ok(target.to_path_buf())
 }
 
 /// Deletes complete checkpoints under `root` beyond the newest `keep`, oldest first; returns
@@ -477,7 +590,10 @@ impl AsyncSaver {
             .name("baton-checkpoint-writer".into())
             .spawn(move || {
                 let dir = write(&root, &snap)?;
-                prune(&root, keep_last)?;
+                // One process prunes a shared checkpoint root.
+                if snap.cohort.as_ref().is_none_or(|c| c.rank() == 0) {
+                    prune(&root, keep_last)?;
+                }
                 Ok(dir)
             })
             .map_err(|e| io(Path::new("checkpoint writer thread"), e))?;

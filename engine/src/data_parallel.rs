@@ -284,6 +284,8 @@ pub(crate) struct Reducer<'a, B: Backend> {
     pub owners: Option<&'a BTreeMap<Slot, usize>>,
     /// Replicas.
     pub replicas: usize,
+    /// Per replica: whether this process runs its copy of the stage (the reducer waits only for those).
+    pub here: Vec<bool>,
     /// Chunks of the stage.
     pub chunks: usize,
     /// When the step began.
@@ -311,15 +313,15 @@ impl<B: Backend> Codec<'_, B> {
         self.modes.get(index).is_none_or(|m| *m == Compression::None) && !self.state.owes(&bucket.items)
     }
 
-    /// Reduces `bucket` (index `index`) through compression; `grads[r]` are replica `r`'s gradients for its items,
-    /// in item order. Returns the payload bytes per replica.
+    /// Reduces `bucket` (index `index`) through compression; `grads` are `(replica, its gradients for the items in
+    /// item order)` for the replicas this process runs. Returns the payload bytes per replica.
     pub fn reduce(
         &mut self,
         group: &dyn Collective<B>,
         stage: usize,
         index: usize,
         bucket: &Bucket,
-        grads: Vec<Vec<&mut B::Buf>>,
+        grads: Vec<(usize, Vec<&mut B::Buf>)>,
     ) -> Result<usize> {
         let mode = self.modes.get(index).copied().unwrap_or_default();
         let items = bucket
@@ -337,7 +339,6 @@ impl<B: Backend> Codec<'_, B> {
             .collect::<Result<Vec<_>>>()?;
         let mut sides: Vec<Side<'_, B>> = grads
             .into_iter()
-            .enumerate()
             .map(|(r, bufs)| Side {
                 member: r,
                 backend: self.backends[r],
@@ -349,8 +350,8 @@ impl<B: Backend> Codec<'_, B> {
 }
 
 impl<B: Backend> Codec<'_, B> {
-    /// Sums bucket `index` of stage `stage` over the replicas — `grads[r]` are replica `r`'s buffers for its
-    /// items, in item order — fp32 per tensor through the group (to the owner under ZeRO-1) or compressed, and
+    /// Sums bucket `index` of stage `stage` over the replicas — `grads` are `(replica, its buffers for the items in
+    /// item order)` for the replicas this process runs — fp32 per tensor through the group (to the owner under ZeRO-1) or compressed, and
     /// returns its span (times since `t0`).
     #[allow(clippy::too_many_arguments)]
     pub fn reduce_bucket(
@@ -360,7 +361,7 @@ impl<B: Backend> Codec<'_, B> {
         index: usize,
         bucket: &Bucket,
         owners: Option<&BTreeMap<Slot, usize>>,
-        grads: Vec<Vec<&mut B::Buf>>,
+        grads: Vec<(usize, Vec<&mut B::Buf>)>,
         t0: Instant,
     ) -> Result<CommSpan> {
         let start_s = t0.elapsed().as_secs_f64();
@@ -368,7 +369,7 @@ impl<B: Backend> Codec<'_, B> {
             let mut per_item: Vec<Vec<(usize, &mut B::Buf)>> = (0..bucket.items.len())
                 .map(|_| Vec::with_capacity(grads.len()))
                 .collect();
-            for (r, g) in grads.into_iter().enumerate() {
+            for (r, g) in grads {
                 for (i, buf) in g.into_iter().enumerate() {
                     per_item[i].push((r, buf));
                 }
@@ -417,11 +418,21 @@ impl<B: Backend> Reducer<'_, B> {
         let mut got: Arrived<B> = (0..self.replicas)
             .map(|_| (0..self.chunks).map(|_| None).collect())
             .collect();
+        if !self.here.iter().any(|&h| h) {
+            // No replica runs this stage in this process: its group is reduced elsewhere.
+            let none = (0..self.replicas).map(|_| Vec::new()).collect();
+            return Ok((none, Vec::new()));
+        }
         let mut spans = Vec::with_capacity(self.buckets.len());
         let mut next = 0usize;
         let mut waited_since = Instant::now();
         while next < self.buckets.len() {
-            let ready = |got: &Arrived<B>, b: &Bucket| b.chunks.iter().all(|&c| got.iter().all(|r| r[c].is_some()));
+            let here = &self.here;
+            let ready = |got: &Arrived<B>, b: &Bucket| {
+                b.chunks
+                    .iter()
+                    .all(|&c| got.iter().enumerate().all(|(r, g)| !here[r] || g[c].is_some()))
+            };
             if ready(&got, &self.buckets[next]) {
                 spans.push(self.reduce_bucket(next, &mut got)?);
                 next += 1;
@@ -475,7 +486,7 @@ impl<B: Backend> Reducer<'_, B> {
     fn reduce_bucket(&mut self, index: usize, got: &mut Arrived<B>) -> Result<CommSpan> {
         let bucket = &self.buckets[index];
         let mut grads = Vec::with_capacity(self.replicas);
-        for (r, parts) in got.iter_mut().enumerate() {
+        for (r, parts) in got.iter_mut().enumerate().filter(|(r, _)| self.here[*r]) {
             let all = parts.iter_mut().enumerate().flat_map(|(c, part)| {
                 part.iter_mut().flat_map(move |layers| {
                     layers
@@ -484,10 +495,11 @@ impl<B: Backend> Reducer<'_, B> {
                         .flat_map(move |(l, params)| params.iter_mut().enumerate().map(move |(pi, g)| ((c, l, pi), g)))
                 })
             });
-            grads.push(
+            grads.push((
+                r,
                 pick(all, &bucket.items)
                     .ok_or_else(|| self.err(format!("replica {r} sent no gradients for bucket {index}")))?,
-            );
+            ));
         }
         self.codec
             .reduce_bucket(self.group, self.stage, index, bucket, self.owners, grads, self.t0)

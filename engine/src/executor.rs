@@ -92,6 +92,16 @@ pub(crate) struct ExecConfig {
     pub recv_timeout: Duration,
     /// A failure to inject this step.
     pub fail: Option<FailurePoint>,
+    /// Per stage: whether this process runs it (empty: every stage). A stage run elsewhere is handed back as it
+    /// came, with an empty outcome; the transport opens endpoints only for the stages run here.
+    pub hosted: Vec<bool>,
+}
+
+impl ExecConfig {
+    /// Whether this process runs stage `s`.
+    pub fn hosts(&self, s: usize) -> bool {
+        self.hosted.get(s).copied().unwrap_or(true)
+    }
 }
 
 /// What an injected failure does.
@@ -367,19 +377,27 @@ pub(crate) fn run_step<B: Backend>(
             }
         }
     }
-    let endpoints = match transport.open(&capacity) {
+    let here: Vec<usize> = (0..p).filter(|&s| cfg.hosts(s)).collect();
+    let mut endpoints: Vec<Option<Box<dyn Endpoint<B>>>> = match transport.open(&capacity) {
         Ok(mut ends) => {
             ends.sort_by_key(|(s, _)| *s);
-            if ends.len() != p || ends.iter().enumerate().any(|(i, (s, _))| *s != i) {
+            if ends.len() != here.len() || ends.iter().zip(&here).any(|((s, _), h)| s != h) {
                 return StepRun {
                     stages: stages.into_iter().map(Some).collect(),
                     result: Err(EngineError::Invariant {
                         stage: 0,
-                        what: format!("the transport opened {} endpoints for {p} local stages", ends.len()),
+                        what: format!(
+                            "the transport opened endpoints for stages {:?}; this process runs stages {here:?}",
+                            ends.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+                        ),
                     }),
                 };
             }
-            ends.into_iter().map(|(_, e)| e)
+            let mut by_stage: Vec<Option<Box<dyn Endpoint<B>>>> = (0..p).map(|_| None).collect();
+            for (s, e) in ends {
+                by_stage[s] = Some(e);
+            }
+            by_stage
         }
         Err(e) => {
             return StepRun {
@@ -406,7 +424,17 @@ pub(crate) fn run_step<B: Backend>(
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done<B>>();
     let mut handles = Vec::with_capacity(p);
     let mut spawn_error = None;
-    for (s, ((stage, endpoint), mbs)) in stages.into_iter().zip(endpoints).zip(mbs).enumerate() {
+    let mut back: Vec<Option<Stage<B>>> = (0..p).map(|_| None).collect();
+    let mut results: Vec<Option<std::result::Result<StageOutcome, WorkerError>>> = (0..p).map(|_| None).collect();
+    for (s, (stage, mbs)) in stages.into_iter().zip(mbs).enumerate() {
+        let Some(endpoint) = endpoints[s].take() else {
+            // Run by another process: nothing to do here.
+            back[s] = Some(stage);
+            results[s] = Some(Ok(StageOutcome::default()));
+            handles.push(None);
+            progress[s].set(DONE, t0);
+            continue;
+        };
         let mut worker = Worker {
             s,
             stage,
@@ -480,9 +508,7 @@ pub(crate) fn run_step<B: Backend>(
         }
     }
     drop(done_tx);
-    let spawned = handles.len() - usize::from(spawn_error.is_some());
-    let mut back: Vec<Option<Stage<B>>> = (0..p).map(|_| None).collect();
-    let mut results: Vec<Option<std::result::Result<StageOutcome, WorkerError>>> = (0..p).map(|_| None).collect();
+    let spawned = handles.iter().filter(|h| h.is_some()).count();
     let mut first_failure: Option<(usize, Instant)> = None;
     let mut stalled: Option<(usize, usize)> = None;
     let mut arrived = 0usize;

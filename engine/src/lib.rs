@@ -39,6 +39,6 @@ pub use error::{EngineError, Result};
 pub use local_sgd::SyncMode;
 pub use model::{Gpt2, GptConfig, Layer, Model, TiedGroup};
 pub use optim::OptimizerConfig;
-pub use pipeline::{Pipeline, PipelineBuilder, PipelineConfig, StepReport, TrainOptions};
+pub use pipeline::{Hosting, MakeTransports, Pipeline, PipelineBuilder, PipelineConfig, StepReport, TrainOptions};
 pub use split::StageSplit;
 pub use trainer::{Observer, RunSummary, SplitData, TrainData, Trainer, TrainerConfig};

@@ -12,7 +12,7 @@ use baton_kernels::cpu::AdamW;
 use baton_schedules::{generate, peak_receive_buffers, validate, Schedule, ScheduleKind, Validation};
 
 use crate::backend::{Backend, PoolStats};
-use crate::comm::{Collective, Collectives, LocalCollectives, LocalTransport, Transport, Workers};
+use crate::comm::{Cohort, Collective, Collectives, LocalCollectives, LocalTransport, Transport, Workers};
 use crate::compress::{CompressState, Compression, TensorInfo};
 use crate::data::Batch;
 use crate::data_parallel::{
@@ -312,6 +312,7 @@ fn reduce_stages<B: Backend>(
     backends: &[Arc<Vec<B>>],
     groups: &[Box<dyn Collective<B>>],
     owners: Option<&[BTreeMap<Slot, usize>]>,
+    hosted: &[Vec<bool>],
     t0: Instant,
 ) -> Result<Vec<CommSpan>> {
     let mut spans = Vec::new();
@@ -322,15 +323,22 @@ fn reduce_stages<B: Backend>(
             state,
             backends: backends.iter().map(|b| &b[s]).collect(),
         };
+        if !hosted.iter().any(|h| h[s]) {
+            continue; // no replica runs this stage here: its group is reduced by the processes that do
+        }
         for (index, bucket) in stage_buckets.iter().enumerate() {
             let grads = views
                 .iter_mut()
-                .map(|rep| {
+                .enumerate()
+                .filter(|(r, _)| hosted[*r][s])
+                .map(|(r, rep)| {
                     let all = rep[s].iter_mut().map(|(k, v)| (*k, &mut **v));
-                    pick(all, &bucket.items).ok_or_else(|| EngineError::Invariant {
-                        stage: s as u32,
-                        what: format!("bucket {index} names a tensor the stage does not hold"),
-                    })
+                    pick(all, &bucket.items)
+                        .map(|g| (r, g))
+                        .ok_or_else(|| EngineError::Invariant {
+                            stage: s as u32,
+                            what: format!("bucket {index} names a tensor the stage does not hold"),
+                        })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let owners = owners.map(|o| &o[s]);
@@ -421,6 +429,13 @@ pub struct Pipeline<B: Backend> {
     validation: Validation,
     ranges: Vec<std::ops::Range<usize>>,
     replicas: Vec<Replica<B>>,
+    /// `[replica][stage]`: whether this process runs the worker (all true in one process). A worker run elsewhere
+    /// keeps an empty stage here (its parts, no layers).
+    hosted: Vec<Vec<bool>>,
+    /// Per stage, per chunk, per layer: the parameters' names and sizes, known on every process.
+    meta: Vec<Vec<MetaPart>>,
+    /// The job's processes when workers run in several.
+    cohort: Option<Arc<dyn Cohort>>,
     /// Every worker (`replica·p + stage`): the global gradient norm.
     world: Box<dyn Collective<B>>,
     /// Per stage: its group across the replicas (member `r` = replica `r`); empty with one replica.
@@ -462,6 +477,66 @@ pub struct PipelineBuilder<B: Backend> {
     transport: Option<Arc<dyn Transport<B>>>,
     collectives: Option<CollectivesFor<B>>,
     data_parallel: DataParallel,
+    hosting: Option<Hosting<B>>,
+}
+
+/// The workers this process runs when a pipeline is spread over processes.
+pub struct Hosting<B: Backend> {
+    /// Workers (`replica·p + stage`) run here.
+    pub workers: Vec<usize>,
+    /// One transport per replica, made from every replica's backends (e.g. MPI between processes).
+    pub transports: MakeTransports<B>,
+    /// The job's processes (checkpoints are written by all of them together).
+    pub cohort: Arc<dyn Cohort>,
+}
+
+/// Makes one transport per replica from every replica's backends (`[replica]`, each one backend per stage).
+pub type MakeTransports<B> = Box<dyn FnOnce(&[Arc<Vec<B>>]) -> Result<Vec<Arc<dyn Transport<B>>>>>;
+
+/// A parameter's name and sizes.
+#[derive(Clone, Debug)]
+struct ParamMeta {
+    name: String,
+    shape: Vec<usize>,
+    len: usize,
+    grad_bytes: usize,
+}
+
+/// What every process knows about one part: each layer's name and parameters.
+#[derive(Clone, Debug)]
+struct MetaPart {
+    layers: Vec<(String, Vec<ParamMeta>)>,
+}
+
+impl MetaPart {
+    fn of<B: Backend>(layers: &[Box<dyn Layer<B>>], be: &B) -> MetaPart {
+        MetaPart {
+            layers: layers
+                .iter()
+                .map(|l| {
+                    let params = l
+                        .params()
+                        .iter()
+                        .map(|p| ParamMeta {
+                            name: p.name.clone(),
+                            shape: p.shape.clone(),
+                            len: p.len(),
+                            grad_bytes: be.bytes(&p.grad),
+                        })
+                        .collect();
+                    (l.name(), params)
+                })
+                .collect(),
+        }
+    }
+
+    /// Every parameter with its (layer, parameter) position.
+    fn params(&self) -> impl Iterator<Item = ((usize, usize), &ParamMeta)> + '_ {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, (_, ps))| ps.iter().enumerate().map(move |(pi, p)| ((l, pi), p)))
+    }
 }
 
 /// Makes the collectives for the workers a pipeline is built on (e.g. NCCL communicators over its GPUs).
@@ -514,6 +589,15 @@ impl<B: Backend> PipelineBuilder<B> {
         self
     }
 
+    /// Runs only some workers in this process (see [`Hosting`]); the others run in other processes, which build
+    /// the same pipeline with theirs. `build` still takes every worker's backend; those of workers run elsewhere
+    /// are never used. The collectives (see [`PipelineBuilder::collectives_for`]) must reach the other processes
+    /// too.
+    pub fn hosting(mut self, hosting: Hosting<B>) -> Self {
+        self.hosting = Some(hosting);
+        self
+    }
+
     /// Makes the collectives from the workers once `build` has them (every replica's backends): for
     /// implementations that need the devices up front, such as NCCL communicators created in a fixed order.
     pub fn collectives_for(
@@ -539,6 +623,7 @@ impl<B: Backend> PipelineBuilder<B> {
             self.transport,
             self.collectives,
             self.data_parallel,
+            self.hosting,
         )
     }
 }
@@ -558,6 +643,7 @@ impl<B: Backend> Pipeline<B> {
             None,
             None,
             config.data_parallel.clone(),
+            None,
         )
     }
 
@@ -571,6 +657,7 @@ impl<B: Backend> Pipeline<B> {
             transport: None,
             collectives: None,
             data_parallel: DataParallel::default(),
+            hosting: None,
         }
     }
 
@@ -584,11 +671,75 @@ impl<B: Backend> Pipeline<B> {
         transport: Option<Arc<dyn Transport<B>>>,
         collectives: Option<CollectivesFor<B>>,
         dp: DataParallel,
+        hosting: Option<Hosting<B>>,
     ) -> Result<Self> {
         options.validate()?;
         dp.validate()?;
         let p = schedule.stages() as usize;
         let d = dp.replicas as usize;
+        let (hosted, make_transports, cohort) = match hosting {
+            None => (vec![vec![true; p]; d], None, None),
+            Some(Hosting {
+                workers,
+                transports: make,
+                cohort,
+            }) => {
+                let mut hosted = vec![vec![false; p]; d];
+                for &w in &workers {
+                    let slot = hosted.get_mut(w / p.max(1)).and_then(|r| r.get_mut(w % p.max(1)));
+                    match slot {
+                        Some(h) if !*h => *h = true,
+                        _ => {
+                            return Err(EngineError::config(
+                                "hosting",
+                                w,
+                                format!("a worker given twice or beyond the {d} × {p} workers"),
+                            ))
+                        }
+                    }
+                }
+                if workers.is_empty() {
+                    return Err(EngineError::config("hosting", 0, "this process runs no worker"));
+                }
+                if transport.is_some() {
+                    return Err(EngineError::config(
+                        "transport",
+                        "custom",
+                        "a pipeline spread over processes takes its transports from `hosting`",
+                    ));
+                }
+                let everywhere = workers.len() == d * p;
+                if !everywhere && schedule.kind == ScheduleKind::TwoBw {
+                    return Err(EngineError::config(
+                        "schedule",
+                        "2bw",
+                        "PipeDream-2BW runs in one process (its updater thread holds every stage)",
+                    ));
+                }
+                if !everywhere && dp.sync.is_local() {
+                    return Err(EngineError::config(
+                        "sync",
+                        dp.sync.to_string(),
+                        "local SGD (DiLoCo) runs in one process for now",
+                    ));
+                }
+                if !everywhere && dp.zero {
+                    return Err(EngineError::config(
+                        "zero",
+                        1,
+                        "ZeRO-1 runs in one process for now (its moments are gathered from every replica)",
+                    ));
+                }
+                if !everywhere && dp.compress != Compression::None {
+                    return Err(EngineError::config(
+                        "compress",
+                        dp.compress.to_string(),
+                        "compressed reductions run in one process for now",
+                    ));
+                }
+                (hosted, Some(make), Some(cohort))
+            }
+        };
         if backends.len() != p * d {
             return Err(EngineError::config(
                 "stages",
@@ -621,7 +772,8 @@ impl<B: Backend> Pipeline<B> {
         let mut replicas = Vec::with_capacity(d);
         let mut transport = transport;
         let mut given = backends.into_iter();
-        for _ in 0..d {
+        let mut meta: Vec<Option<Vec<MetaPart>>> = vec![None; p];
+        for hosted_r in &hosted {
             let backends: Vec<B> = given.by_ref().take(p).collect();
             let mut stages = Vec::with_capacity(p);
             for (s, be) in backends.iter().enumerate() {
@@ -633,39 +785,88 @@ impl<B: Backend> Pipeline<B> {
                         )))
                     })?;
                     let units = ranges[index as usize].clone();
-                    let layers = units
-                        .clone()
-                        .map(|u| model.build_unit(u, be))
-                        .collect::<Result<Vec<_>>>()?;
+                    let layers = if hosted_r[s] {
+                        units
+                            .clone()
+                            .map(|u| model.build_unit(u, be))
+                            .collect::<Result<Vec<_>>>()?
+                    } else {
+                        Vec::new()
+                    };
                     chunk_parts.push(Part { index, units, layers });
+                }
+                if hosted_r[s] && meta[s].is_none() {
+                    meta[s] = Some(chunk_parts.iter().map(|c| MetaPart::of(&c.layers, be)).collect());
                 }
                 stages.push(Stage {
                     index: s as u32,
                     parts: chunk_parts,
                 });
             }
-            let backends = Arc::new(backends);
-            let transport: Arc<dyn Transport<B>> = match transport.take() {
-                Some(t) => t,
-                None => Arc::new(LocalTransport::new(Arc::clone(&backends), &pools)?),
-            };
-            if transport.stages() != p {
-                return Err(EngineError::config(
-                    "transport",
-                    transport.stages(),
-                    format!(
-                        "the transport connects {} stages, the schedule has {p}",
-                        transport.stages()
-                    ),
-                ));
-            }
-            replicas.push(Replica {
-                backends,
-                transport,
-                tied: Vec::new(),
-                stages,
-            });
+            replicas.push((backends, stages));
         }
+        // Stages no replica runs here: their parameters' names and sizes from units built one at a time and dropped.
+        let mut meta_of = Vec::with_capacity(p);
+        for (s, m) in meta.into_iter().enumerate() {
+            match m {
+                Some(m) => meta_of.push(m),
+                None => {
+                    let be = &replicas[0].0[s];
+                    let mut parts = Vec::new();
+                    for part in &replicas[0].1[s].parts {
+                        let mut layers = Vec::new();
+                        for u in part.units.clone() {
+                            let layer = model.build_unit(u, be)?;
+                            layers.extend(MetaPart::of(std::slice::from_ref(&layer), be).layers);
+                        }
+                        parts.push(MetaPart { layers });
+                    }
+                    meta_of.push(parts);
+                }
+            }
+        }
+        let all_backends: Vec<Arc<Vec<B>>> = replicas.iter_mut().map(|(b, _)| Arc::new(std::mem::take(b))).collect();
+        let mut transports: Vec<Arc<dyn Transport<B>>> = match make_transports {
+            Some(make) => {
+                let t = make(&all_backends)?;
+                if t.len() != d {
+                    return Err(EngineError::config(
+                        "transport",
+                        t.len(),
+                        format!("{} transports for {d} replicas", t.len()),
+                    ));
+                }
+                t
+            }
+            None => Vec::new(),
+        };
+        transports.reverse();
+        let replicas: Vec<Replica<B>> = all_backends
+            .into_iter()
+            .zip(replicas)
+            .map(|(backends, (_, stages))| {
+                let transport: Arc<dyn Transport<B>> = match transports.pop().or_else(|| transport.take()) {
+                    Some(t) => t,
+                    None => Arc::new(LocalTransport::new(Arc::clone(&backends), &pools)?),
+                };
+                if transport.stages() != p {
+                    return Err(EngineError::config(
+                        "transport",
+                        transport.stages(),
+                        format!(
+                            "the transport connects {} stages, the schedule has {p}",
+                            transport.stages()
+                        ),
+                    ));
+                }
+                Ok(Replica {
+                    backends,
+                    transport,
+                    tied: Vec::new(),
+                    stages,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let workers = Workers::new(replicas.iter().map(|r| Arc::clone(&r.backends)).collect())?;
         let collectives: Arc<dyn Collectives<B>> = match collectives {
             Some(CollectivesFor::Given(c)) => c,
@@ -688,6 +889,9 @@ impl<B: Backend> Pipeline<B> {
             validation,
             ranges,
             replicas,
+            hosted,
+            meta: meta_of,
+            cohort,
             world,
             dp_groups,
             buckets: Vec::new(),
@@ -722,8 +926,8 @@ impl<B: Backend> Pipeline<B> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let len = pipeline.param(at[0]).len();
-            if let Some(&bad) = at.iter().find(|&&a| pipeline.param(a).len() != len) {
+            let len = pipeline.param(at[0]).len;
+            if let Some(&bad) = at.iter().find(|&&a| pipeline.param(a).len != len) {
                 return Err(EngineError::Model(format!(
                     "tied group {:?}: `{}` has shape {:?}, `{}` has {:?}",
                     group.names,
@@ -750,15 +954,13 @@ impl<B: Backend> Pipeline<B> {
         // Buckets and owners depend only on the shapes and the schedule: the same on every replica.
         let bucket_bytes = pipeline.dp.bucket_bytes();
         let mut sizes = Vec::with_capacity(p);
-        for (s, stage) in pipeline.replicas[0].stages.iter().enumerate() {
-            let be = &pipeline.replicas[0].backends[s];
-            let grad_bytes: Vec<Vec<Vec<usize>>> = stage
-                .parts
+        for (s, parts) in pipeline.meta.iter().enumerate() {
+            let grad_bytes: Vec<Vec<Vec<usize>>> = parts
                 .iter()
                 .map(|part| {
                     part.layers
                         .iter()
-                        .map(|l| l.params().iter().map(|p| be.bytes(&p.grad)).collect())
+                        .map(|(_, ps)| ps.iter().map(|p| p.grad_bytes).collect())
                         .collect()
                 })
                 .collect();
@@ -767,10 +969,15 @@ impl<B: Backend> Pipeline<B> {
                 &grad_bytes,
                 bucket_bytes,
             ));
-            sizes.push(stage.params().map(|(slot, prm)| (slot, prm.len())).collect::<Vec<_>>());
+            let params = || {
+                parts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(c, part)| part.params().map(move |((l, pi), prm)| ((c, l, pi), prm)))
+            };
+            sizes.push(params().map(|(slot, prm)| (slot, prm.len)).collect::<Vec<_>>());
             pipeline.infos.push(
-                stage
-                    .params()
+                params()
                     .map(|(slot, prm)| {
                         (
                             slot,
@@ -808,17 +1015,14 @@ impl<B: Backend> Pipeline<B> {
     /// Checks the model's contract that parameter names are unique.
     fn check_names(&self) -> Result<()> {
         let mut seen = std::collections::BTreeMap::new();
-        for stage in &self.replicas[0].stages {
-            for part in &stage.parts {
-                for layer in &part.layers {
-                    for p in layer.params() {
-                        if let Some(other) = seen.insert(p.name.clone(), layer.name()) {
-                            return Err(EngineError::Model(format!(
-                                "parameter `{}` is held by both `{other}` and `{}`; names must be unique",
-                                p.name,
-                                layer.name()
-                            )));
-                        }
+        for part in self.meta.iter().flatten() {
+            for (layer, params) in &part.layers {
+                for p in params {
+                    if let Some(other) = seen.insert(p.name.clone(), layer.clone()) {
+                        return Err(EngineError::Model(format!(
+                            "parameter `{}` is held by both `{other}` and `{layer}`; names must be unique",
+                            p.name
+                        )));
                     }
                 }
             }
@@ -1039,7 +1243,11 @@ impl<B: Backend> Pipeline<B> {
         rep.backends
             .iter()
             .zip(&rep.stages)
-            .map(|(be, stage)| {
+            .enumerate()
+            .map(|(s, (be, stage))| {
+                if !self.hosted[r][s] {
+                    return Ok(Vec::new()); // run by another process
+                }
                 let first_here = stage.parts.iter().any(|p| p.index == 0);
                 let last_here = stage.parts.iter().any(|p| p.index == last);
                 (first..first + count)
@@ -1109,8 +1317,10 @@ impl<B: Backend> Pipeline<B> {
             owners,
             codecs,
             infos,
+            hosted,
             ..
         } = self;
+        let hosted: &Vec<Vec<bool>> = hosted;
         let stage_sets: Vec<Vec<Stage<B>>> = replicas.iter_mut().map(|r| std::mem::take(&mut r.stages)).collect();
         let replicas: &Vec<Replica<B>> = replicas;
         let mut states = codecs.iter_mut();
@@ -1128,6 +1338,7 @@ impl<B: Backend> Pipeline<B> {
                         buckets: &buckets[s],
                         owners: sharded.then(|| &owners[s]),
                         replicas: d,
+                        here: hosted.iter().map(|h| h[s]).collect(),
                         chunks: schedule.chunks() as usize,
                         t0,
                         codec: Codec {
@@ -1257,14 +1468,7 @@ impl<B: Backend> Pipeline<B> {
         let pipeline_s = timing.pipeline_s;
         // Loss: per micro-batch sums in (replica, micro-batch) order — the global micro-batch order — over all
         // tokens.
-        let mut losses: Vec<(usize, u32, f64)> = outcomes
-            .iter()
-            .enumerate()
-            .flat_map(|(r, o)| {
-                o.iter()
-                    .flat_map(move |o| o.losses.iter().map(move |&(mb, l)| (r, mb, l)))
-            })
-            .collect();
+        let mut losses = self.gather_losses(&outcomes)?;
         losses.sort_by_key(|&(r, mb, _)| (r, mb));
         debug_assert_eq!(losses.len(), d * self.schedule.microbatches as usize);
         let tokens = batch.batch * batch.seq;
@@ -1390,6 +1594,55 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
+    /// Every micro-batch's summed token loss as `(replica, micro-batch, loss)`, from the stages holding the head —
+    /// through the group of every worker when some run in other processes, so every process has them all.
+    fn gather_losses(&self, outcomes: &[Vec<crate::executor::StageOutcome>]) -> Result<Vec<(usize, u32, f64)>> {
+        let local = outcomes.iter().enumerate().flat_map(|(r, o)| {
+            o.iter()
+                .flat_map(move |o| o.losses.iter().map(move |&(mb, l)| (r, mb, l)))
+        });
+        if !self.is_distributed() {
+            return Ok(local.collect());
+        }
+        let p = self.num_stages();
+        let mut mine: Vec<(usize, Vec<f64>)> = Vec::new();
+        for (r, o) in outcomes.iter().enumerate() {
+            for (s, o) in o.iter().enumerate().filter(|&(s, _)| self.hosted[r][s]) {
+                let v = o
+                    .losses
+                    .iter()
+                    .flat_map(|&(mb, l)| [r as f64, f64::from(mb), l])
+                    .collect();
+                mine.push((r * p + s, v));
+            }
+        }
+        Ok(self
+            .world
+            .all_gather_host(&mine)?
+            .iter()
+            .flat_map(|v| v.chunks_exact(3).map(|t| (t[0] as usize, t[1] as u32, t[2])))
+            .collect())
+    }
+
+    /// The job's processes, when this pipeline's workers run in several.
+    pub fn cohort(&self) -> Option<&Arc<dyn Cohort>> {
+        self.cohort.as_ref()
+    }
+
+    /// True when some workers of this pipeline run in other processes.
+    pub fn is_distributed(&self) -> bool {
+        self.hosted.iter().flatten().any(|h| !h)
+    }
+
+    /// Whether this process runs stage `stage` of replica `replica`.
+    pub fn hosts(&self, replica: usize, stage: usize) -> bool {
+        self.hosted
+            .get(replica)
+            .and_then(|r| r.get(stage))
+            .copied()
+            .unwrap_or(false)
+    }
+
     /// Each replica's executor settings, with the failure to inject on its replica (tests, `BATON_FAIL_AT`).
     fn exec_configs(&self, fail: Option<&(usize, FailurePoint)>) -> Vec<ExecConfig> {
         (0..self.replicas.len())
@@ -1397,6 +1650,7 @@ impl<B: Backend> Pipeline<B> {
                 recompute: self.options.recompute,
                 recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
                 fail: fail.filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
+                hosted: self.hosted[r].clone(),
             })
             .collect()
     }
@@ -1457,6 +1711,7 @@ impl<B: Backend> Pipeline<B> {
             owners,
             codecs,
             infos,
+            hosted,
             ..
         } = self;
         let backends: Vec<Arc<Vec<B>>> = replicas.iter().map(|r| Arc::clone(&r.backends)).collect();
@@ -1471,7 +1726,7 @@ impl<B: Backend> Pipeline<B> {
             .collect();
         let owners = sharded.then_some(owners.as_slice());
         reduce_stages(
-            &mut views, buckets, codecs, infos, modes, &backends, dp_groups, owners, t0,
+            &mut views, buckets, codecs, infos, modes, &backends, dp_groups, owners, hosted, t0,
         )
     }
 
@@ -1488,6 +1743,9 @@ impl<B: Backend> Pipeline<B> {
         for (r, rep) in self.replicas.iter().enumerate() {
             for (stage, be) in rep.stages.iter().zip(rep.backends.iter()) {
                 let s = stage.index as usize;
+                if !self.hosted[r][s] {
+                    continue;
+                }
                 let mut keys = Vec::new();
                 let mut grads = Vec::new();
                 for ((c, l, pi), prm) in stage.params() {
@@ -1548,6 +1806,7 @@ impl<B: Backend> Pipeline<B> {
             owners,
             dp_groups,
             options,
+            hosted,
             ..
         } = self;
         let o = &options.optimizer;
@@ -1577,8 +1836,12 @@ impl<B: Backend> Pipeline<B> {
                     let mut views: Vec<(usize, &mut B::Buf)> = replicas
                         .iter_mut()
                         .enumerate()
+                        .filter(|(r, _)| hosted[*r][s])
                         .map(|(r, rep)| (r, &mut rep.stages[s].param_mut(slot).value))
                         .collect();
+                    if views.is_empty() {
+                        continue;
+                    }
                     dp_groups[s].broadcast(owner, &mut views)?;
                 }
             }
@@ -1599,20 +1862,18 @@ impl<B: Backend> Pipeline<B> {
 
     /// Where a named parameter lives in a replica: (stage, chunk, layer, param).
     fn locate(&self, name: &str) -> Option<ParamAt> {
-        for (s, stage) in self.replicas[0].stages.iter().enumerate() {
-            for (c, part) in stage.parts.iter().enumerate() {
-                for (l, layer) in part.layers.iter().enumerate() {
-                    if let Some(pi) = layer.params().iter().position(|p| p.name == name) {
-                        return Some((s, c, l, pi));
-                    }
+        for (s, parts) in self.meta.iter().enumerate() {
+            for (c, part) in parts.iter().enumerate() {
+                if let Some(((l, pi), _)) = part.params().find(|(_, p)| p.name == name) {
+                    return Some((s, c, l, pi));
                 }
             }
         }
         None
     }
 
-    fn param(&self, at: ParamAt) -> &Param<B> {
-        self.replicas[0].stages[at.0].param((at.1, at.2, at.3))
+    fn param(&self, at: ParamAt) -> &ParamMeta {
+        &self.meta[at.0][at.1].layers[at.2].1[at.3]
     }
 
     /// Sums every tied group's gradients into all its copies, in the group's order (`wte + lm_head` for GPT-2),
@@ -1637,6 +1898,9 @@ impl<B: Backend> Pipeline<B> {
                             views.push((m, &mut p.grad));
                         }
                     }
+                }
+                if views.is_empty() {
+                    continue; // no copy lives in this process: the processes holding them sum it
                 }
                 tied.group.all_reduce(&mut views).map_err(|e| match e {
                     EngineError::Comm { seam, stage, reason } => EngineError::Comm {
@@ -1673,10 +1937,16 @@ impl<B: Backend> Pipeline<B> {
                     what: format!("the placement does not hold part {part}"),
                 })?;
             let (s, c) = (s as usize, c as usize);
-            if let Some(buf) = x.take() {
-                x = Some(rep.transport.relay(at, s, buf)?);
+            if at != s {
+                let held = x.take();
+                if held.is_some() || !self.hosted[0][at] {
+                    x = rep.transport.relay_hosted(at, s, held)?;
+                }
             }
             at = s;
+            if !self.hosted[0][s] {
+                continue; // computed by the process running it
+            }
             let mb = mb(s);
             for layer in &rep.stages[s].parts[c].layers {
                 x = step(layer.as_ref(), &rep.backends[s], x, mb)?;
@@ -1705,6 +1975,17 @@ impl<B: Backend> Pipeline<B> {
             )
             .map(drop)
         })?;
+        if self.is_distributed() {
+            // The head's process has the sum: every process gets it (the others add zeros).
+            let p = self.num_stages();
+            let mut mine: Vec<(usize, Vec<f64>)> = Vec::new();
+            for (r, h) in self.hosted.iter().enumerate() {
+                for s in (0..p).filter(|&s| h[s]) {
+                    mine.push((r * p + s, vec![if mine.is_empty() { total } else { 0.0 }]));
+                }
+            }
+            total = self.world.all_gather_host(&mine)?.iter().flatten().sum();
+        }
         Ok((total / (batch.batch * batch.seq) as f64) as f32)
     }
 
@@ -1717,6 +1998,13 @@ impl<B: Backend> Pipeline<B> {
     /// Logits `(t, V)` for one sequence of `t` tokens (for sampling).
     pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_whole()?;
+        if self.is_distributed() {
+            return Err(EngineError::config(
+                "hosting",
+                "distributed",
+                "sampling runs in one process: sample from a checkpoint with `baton generate`",
+            ));
+        }
         let t = tokens.len();
         if t == 0 || t > self.model.max_seq() {
             return Err(EngineError::batch(format!(
@@ -1783,13 +2071,17 @@ impl<B: Backend> Pipeline<B> {
     /// Every parameter's global name and shape, in pipeline order (stage, chunk, layer), tied copies included.
     pub fn parameter_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
         self.check_whole()?;
-        let mut parts: Vec<&Part<B>> = self.replicas[0].stages.iter().flat_map(|s| &s.parts).collect();
-        parts.sort_by_key(|p| p.index);
+        let mut parts: Vec<(u32, &MetaPart)> = self.replicas[0]
+            .stages
+            .iter()
+            .zip(&self.meta)
+            .flat_map(|(stage, meta)| stage.parts.iter().map(|p| p.index).zip(meta))
+            .collect();
+        parts.sort_by_key(|(index, _)| *index);
         Ok(parts
             .iter()
-            .flat_map(|part| &part.layers)
-            .flat_map(|layer| layer.params())
-            .map(|p| (p.name.clone(), p.shape.clone()))
+            .flat_map(|(_, part)| part.params())
+            .map(|(_, p)| (p.name.clone(), p.shape.clone()))
             .collect())
     }
 
@@ -1814,6 +2106,13 @@ impl<B: Backend> Pipeline<B> {
                 "stage",
                 stage,
                 format!("the pipeline has {} stages", self.num_stages()),
+            ));
+        }
+        if !self.hosted[0][stage] {
+            return Err(EngineError::config(
+                "stage",
+                stage,
+                "replica 0's copy of this stage runs in another process, which holds its tensors",
             ));
         }
         let rep = &self.replicas[0];

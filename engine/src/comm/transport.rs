@@ -59,6 +59,18 @@ pub trait Transport<B: Backend>: Send + Sync {
     fn open(&self, inbox: &[usize]) -> Result<Endpoints<B>>;
     /// Moves `buf` from stage `from` to stage `to` outside a step (evaluation, sampling) and returns it there.
     fn relay(&self, from: usize, to: usize, buf: B::Buf) -> Result<B::Buf>;
+    /// [`Transport::relay`] as every process calls it when stages live in several: `buf` is `Some` where this
+    /// process holds stage `from`; the result is `Some` where it holds stage `to`. Every process of the replica
+    /// makes the same calls in the same order. The default (every stage in this process) is `relay`.
+    fn relay_hosted(&self, from: usize, to: usize, buf: Option<B::Buf>) -> Result<Option<B::Buf>> {
+        match buf {
+            Some(b) => self.relay(from, to, b).map(Some),
+            None => Err(EngineError::Invariant {
+                stage: from as u32,
+                what: format!("a relay from stage {from} to stage {to} without a buffer in a single process"),
+            }),
+        }
+    }
     /// Per stage: the receive pool's counters (empty where the transport keeps none).
     fn pool_stats(&self) -> Vec<PoolStats>;
 }

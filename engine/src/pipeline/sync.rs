@@ -147,6 +147,7 @@ impl<B: Backend> Pipeline<B> {
             codecs,
             infos,
             outer,
+            hosted,
             ..
         } = self;
         let outer = outer.as_mut().ok_or_else(|| EngineError::Invariant {
@@ -180,7 +181,7 @@ impl<B: Backend> Pipeline<B> {
                 })
                 .collect();
             reduce_stages(
-                &mut views, buckets, codecs, infos, modes, &backends, dp_groups, None, t0,
+                &mut views, buckets, codecs, infos, modes, &backends, dp_groups, None, hosted, t0,
             )?
         } else {
             Vec::new()

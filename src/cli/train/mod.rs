@@ -4,6 +4,7 @@
 //! complete checkpoint.
 
 mod args;
+mod dist;
 mod progress;
 
 use std::io::{BufWriter, Write};
@@ -498,6 +499,8 @@ pub(crate) fn resume_command(steps: Option<u64>) -> String {
 pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let mut c = args.resolve()?;
     set_cpu_threads(&c)?;
+    // Under mpirun / srun: this process runs its rank's workers (see `dist`).
+    let dist = dist::detect(&c)?;
     // Checked in `setup`, once a `--schedule-csv` has set the stages and micro-batches.
     let device = device(&c.device)?;
     let precision = match (c.precision.as_str(), &device) {
@@ -582,10 +585,13 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let result = match device {
         Device::Cpu => {
             let names = vec!["cpu".to_string(); (c.stages * c.data_parallel) as usize];
-            train_on(&c, setup, split, token_count, &out, fail_at, &names, None, &|| {
+            train_on(&c, setup, split, token_count, &out, fail_at, &names, None, dist.as_ref(), &|| {
                 Ok(vec![Cpu; (c.stages * c.data_parallel) as usize])
             })
         }
+        Device::Cuda(_) if dist.is_some() => Err(CliError::usage(
+            "several ranks on GPUs need NCCL between processes, which is not wired into `baton train` yet: run              the ranks with --device cpu",
+        )),
         Device::Cuda(count) => {
             let make = || -> crate::engine::Result<Vec<Cuda>> {
                 // Workers (replica-major) round-robin over the GPUs; workers sharing a GPU get a stream each.
@@ -611,8 +617,15 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
                 let f: CollectivesFor<Cuda> = |w| Ok(Arc::new(crate::engine::comm::NcclCollectives::over(w.clone())?));
                 f
             });
-            train_on(&c, setup, split, token_count, &out, fail_at, &names, collectives, &make)
+            train_on(&c, setup, split, token_count, &out, fail_at, &names, collectives, None, &make)
         }
+    };
+    let result = match (&dist, result) {
+        (Some(d), Err(e)) => Err(CliError {
+            message: format!("rank {}: {}", rank_of(Some(d)), e.message),
+            code: e.code,
+        }),
+        (_, r) => r,
     };
     if let (Ok(()), Some(p)) = (&result, &planned) {
         if let Some(line) = super::plan::predicted_vs_measured(p, &out.join("metrics.jsonl")) {
@@ -714,6 +727,7 @@ fn train_on<B: Backend>(
     fail_at: Option<FailurePoint>,
     devices: &[String],
     collectives: Option<CollectivesFor<B>>,
+    dist: Option<&dist::Dist>,
     make: &dyn Fn() -> crate::engine::Result<Vec<B>>,
 ) -> Result<(), CliError> {
     let model = Arc::new(setup.pcfg.gpt2().map_err(engine_err)?);
@@ -723,12 +737,20 @@ fn train_on<B: Backend>(
             .split(setup.pcfg.split.clone())
             .options(setup.pcfg.options())
             .data_parallel(setup.pcfg.data_parallel.clone());
-        match collectives {
+        let builder = match collectives {
             Some(make) => builder.collectives_for(make),
             None => builder,
-        }
-        .build(make()?)
+        };
+        #[cfg(feature = "mpi")]
+        let builder = match dist {
+            Some(d) => builder
+                .hosting(d.hosting(&setup.schedule))
+                .collectives_for(d.collectives()),
+            None => builder,
+        };
+        builder.build(make()?)
     };
+    let rank0 = rank_of(dist) == 0;
     let tcfg = TrainerConfig {
         steps: c.steps,
         stop_at: c.stop_at,
@@ -737,7 +759,9 @@ fn train_on<B: Backend>(
         checkpoint_dir: Some(out.join("checkpoints")),
         save_every: c.save_every,
         keep_last: c.keep_last,
-        max_restarts: c.max_restarts,
+        // Across processes a failure ends the job: every rank would have to rebuild together (`baton launch`
+        // restarts it from the last checkpoint).
+        max_restarts: if dist.is_some() { 0 } else { c.max_restarts },
         trace_steps: if c.trace { c.trace_steps } else { 0 },
         peak_tflops: c.peak_tflops,
         tokenizer: setup.tokenizer.kind(),
@@ -752,6 +776,22 @@ fn train_on<B: Backend>(
     trainer.pipeline_mut().set_failure(fail_at);
     let (stop, which_signal) = install_signal_handlers()?;
     trainer.set_stop_flag(Arc::clone(&stop));
+    #[cfg(feature = "mpi")]
+    let rank_map = dist.map(|d| d.describe()).transpose()?;
+    #[cfg(not(feature = "mpi"))]
+    let rank_map: Option<String> = None;
+    if !rank0 {
+        // Every rank but 0 trains without a word: rank 0 prints, writes the metrics, the report and the
+        // checkpoints' manifests (each rank writes its own stages' files).
+        let run = trainer.run(&mut data, &mut Quiet).map_err(engine_err)?;
+        if run.interrupted {
+            return Err(CliError {
+                message: format!("interrupted at step {}", run.step),
+                code: EXIT_SIGTERM,
+            });
+        }
+        return Ok(());
+    }
 
     std::fs::create_dir_all(out).map_err(|e| CliError::failure(format!("creating {}: {e}", out.display())))?;
     let ranges = trainer.pipeline().ranges().to_vec();
@@ -803,6 +843,9 @@ fn train_on<B: Backend>(
     );
     if c.data_parallel > 1 {
         eprintln!("{}", device_map(c, devices));
+    }
+    if let Some(map) = &rank_map {
+        eprintln!("{map}");
     }
     if c.trace {
         let first = trainer.pipeline().step() + 1;
@@ -877,6 +920,19 @@ fn train_on<B: Backend>(
     }
     Ok(())
 }
+
+/// This process's rank (0 in a single-process run).
+fn rank_of(dist: Option<&dist::Dist>) -> usize {
+    #[cfg(feature = "mpi")]
+    return dist.map_or(0, dist::Dist::rank);
+    #[cfg(not(feature = "mpi"))]
+    return dist.map_or(0, |d| match *d {});
+}
+
+/// The observer of ranks other than 0: nothing to show.
+struct Quiet;
+
+impl crate::engine::Observer for Quiet {}
 
 /// The configuration file every run writes at its start.
 pub const CONFIG_FILE: &str = "config.json";

@@ -1,0 +1,157 @@
+//! `baton train` started by `mpirun -np N` or `srun --mpi=pmix -n N`: the MPI world, the rank map (which ranks
+//! run which replica's stages), and the refusal to run N copies of a single-process job when the binary was
+//! built without MPI.
+
+use super::TrainConfig;
+#[cfg(not(feature = "mpi"))]
+use crate::cli::CliError;
+
+/// Whether the environment says a launcher started this process as one of several ranks.
+pub(crate) fn launched_ranks() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE", "SLURM_NTASKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().and_then(|s| s.trim().parse::<usize>().ok()))
+        .filter(|&n| n > 1)
+        .or_else(|| {
+            // Under srun with PMIx the size variables can be absent: a rank variable is still there.
+            ["PMIX_RANK", "OMPI_COMM_WORLD_RANK"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some())
+                .then_some(0)
+        })
+}
+
+#[cfg(feature = "mpi")]
+pub(crate) use with_mpi::{detect, Dist};
+
+#[cfg(not(feature = "mpi"))]
+/// Without MPI a launched job would be N independent runs writing into one directory: refused.
+pub(crate) fn detect(_c: &TrainConfig) -> Result<Option<Dist>, CliError> {
+    match launched_ranks() {
+        Some(n) if n != 1 => Err(CliError::usage(format!(
+            "started as one of {} ranks by mpirun or srun, but this baton was built without MPI: build it with \
+             `cargo build --release --features mpi` (needs an MPI library and libclang)",
+            if n == 0 { "several".to_string() } else { n.to_string() }
+        ))),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+/// Never made without the `mpi` feature.
+pub(crate) enum Dist {}
+
+#[cfg(feature = "mpi")]
+mod with_mpi {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{launched_ranks, TrainConfig};
+    use crate::cli::CliError;
+    use crate::engine::comm::mpi::{MpiCollectives, MpiTransport, MpiWorld, RankMap};
+    use crate::engine::comm::{Collectives, Transport, Workers};
+    use crate::engine::{Backend, Hosting};
+    use baton_schedules::Schedule;
+
+    /// This process's place in a multi-process run.
+    pub(crate) struct Dist {
+        /// The MPI world.
+        pub world: Arc<MpiWorld>,
+        /// Which rank runs which worker.
+        pub map: RankMap,
+        /// Every wait on another rank gives up after this.
+        pub timeout: Duration,
+    }
+
+    /// How long a collective waits for another rank: `BATON_COMM_TIMEOUT_S` seconds, default 120 (a collective
+    /// waits for the slowest rank's whole schedule, so this is well above one receive's deadline).
+    fn comm_timeout() -> Result<Duration, CliError> {
+        match std::env::var("BATON_COMM_TIMEOUT_S") {
+            Err(_) => Ok(Duration::from_secs(120)),
+            Ok(v) => match v.trim().parse::<f64>() {
+                Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+                _ => Err(CliError::usage(format!(
+                    "BATON_COMM_TIMEOUT_S `{v}`: expected a positive number of seconds"
+                ))),
+            },
+        }
+    }
+
+    /// The MPI world when a launcher started several ranks (`None` for a plain single-process run).
+    pub(crate) fn detect(c: &TrainConfig) -> Result<Option<Dist>, CliError> {
+        if launched_ranks().is_none() {
+            return Ok(None);
+        }
+        let world = MpiWorld::init().map_err(|e| CliError::failure(e.to_string()))?;
+        if world.size() == 1 {
+            return Ok(None);
+        }
+        let map = RankMap::new(c.data_parallel as usize, c.stages as usize, world.size()).map_err(|e| {
+            CliError::usage(format!(
+                "{e} (--data-parallel {} --stages {})",
+                c.data_parallel, c.stages
+            ))
+        })?;
+        let timeout = comm_timeout()?;
+        Ok(Some(Dist { world, map, timeout }))
+    }
+
+    impl Dist {
+        /// This process's rank.
+        pub fn rank(&self) -> usize {
+            self.world.rank()
+        }
+
+        /// The rank map as printed at start, with every rank's host.
+        pub fn describe(&self) -> Result<String, CliError> {
+            let hosts = self
+                .world
+                .hosts(self.timeout)
+                .map_err(|e| CliError::failure(e.to_string()))?;
+            Ok(format!(
+                "ranks: {} processes over {} host(s), {} replica(s) × {} stages\n  {}",
+                self.map.ranks(),
+                {
+                    let mut h = hosts.clone();
+                    h.sort();
+                    h.dedup();
+                    h.len()
+                },
+                self.map.replicas(),
+                self.map.stages(),
+                self.map.describe(&hosts).join("\n  ")
+            ))
+        }
+
+        /// What the pipeline builder needs to run this rank's workers: MPI transports per replica and the cohort.
+        pub fn hosting<B: Backend>(&self, schedule: &Schedule) -> Hosting<B> {
+            let (world, map, schedule) = (Arc::clone(&self.world), self.map.clone(), schedule.clone());
+            Hosting {
+                workers: self.map.workers_of(self.world.rank()).collect(),
+                transports: Box::new(move |backends| {
+                    backends
+                        .iter()
+                        .enumerate()
+                        .map(|(r, b)| {
+                            let t: Arc<dyn Transport<B>> =
+                                Arc::new(MpiTransport::new(&world, &map, r, Arc::clone(b), &schedule)?);
+                            Ok(t)
+                        })
+                        .collect()
+                }),
+                cohort: Arc::clone(&self.world) as Arc<dyn crate::engine::comm::Cohort>,
+            }
+        }
+
+        /// The collectives over every rank's workers.
+        pub fn collectives<B: Backend>(
+            &self,
+        ) -> impl FnOnce(&Workers<B>) -> crate::engine::Result<Arc<dyn Collectives<B>>> + 'static {
+            let (world, map, timeout) = (Arc::clone(&self.world), self.map.clone(), self.timeout);
+            move |w| {
+                let c: Arc<dyn Collectives<B>> = Arc::new(MpiCollectives::new(&world, &map, w.clone(), timeout));
+                Ok(c)
+            }
+        }
+    }
+}
