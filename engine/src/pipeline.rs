@@ -1464,6 +1464,8 @@ impl<B: Backend> Pipeline<B> {
             }
             return Err(e);
         }
+        let mut outcomes = outcomes;
+        self.gather_outcomes(&mut outcomes)?;
         let timing = Timing::of(&outcomes);
         let pipeline_s = timing.pipeline_s;
         // Loss: per micro-batch sums in (replica, micro-batch) order — the global micro-batch order — over all
@@ -1627,6 +1629,51 @@ impl<B: Backend> Pipeline<B> {
     /// The job's processes, when this pipeline's workers run in several.
     pub fn cohort(&self) -> Option<&Arc<dyn Cohort>> {
         self.cohort.as_ref()
+    }
+
+    /// Fills the outcomes of workers run in other processes with their action spans and stash peaks (through the
+    /// group of every worker), so every process reports every stage. Each process's spans are on its own clock,
+    /// from when it began the step. Nothing to do in one process.
+    fn gather_outcomes(&self, outcomes: &mut [Vec<crate::executor::StageOutcome>]) -> Result<()> {
+        if !self.is_distributed() {
+            return Ok(());
+        }
+        let p = self.num_stages();
+        let mut mine: Vec<(usize, Vec<f64>)> = Vec::new();
+        for (r, o) in outcomes.iter().enumerate() {
+            for (s, o) in o.iter().enumerate().filter(|&(s, _)| self.hosted[r][s]) {
+                let mut v = vec![f64::from(o.peak_stashed), o.peak_stash_bytes as f64];
+                v.extend(o.spans.iter().flat_map(|sp| [sp.start_s, sp.end_s, sp.host_s]));
+                mine.push((r * p + s, v));
+            }
+        }
+        let all = self.world.all_gather_host(&mine)?;
+        for (w, v) in all.into_iter().enumerate() {
+            let (r, s) = (w / p, w % p);
+            if self.hosted[r][s] {
+                continue;
+            }
+            let (Some(o), [stashed, bytes, spans @ ..]) = (outcomes.get_mut(r).and_then(|o| o.get_mut(s)), &v[..])
+            else {
+                return Err(EngineError::Invariant {
+                    stage: s as u32,
+                    what: format!("worker {w}'s step report is missing or short"),
+                });
+            };
+            o.peak_stashed = *stashed as u32;
+            o.peak_stash_bytes = *bytes as usize;
+            o.spans = self.schedule.actions[s]
+                .iter()
+                .zip(spans.chunks_exact(3))
+                .map(|(a, t)| ActionSpan {
+                    action: *a,
+                    start_s: t[0],
+                    end_s: t[1],
+                    host_s: t[2],
+                })
+                .collect();
+        }
+        Ok(())
     }
 
     /// True when some workers of this pipeline run in other processes.

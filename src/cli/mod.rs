@@ -2,7 +2,9 @@
 
 mod export;
 mod generate;
+mod launch;
 mod plan;
+mod plan_scale;
 pub mod report;
 mod schedule;
 pub mod tensorboard;
@@ -43,6 +45,9 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Write a run's report (`report.html`, `loss.svg`) from its directory (`baton train` writes one at its end).
     Report(report::ReportArgs),
+    /// Supervise a training job (`mpirun …`, `srun …` or `baton train …`): restart it from its newest checkpoint
+    /// after a failure, naming the lost rank and stage.
+    Launch(launch::LaunchArgs),
 }
 
 /// The command line as `baton` parses it: the derived [`Cli`] with every `baton train` default appended to its
@@ -95,6 +100,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Report(args) => report::run(&args),
+        Command::Launch(args) => launch::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -97,6 +97,21 @@ pub struct PlanArgs {
     /// Print every candidate the planner considered.
     #[arg(long)]
     pub candidates: bool,
+    /// Scale on paper: GPU counts (`8,64`) whose every data-parallel × pipeline layout of --model is predicted.
+    #[arg(long, value_name = "N[,N...]")]
+    pub gpus: Option<String>,
+    /// With --gpus: the model shape, gpt2-124m, gpt2-1.5b or gpt2-7b.
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// With --gpus: GPUs per node (pipelines stay inside a node while they fit).
+    #[arg(long, value_name = "G", default_value_t = crate::schedules::GPUS_PER_NODE_DEFAULT)]
+    pub gpus_per_node: u32,
+    /// With --gpus: layouts printed per GPU count.
+    #[arg(long, value_name = "K", default_value_t = super::plan_scale::SCALE_TOP_DEFAULT)]
+    pub top: usize,
+    /// With --gpus: reduce gradients only after the pipeline flush (default: overlapped with the backward).
+    #[arg(long)]
+    pub no_overlap: bool,
 }
 
 /// What the planner is to consider besides the training configuration.
@@ -245,7 +260,7 @@ fn cuda_precision(c: &TrainConfig) -> Precision {
 }
 
 /// The model a configuration describes, with the tokenizer's vocabulary.
-fn model_of(c: &TrainConfig) -> Result<Gpt2, CliError> {
+pub(crate) fn model_of(c: &TrainConfig) -> Result<Gpt2, CliError> {
     let tokenizer = Tokenizer::from_name(&c.tokenizer).map_err(|e| CliError::usage(e.to_string()))?;
     let cfg = GptConfig {
         vocab_size: tokenizer.vocab_size(),
@@ -259,7 +274,7 @@ fn model_of(c: &TrainConfig) -> Result<Gpt2, CliError> {
 }
 
 /// Profiles `model` for micro-batches of `mb_seqs × seq` on `device` (or reads the cache).
-fn profile_on(
+pub(crate) fn profile_on(
     model: &Gpt2,
     device: &Device,
     c: &TrainConfig,
@@ -742,6 +757,14 @@ fn config_of(args: &PlanArgs) -> Result<TrainConfig, CliError> {
 
 /// Runs `baton plan`.
 pub fn run(args: &PlanArgs) -> Result<(), CliError> {
+    if let Some(gpus) = &args.gpus {
+        return super::plan_scale::run(args, gpus);
+    }
+    if args.model.is_some() {
+        return Err(CliError::usage(
+            "--model names a shape for --gpus: give --gpus N as well",
+        ));
+    }
     let mut c = config_of(args)?;
     let stage_counts = match &args.stages {
         Some(text) => parse_list("--stages", text, PLAN_STAGE_COUNTS_MAX)?,

@@ -804,6 +804,9 @@ fn train_on<B: Backend>(
         super::write_output(Some(&config_path), &text).map_err(|e| CliError::failure(e.message))?;
     }
     let metrics_path = out.join("metrics.jsonl");
+    if let Some(ck) = &setup.resume {
+        trim_metrics(&metrics_path, ck.manifest.step)?;
+    }
     let metrics_file = std::fs::OpenOptions::new()
         .create(true)
         .append(setup.resume.is_some())
@@ -919,6 +922,33 @@ fn train_on<B: Backend>(
         });
     }
     Ok(())
+}
+
+/// Before a resumed run appends to `metrics.jsonl`: keeps the lines of steps up to the checkpoint's `step` and
+/// drops the rest — the steps after it, which the resumed run takes again (bitwise the same), and a last line a
+/// killed run left half written — replacing the file atomically.
+fn trim_metrics(path: &Path, step: u64) -> Result<(), CliError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(()); // nothing written yet
+    };
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().is_some_and(|v| {
+                v.get("step")
+                    .and_then(serde_json::Value::as_u64)
+                    .is_none_or(|s| s <= step)
+            })
+        })
+        .collect();
+    if keep.len() == text.lines().count() && text.ends_with('\n') || text.is_empty() {
+        return Ok(());
+    }
+    let mut out = keep.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    super::write_output(Some(path), &out).map_err(|e| CliError::failure(e.message))
 }
 
 /// This process's rank (0 in a single-process run).
