@@ -24,11 +24,20 @@ fi
 export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export BATON_CUDA_INCLUDE="$NVRTC_INCLUDE"
 
-# Debian's Chromium for the headless-browser tests of the run report and the SVG timeline (tests/cli_report.rs).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "== installing chromium (Debian) for tests/cli_report.rs"
-  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+# Debian packages, installed when missing (one `apt-get update`): Chromium for the headless-browser tests of the
+# run report and the SVG timeline (tests/cli_report.rs); OpenMPI and libclang (bindgen of the `mpi` crate) for the
+# multi-process suite (tests/cli_mpi.rs, the `mpi` feature).
+DEBS=(chromium libopenmpi-dev openmpi-bin libclang1-14 libclang-common-14-dev)
+MISSING=()
+for deb in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || MISSING+=("$deb")
+done
+if (( ${#MISSING[@]} )); then
+  echo "== installing ${MISSING[*]} (Debian)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
+# mpirun as root on a machine with fewer cores than ranks.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 
 # The real `tensorboard` package, for the test that reads Baton's event files with its reader
 # (tests/cli_ux.rs, scripts/tensorboard_readback.py), in a venv under target/.
@@ -44,8 +53,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy --features mpi"
+cargo clippy --workspace --all-targets --locked --features mpi -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-targets --locked
+echo "== multi-process tests (--features mpi: mpirun, killed ranks, baton launch)"
+cargo test --locked -p baton-engine --features mpi --lib comm::mpi
+cargo test --locked --features mpi --test cli_mpi
 echo "== doc tests (the crate-root embedding example and the API examples)"
 cargo test --workspace --doc --locked
 echo "== examples (small settings; each checks what it claims and exits non-zero otherwise)"

@@ -113,7 +113,9 @@ impl CliObserver {
     }
 
     fn write_line(&mut self, line: &serde_json::Value) {
-        if let Err(e) = writeln!(self.metrics, "{line}") {
+        // Each line reaches the file at once: a run killed later keeps every step it reported, which a resume
+        // (that keeps the lines up to its checkpoint) relies on.
+        if let Err(e) = writeln!(self.metrics, "{line}").and_then(|()| self.metrics.flush()) {
             self.error
                 .get_or_insert(CliError::failure(format!("writing metrics.jsonl: {e}")));
         }

@@ -1,0 +1,288 @@
+//! `baton train` over several processes under `mpirun` (the `mpi` feature; `scripts/test.sh` installs OpenMPI and
+//! runs this suite with `--features mpi`): the multi-process runs end bitwise equal to the single-process ones, a
+//! killed rank ends the job within a bound and `baton launch` restarts it from the newest checkpoint, ending
+//! bitwise equal to an uninterrupted run. Without the feature, a `baton` started as one of several ranks refuses.
+
+mod common;
+
+#[cfg(feature = "mpi")]
+mod with_mpi {
+    use std::os::unix::process::CommandExt;
+    use std::path::Path;
+    use std::process::{Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::common::{baton, err, tmp};
+
+    const SUITE: &str = "cli-mpi";
+
+    /// A small model, 8 sequences in 4 micro-batches, no evaluation, a checkpoint every `save` steps.
+    fn model(steps: &str, save: &'static str) -> Vec<String> {
+        [
+            "--layers",
+            "4",
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--seq",
+            "16",
+            "--batch",
+            "8",
+            "--microbatches",
+            "4",
+            "--eval-every",
+            "0",
+            "--keep-last",
+            "0",
+            "--save-every",
+            save,
+            "--steps",
+            steps,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// `mpirun -np N` as root on two cores: every rank may share a core.
+    fn mpirun(np: usize) -> Command {
+        let mut c = Command::new("mpirun");
+        c.args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        c
+    }
+
+    fn train_args(extra: &[&str], model: &[String], out: &Path) -> Vec<String> {
+        let mut a = vec!["train".to_string()];
+        a.extend(model.iter().cloned());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(["--out".to_string(), out.display().to_string()]);
+        a
+    }
+
+    fn mpi_train(np: usize, extra: &[&str], model: &[String], out: &Path) -> Output {
+        mpirun(np)
+            .arg(env!("CARGO_BIN_EXE_baton"))
+            .args(train_args(extra, model, out))
+            .output()
+            .expect("mpirun runs")
+    }
+
+    /// Every file of the final checkpoint `step` (manifest and stage files) is bitwise the same in both runs.
+    fn same_checkpoint(a: &Path, b: &Path, step: u64) {
+        let dir = |root: &Path| root.join("checkpoints").join(format!("step-{step:08}"));
+        let mut names: Vec<_> = std::fs::read_dir(dir(a))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert!(names.len() >= 2, "{names:?}");
+        for name in names {
+            let x = std::fs::read(dir(a).join(&name)).unwrap();
+            let y = std::fs::read(dir(b).join(&name)).unwrap_or_else(|e| panic!("{name:?} in {}: {e}", b.display()));
+            assert!(x == y, "{name:?} differs between {} and {}", a.display(), b.display());
+        }
+    }
+
+    fn metrics_losses(out: &Path) -> Vec<f64> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// Kills a process group when dropped (a failing test leaves no job behind).
+    struct KillGroup(u32);
+
+    impl Drop for KillGroup {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-9", &format!("-{}", self.0)]).status();
+        }
+    }
+
+    /// (a) p = 4 over 4 processes against the same pipeline in one process, and (b) D = 2 × p = 2 over 4 processes
+    /// (one worker each) and over 2 processes (two stages each) against the in-process D = 2 × p = 2 run.
+    #[test]
+    fn several_processes_train_bitwise_like_one() {
+        let m = model("6", "3");
+        for (name, np, layout) in [
+            ("p4", 4, &["--stages", "4"][..]),
+            ("d2p2", 4, &["--stages", "2", "--data-parallel", "2"][..]),
+            ("d2p2-np2", 2, &["--stages", "2", "--data-parallel", "2"][..]),
+        ] {
+            let single = tmp(SUITE, &format!("{name}-single"));
+            let many = tmp(SUITE, &format!("{name}-mpi"));
+            let o = baton(
+                &train_args(layout, &m, &single)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            );
+            assert!(o.status.success(), "{name}: {}", err(&o));
+            let o = mpi_train(np, layout, &m, &many);
+            let e = err(&o);
+            assert!(o.status.success(), "{name}: {e}");
+            assert!(
+                e.contains(&format!("ranks: {np} processes")),
+                "{name}: the rank map is printed: {e}"
+            );
+            assert!(e.contains("rank 1 on "), "{name}: {e}");
+            same_checkpoint(&single, &many, 6);
+            // The mid-run checkpoint too (written by every rank together, manifest last).
+            same_checkpoint(&single, &many, 3);
+            assert_eq!(
+                metrics_losses(&single),
+                metrics_losses(&many),
+                "{name}: rank 0's metrics"
+            );
+        }
+    }
+
+    /// A bad rank count is refused by every rank with the reason, before anything is written.
+    #[test]
+    fn a_rank_count_that_does_not_fit_the_layout_is_refused() {
+        let out = tmp(SUITE, "bad-ranks");
+        let o = mpi_train(3, &["--stages", "2", "--data-parallel", "2"], &model("2", "0"), &out);
+        assert!(!o.status.success());
+        let e = err(&o);
+        assert!(e.contains("cannot be spread evenly over 3 ranks"), "{e}");
+        assert!(!out.join("checkpoints").exists(), "nothing is trained: {e}");
+    }
+
+    /// (e) A rank killed mid-run: mpirun ends every rank within a bound, and `baton launch --max-restarts 1` names
+    /// the lost rank with its replica and stage, resumes from the newest checkpoint and ends bitwise equal to an
+    /// uninterrupted single-process run.
+    #[test]
+    fn a_killed_rank_ends_the_job_and_launch_restarts_it_bitwise() {
+        let m = model("300", "20");
+        let layout = ["--stages", "2", "--data-parallel", "2"];
+        let out = tmp(SUITE, "killed");
+        let mut job = vec![
+            "launch".to_string(),
+            "--max-restarts".into(),
+            "1".into(),
+            "--restart-delay".into(),
+            "0.1".into(),
+            "--".into(),
+            "mpirun".into(),
+            "--allow-run-as-root".into(),
+            "--oversubscribe".into(),
+            "-np".into(),
+            "4".into(),
+            env!("CARGO_BIN_EXE_baton").into(),
+        ];
+        job.extend(train_args(&layout, &m, &out));
+        let launch = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(&job)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // Whatever happens below, the launcher's whole process group (mpirun and its ranks) goes with the test.
+        let group = KillGroup(launch.id());
+        // Once the first checkpoint is complete, kill the rank running replica 1's stage 1 (rank 3).
+        let started = Instant::now();
+        while !out.join("checkpoints").join("latest").is_file() {
+            assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // This job's ranks: `baton train … --out <this test's directory>` processes.
+        let ranks = |rank: &str| -> Vec<u32> {
+            let list = Command::new("pgrep")
+                .args(["-f", &out.display().to_string()])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&list.stdout)
+                .lines()
+                .filter_map(|pid| pid.trim().parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                        args.len() > 1 && args[0] == env!("CARGO_BIN_EXE_baton").as_bytes() && args[1] == b"train"
+                    })
+                })
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                        env.split(|&b| b == 0)
+                            .any(|kv| kv == format!("OMPI_COMM_WORLD_RANK={rank}").as_bytes())
+                    })
+                })
+                .collect()
+        };
+        let victim = ranks("3");
+        assert_eq!(victim.len(), 1, "one process is rank 3: {victim:?}");
+        let others: Vec<u32> = ["0", "1", "2"].iter().flat_map(|r| ranks(r)).collect();
+        assert_eq!(others.len(), 3, "{others:?}");
+        let killed_at = Instant::now();
+        let status = Command::new("kill")
+            .args(["-9", &victim[0].to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // Every other rank of that attempt is gone within the bound (mpirun ends them; the restart starts new ones).
+        while others.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(30),
+                "the other ranks {others:?} outlived the killed one by 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let gone_s = killed_at.elapsed().as_secs_f64();
+        let o = launch.wait_with_output().unwrap();
+        drop(group);
+        let e = err(&o);
+        eprintln!("every other rank ended {gone_s:.2} s after the kill");
+        assert!(o.status.success(), "{e}");
+        assert!(
+            e.contains("baton launch: restart 1/1 after: lost rank 3 on ") && e.contains("replica 1, stage 1"),
+            "the restart names the lost rank and its stage: {e}"
+        );
+        assert!(e.contains("the job finished after 1 restart(s)"), "{e}");
+        let log = std::fs::read_to_string(out.join("restarts.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.contains("\"resume\":\"latest\""), "{log}");
+        let single = tmp(SUITE, "killed-single");
+        let o = baton(
+            &train_args(&layout, &m, &single)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(o.status.success(), "{}", err(&o));
+        same_checkpoint(&single, &out, 300);
+        assert_eq!(
+            metrics_losses(&single),
+            metrics_losses(&out),
+            "every step once, as uninterrupted"
+        );
+    }
+}
+
+/// Built without MPI, a `baton train` that a launcher started as one of several ranks refuses instead of training
+/// N independent copies into one directory.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn without_mpi_a_launched_rank_refuses() {
+    let out = common::tmp("cli-mpi", "no-mpi");
+    let out_s = out.display().to_string();
+    let o = common::bin()
+        .args(["train", "--steps", "1", "--out", &out_s])
+        .env("OMPI_COMM_WORLD_SIZE", "4")
+        .env("OMPI_COMM_WORLD_RANK", "1")
+        .output()
+        .unwrap();
+    let e = common::err(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("built without MPI") && e.contains("--features mpi"), "{e}");
+    assert!(!out.exists());
+}
