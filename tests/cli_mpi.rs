@@ -145,6 +145,121 @@ mod with_mpi {
         }
     }
 
+    /// Two network namespaces joined by a veth pair: two emulated hosts (removed on drop). Traffic only ever goes
+    /// to the two addresses inside them.
+    struct TwoHosts {
+        ns: [String; 2],
+        subnet: String,
+        agent: std::path::PathBuf,
+    }
+
+    impl TwoHosts {
+        /// The hosts, or why the sandbox does not allow them.
+        fn new(dir: &Path) -> Result<TwoHosts, String> {
+            let id = std::process::id() % 10_000;
+            let ns = [format!("baton{id}a"), format!("baton{id}b")];
+            let veth = [format!("bt{id}a"), format!("bt{id}b")];
+            let net = 64 + id % 128;
+            let hosts = TwoHosts {
+                ns: ns.clone(),
+                subnet: format!("10.231.{net}.0/24"),
+                agent: dir.join("agent.sh"),
+            };
+            let ip = |args: &[&str]| -> Result<(), String> {
+                let o = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+                if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "ip {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ))
+                }
+            };
+            for n in &ns {
+                ip(&["netns", "add", n])?;
+            }
+            ip(&["link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1]])?;
+            for (i, (n, v)) in ns.iter().zip(&veth).enumerate() {
+                ip(&["link", "set", v, "netns", n])?;
+                ip(&["-n", n, "addr", "add", &format!("10.231.{net}.{}/24", i + 1), "dev", v])?;
+                ip(&["-n", n, "link", "set", v, "up"])?;
+                ip(&["-n", n, "link", "set", "lo", "up"])?;
+            }
+            // mpirun's rsh agent: `agent.sh HOST CMD…` runs CMD in HOST's namespace under HOST's name.
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            let script = format!(
+                "#!/bin/sh\nhost=\"$1\"; shift\ncase \"$host\" in\n  hosta) ns={} ;;\n  hostb) ns={} ;;\n  *) echo \"unknown host \
+                 $host\" >&2; exit 1 ;;\nesac\nexec ip netns exec \"$ns\" unshare --uts sh -c \"hostname $host; $*\"\n",
+                ns[0], ns[1]
+            );
+            std::fs::write(&hosts.agent, script).map_err(|e| e.to_string())?;
+            Command::new("chmod")
+                .arg("+x")
+                .arg(&hosts.agent)
+                .status()
+                .map_err(|e| e.to_string())?;
+            Ok(hosts)
+        }
+    }
+
+    impl Drop for TwoHosts {
+        fn drop(&mut self) {
+            for n in &self.ns {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+        }
+    }
+
+    /// (c) Two emulated hosts (network namespaces, MPI over TCP between them): p = 4 with stages 0–1 on one host
+    /// and 2–3 on the other ends bitwise equal to one process. Skipped, with the reason, where the sandbox forbids
+    /// network namespaces.
+    #[test]
+    fn two_hosts_over_tcp_train_bitwise_like_one_process() {
+        let dir = tmp(SUITE, "two-hosts");
+        let hosts = match TwoHosts::new(&dir.join("agent")) {
+            Ok(h) => h,
+            Err(why) => {
+                eprintln!("skipped: network namespaces are not available here ({why})");
+                return;
+            }
+        };
+        let m = model("6", "3");
+        let layout = ["--stages", "4"];
+        let out = dir.join("run");
+        let bin = env!("CARGO_BIN_EXE_baton");
+        let job = format!(
+            "hostname hosta; mpirun --allow-run-as-root --oversubscribe --host hosta:2,hostb:2 -np 4 --mca \
+             plm_rsh_agent {} --mca btl self,tcp --mca btl_tcp_if_include {net} --mca oob_tcp_if_include {net} -x \
+             OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM {bin} {}",
+            hosts.agent.display(),
+            train_args(&layout, &m, &out).join(" "),
+            net = hosts.subnet,
+        );
+        let o = Command::new("ip")
+            .args(["netns", "exec", &hosts.ns[0], "unshare", "--uts", "sh", "-c", &job])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .output()
+            .unwrap();
+        let e = err(&o);
+        assert!(o.status.success(), "{e}");
+        assert!(e.contains("ranks: 4 processes over 2 host(s)"), "{e}");
+        assert!(e.contains("rank 1 on hosta: replica 0, stage 1"), "{e}");
+        assert!(e.contains("rank 2 on hostb: replica 0, stage 2"), "{e}");
+        let single = tmp(SUITE, "two-hosts-single");
+        let o = baton(
+            &train_args(&layout, &m, &single)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(o.status.success(), "{}", err(&o));
+        same_checkpoint(&single, &out, 6);
+        drop(hosts);
+    }
+
     /// A bad rank count is refused by every rank with the reason, before anything is written.
     #[test]
     fn a_rank_count_that_does_not_fit_the_layout_is_refused() {
