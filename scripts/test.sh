@@ -26,8 +26,9 @@ export BATON_CUDA_INCLUDE="$NVRTC_INCLUDE"
 
 # Debian packages, installed when missing (one `apt-get update`): Chromium for the headless-browser tests of the
 # run report and the SVG timeline (tests/cli_report.rs); OpenMPI and libclang (bindgen of the `mpi` crate) for the
-# multi-process suite (tests/cli_mpi.rs, the `mpi` feature).
-DEBS=(chromium libopenmpi-dev openmpi-bin libclang1-14 libclang-common-14-dev)
+# multi-process suite (tests/cli_mpi.rs, the `mpi` feature); Slurm and munge for its srun test (a one-node cluster it
+# starts in a temporary directory).
+DEBS=(chromium libopenmpi-dev openmpi-bin libclang1-14 libclang-common-14-dev slurmctld slurmd slurm-client munge)
 MISSING=()
 for deb in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || MISSING+=("$deb")

@@ -260,6 +260,144 @@ mod with_mpi {
         drop(hosts);
     }
 
+    /// A one-node Slurm cluster in a temporary directory: munged, slurmctld and slurmd with their own socket,
+    /// ports, state and logs (stopped on drop).
+    struct Slurm {
+        dir: std::path::PathBuf,
+        conf: std::path::PathBuf,
+    }
+
+    impl Slurm {
+        /// The running cluster, or why it cannot start here.
+        fn start(dir: &Path) -> Result<Slurm, String> {
+            for tool in ["munged", "slurmctld", "slurmd", "srun"] {
+                if Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .output()
+                    .map_or(true, |o| !o.status.success())
+                {
+                    return Err(format!("{tool} is not installed"));
+                }
+            }
+            let run = |cmd: &mut Command| -> Result<String, String> {
+                let o = cmd.output().map_err(|e| e.to_string())?;
+                if o.status.success() {
+                    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+                } else {
+                    Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&o.stderr).trim()))
+                }
+            };
+            for sub in ["state", "spool", "log", "run", "munge"] {
+                std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
+            }
+            let slurm = Slurm {
+                dir: dir.to_path_buf(),
+                conf: dir.join("slurm.conf"),
+            };
+            let d = dir.display();
+            let host = run(&mut Command::new("hostname"))?.trim().to_string();
+            // This machine's node line as slurmd sees it (CPUs, sockets, cores, memory).
+            let node = run(Command::new("slurmd").arg("-C"))?
+                .lines()
+                .find(|l| l.starts_with("NodeName="))
+                .ok_or("slurmd -C printed no node line")?
+                .to_string();
+            let port = 20_000 + std::process::id() % 20_000;
+            let conf = format!(
+                "ClusterName=baton\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={port}\nSlurmdPort={}\n\
+                 AuthType=auth/munge\nAuthInfo=socket={d}/munge/munge.socket\nProctrackType=proctrack/linuxproc\n\
+                 TaskPlugin=task/none\nSelectType=select/cons_tres\nSelectTypeParameters=CR_CPU\n\
+                 AccountingStorageType=accounting_storage/none\nJobCompType=jobcomp/none\nMpiDefault=none\n\
+                 SlurmUser=root\nSlurmdUser=root\nMailProg=/bin/true\nReturnToService=2\n\
+                 StateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool\nSlurmctldPidFile={d}/run/slurmctld.pid\n\
+                 SlurmdPidFile={d}/run/slurmd.pid\nSlurmctldLogFile={d}/log/slurmctld.log\n\
+                 SlurmdLogFile={d}/log/slurmd.log\n{} NodeAddr=127.0.0.1 State=UNKNOWN\n\
+                 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES\n",
+                port + 1,
+                node.split_whitespace()
+                    .filter(|w| !w.starts_with("UpTime"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            std::fs::write(&slurm.conf, conf).map_err(|e| e.to_string())?;
+            run(Command::new("munged").args([
+                "--force",
+                &format!("--socket={d}/munge/munge.socket"),
+                &format!("--pid-file={d}/munge/munged.pid"),
+                &format!("--log-file={d}/munge/munged.log"),
+                &format!("--seed-file={d}/munge/seed"),
+            ]))?;
+            run(Command::new("slurmctld").env("SLURM_CONF", &slurm.conf))?;
+            run(Command::new("slurmd").env("SLURM_CONF", &slurm.conf))?;
+            let up = Instant::now();
+            loop {
+                let idle = Command::new("sinfo")
+                    .args(["-h", "-o", "%t"])
+                    .env("SLURM_CONF", &slurm.conf)
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "idle");
+                if idle {
+                    return Ok(slurm);
+                }
+                if up.elapsed() > Duration::from_secs(30) {
+                    let log = std::fs::read_to_string(dir.join("log/slurmctld.log")).unwrap_or_default();
+                    return Err(format!(
+                        "the node did not come up in 30 s: {}",
+                        log.lines().last().unwrap_or("")
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    impl Drop for Slurm {
+        fn drop(&mut self) {
+            for pid_file in ["run/slurmd.pid", "run/slurmctld.pid", "munge/munged.pid"] {
+                if let Ok(pid) = std::fs::read_to_string(self.dir.join(pid_file)) {
+                    let _ = Command::new("kill").arg(pid.trim()).status();
+                }
+            }
+        }
+    }
+
+    /// (d) Slurm: a one-node cluster started by the test; `srun --mpi=pmix -n 4` trains D = 2 × p = 2 (ranks and
+    /// sizes from PMIx: no `OMPI_COMM_WORLD_*` under srun) and ends bitwise equal to one process. Skipped, with the
+    /// reason, where Slurm cannot start.
+    #[test]
+    fn srun_with_pmix_trains_bitwise_like_one_process() {
+        let dir = tmp(SUITE, "slurm");
+        let slurm = match Slurm::start(&dir.join("cluster")) {
+            Ok(s) => s,
+            Err(why) => {
+                eprintln!("skipped: Slurm cannot start here ({why})");
+                return;
+            }
+        };
+        let m = model("6", "3");
+        let layout = ["--stages", "2", "--data-parallel", "2"];
+        let out = dir.join("run");
+        let o = Command::new("srun")
+            .args(["-n", "4", "--overcommit", "--mpi=pmix", env!("CARGO_BIN_EXE_baton")])
+            .args(train_args(&layout, &m, &out))
+            .env("SLURM_CONF", &slurm.conf)
+            .output()
+            .unwrap();
+        let e = err(&o);
+        assert!(o.status.success(), "{e}");
+        assert!(e.contains("ranks: 4 processes"), "{e}");
+        let single = tmp(SUITE, "slurm-single");
+        let o = baton(
+            &train_args(&layout, &m, &single)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(o.status.success(), "{}", err(&o));
+        same_checkpoint(&single, &out, 6);
+        drop(slurm);
+    }
+
     /// A bad rank count is refused by every rank with the reason, before anything is written.
     #[test]
     fn a_rank_count_that_does_not_fit_the_layout_is_refused() {
