@@ -92,7 +92,12 @@ impl Comm {
                 reason: format!("MPI_Isend to rank {dest} failed with code {rc}"),
             });
         }
-        Ok(Outgoing { data, req, done: false })
+        Ok(Outgoing {
+            data,
+            req,
+            done: false,
+            dest: dest as usize,
+        })
     }
 
     /// The message with `tag` from `src`, if one has arrived.
@@ -111,6 +116,8 @@ struct Outgoing {
     data: Vec<u8>,
     req: ffi::MPI_Request,
     done: bool,
+    /// The receiving rank.
+    dest: usize,
 }
 
 // SAFETY: the request handle is owned by this value and used by one thread at a time (through `&mut self`); MPI
@@ -290,6 +297,15 @@ impl MpiWorld {
         &self.host
     }
 
+    /// Ends this rank at once with exit status `code`, without finalising MPI (which would wait for ranks that may
+    /// be lost or stalled); the launcher (mpirun, srun) then ends the job's other ranks. Not `MPI_Abort`: Open MPI's
+    /// abort can signal the caller's whole process group, which may hold more than the job.
+    pub fn exit_now(&self, code: i32) -> ! {
+        use std::io::Write;
+        let _ = std::io::stderr().flush();
+        std::process::exit(code)
+    }
+
     /// A fresh communicator over every rank (collective: every rank calls this in the same order).
     fn duplicate(&self) -> Comm {
         Comm(self.world.0.duplicate())
@@ -397,7 +413,10 @@ fn exchange_all(
         return Err(EngineError::Comm {
             seam: "mpi",
             stage: 0,
-            reason: format!("{what}: sends still in flight after {timeout:?}"),
+            reason: format!(
+                "{what}: rank {} took no delivery for {timeout:?}; it is lost or stalled",
+                pending.first().map_or(0, |o| o.dest)
+            ),
         });
     }
     Ok(out)
@@ -751,10 +770,14 @@ impl<B: Backend> Endpoint<B> for MpiEndpoint<B> {
     fn copy_spans(&mut self, _base: &[B::Mark]) -> Result<Vec<CopySpan>> {
         // The step's sends must be out before the step ends (their bytes live here).
         if !flush(&mut self.pending, Instant::now() + FLUSH_TIMEOUT) {
+            let dest = self.pending.first().map_or(0, |o| o.dest);
             return Err(EngineError::Comm {
                 seam: "transport",
                 stage: self.stage as u32,
-                reason: format!("sends still in flight {FLUSH_TIMEOUT:?} after the stage's last action"),
+                reason: format!(
+                    "rank {dest} took no delivery for {FLUSH_TIMEOUT:?} after the stage's last action; that rank is \
+                     lost or stalled"
+                ),
             });
         }
         Ok(Vec::new())
@@ -933,14 +956,19 @@ impl<B: Backend> MpiGroup<B> {
 
     fn finish(&self, pending: &mut Vec<Outgoing>, deadline: Instant, what: &str) -> Result<()> {
         if flush(pending, deadline) {
-            Ok(())
-        } else {
-            Err(EngineError::Comm {
-                seam: "collective",
-                stage: 0,
-                reason: format!("{what}: sends still in flight after {:?}", self.timeout),
-            })
+            return Ok(());
         }
+        // The first member on a rank that did not take its message.
+        let dest = pending.first().map_or(0, |o| o.dest);
+        let m = self.ranks.iter().position(|&r| r == dest).unwrap_or(0);
+        let (r, s) = self.map.worker(self.workers[m]);
+        Err(self.err(
+            m,
+            format!(
+                "{what}: rank {dest} (replica {r}, stage {s}) took no delivery for {:?}; that rank is lost or stalled",
+                self.timeout
+            ),
+        ))
     }
 
     /// Steps 1–2 of the all-reduce: every member's shard `j` to its owner `j`, each owner adding the contributions

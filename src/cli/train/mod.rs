@@ -585,12 +585,22 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     let result = match device {
         Device::Cpu => {
             let names = vec!["cpu".to_string(); (c.stages * c.data_parallel) as usize];
-            train_on(&c, setup, split, token_count, &out, fail_at, &names, None, dist.as_ref(), &|| {
-                Ok(vec![Cpu; (c.stages * c.data_parallel) as usize])
-            })
+            train_on(
+                &c,
+                setup,
+                split,
+                token_count,
+                &out,
+                fail_at,
+                &names,
+                None,
+                dist.as_ref(),
+                &|| Ok(vec![Cpu; (c.stages * c.data_parallel) as usize]),
+            )
         }
         Device::Cuda(_) if dist.is_some() => Err(CliError::usage(
-            "several ranks on GPUs need NCCL between processes, which is not wired into `baton train` yet: run              the ranks with --device cpu",
+            "several ranks on GPUs need NCCL between processes, which is not wired into `baton train` yet: run \
+             the ranks with --device cpu",
         )),
         Device::Cuda(count) => {
             let make = || -> crate::engine::Result<Vec<Cuda>> {
@@ -617,16 +627,26 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
                 let f: CollectivesFor<Cuda> = |w| Ok(Arc::new(crate::engine::comm::NcclCollectives::over(w.clone())?));
                 f
             });
-            train_on(&c, setup, split, token_count, &out, fail_at, &names, collectives, None, &make)
+            train_on(
+                &c,
+                setup,
+                split,
+                token_count,
+                &out,
+                fail_at,
+                &names,
+                collectives,
+                None,
+                &make,
+            )
         }
     };
-    let result = match (&dist, result) {
-        (Some(d), Err(e)) => Err(CliError {
-            message: format!("rank {}: {}", rank_of(Some(d)), e.message),
-            code: e.code,
-        }),
-        (_, r) => r,
-    };
+    #[cfg(feature = "mpi")]
+    if let (Some(d), Err(e)) = (&dist, &result) {
+        // A failed rank ends the job at once: finalising MPI would wait for the rank that was lost or stalled.
+        eprintln!("baton: rank {}: {}", d.rank(), e.message);
+        d.world.exit_now(i32::from(e.code));
+    }
     if let (Ok(()), Some(p)) = (&result, &planned) {
         if let Some(line) = super::plan::predicted_vs_measured(p, &out.join("metrics.jsonl")) {
             eprintln!("{line}");
@@ -731,11 +751,17 @@ fn train_on<B: Backend>(
     make: &dyn Fn() -> crate::engine::Result<Vec<B>>,
 ) -> Result<(), CliError> {
     let model = Arc::new(setup.pcfg.gpt2().map_err(engine_err)?);
+    let mut options = setup.pcfg.options();
+    #[cfg(feature = "mpi")]
+    if let Some(d) = dist {
+        // Across processes a stage waiting on a lost or stalled rank gives up with the collectives' deadline.
+        options.recv_timeout_ms = options.recv_timeout_ms.min(d.timeout.as_millis().max(1) as u64);
+    }
     let build = || {
         let builder = Pipeline::builder(model.clone())
             .schedule(setup.schedule.clone())
             .split(setup.pcfg.split.clone())
-            .options(setup.pcfg.options())
+            .options(options.clone())
             .data_parallel(setup.pcfg.data_parallel.clone());
         let builder = match collectives {
             Some(make) => builder.collectives_for(make),
