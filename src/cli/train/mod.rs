@@ -751,6 +751,7 @@ fn train_on<B: Backend>(
     make: &dyn Fn() -> crate::engine::Result<Vec<B>>,
 ) -> Result<(), CliError> {
     let model = Arc::new(setup.pcfg.gpt2().map_err(engine_err)?);
+    #[cfg_attr(not(feature = "mpi"), allow(unused_mut))]
     let mut options = setup.pcfg.options();
     #[cfg(feature = "mpi")]
     if let Some(d) = dist {
