@@ -15,9 +15,9 @@
 //! all-reduce moves ring-like bytes: each member sends shard `j` of its buffer to shard `j`'s owner (member `j`),
 //! the owner adds the contributions in member order, and sends the summed shard to every process of the group.
 //!
-//! **Communicators.** Each transport and each group duplicates the world communicator when it is made, so tags
-//! never collide between them; every process makes them in the same order (the pipeline's build is the same on
-//! every rank). Limits: [`TAG_UB`] (the MPI standard's smallest tag bound) caps parts × micro-batches of a
+//! **Communicators.** Each transport and each group is split from the world over its ranks when it is made
+//! (`split_by_color_with_key`; a rank outside it gets none), so tags never collide between them; every process
+//! makes them in the same order (the pipeline's build is the same on every rank). Limits: [`TAG_UB`] (the MPI standard's smallest tag bound) caps parts × micro-batches of a
 //! transport at `TAG_UB / 2` and a group at [`GROUP_MEMBERS_MAX`] members.
 
 use std::ffi::c_void;
@@ -47,8 +47,13 @@ pub const TAG_UB: i32 = 32767;
 /// Most members of one collective group (its tags encode phase × member × shard below [`TAG_UB`]).
 pub const GROUP_MEMBERS_MAX: usize = 100;
 
-/// A communicator that any thread may use.
-struct Comm(SimpleCommunicator);
+/// A communicator that any thread may use, addressed by **world** rank: `members[i]` is the world rank of its
+/// rank `i` (the split communicators of groups and transports hold only their members).
+struct Comm {
+    raw: SimpleCommunicator,
+    members: Vec<usize>,
+    me: usize,
+}
 
 // SAFETY: `MpiWorld::init` refuses to run unless MPI provides `MPI_THREAD_MULTIPLE`, under which any thread may
 // call MPI on any communicator at any time; the handle is never mutated after creation.
@@ -57,8 +62,33 @@ unsafe impl Send for Comm {}
 unsafe impl Sync for Comm {}
 
 impl Comm {
+    /// A communicator over every rank of the world.
+    fn world(raw: SimpleCommunicator) -> Comm {
+        let n = raw.size() as usize;
+        let me = raw.rank() as usize;
+        Comm {
+            raw,
+            members: (0..n).collect(),
+            me,
+        }
+    }
+
+    /// This process's world rank.
     fn rank(&self) -> usize {
-        self.0.rank() as usize
+        self.me
+    }
+
+    /// The communicator's rank of world rank `world`.
+    fn local(&self, world: usize) -> Result<i32> {
+        self.members
+            .iter()
+            .position(|&r| r == world)
+            .map(|i| i as i32)
+            .ok_or_else(|| EngineError::Comm {
+                seam: "mpi",
+                stage: 0,
+                reason: format!("rank {world} is not in this communicator ({:?})", self.members),
+            })
     }
 
     /// Posts a nonblocking send of `data` to `dest` with `tag`; the returned request owns the bytes.
@@ -68,7 +98,8 @@ impl Comm {
             stage: 0,
             reason: format!("a message of {} bytes exceeds MPI's count limit", data.len()),
         })?;
-        let dest = i32::try_from(dest).map_err(|_| EngineError::config("rank", dest, "beyond MPI's rank range"))?;
+        let world_dest = dest;
+        let dest = self.local(dest)?;
         // SAFETY: MPI_REQUEST_NULL is a valid initial handle; MPI_Isend overwrites it.
         let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
         // SAFETY: `data` is moved into the returned `Outgoing`, which keeps it alive and unmoved (a Vec's heap buffer
@@ -81,7 +112,7 @@ impl Comm {
                 ffi::RSMPI_UINT8_T,
                 dest,
                 tag,
-                mpi::raw::AsRaw::as_raw(&self.0),
+                mpi::raw::AsRaw::as_raw(&self.raw),
                 &mut req,
             )
         };
@@ -96,13 +127,13 @@ impl Comm {
             data,
             req,
             done: false,
-            dest: dest as usize,
+            dest: world_dest,
         })
     }
 
     /// The message with `tag` from `src`, if one has arrived.
     fn try_recv(&self, src: usize, tag: i32) -> Option<Vec<u8>> {
-        let process = self.0.process_at_rank(src as i32);
+        let process = self.raw.process_at_rank(self.local(src).ok()?);
         let (msg, status) = process.immediate_matched_probe_with_tag(tag)?;
         let n = status.count(u8::equivalent_datatype()).max(0) as usize;
         let mut buf = vec![0u8; n];
@@ -264,11 +295,11 @@ impl MpiWorld {
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         let local_rank = world.split_shared(world.rank()).rank() as usize;
         let host = mpi::environment::processor_name().unwrap_or_else(|_| "?".into());
-        let cohort = Comm(world.duplicate());
+        let cohort = Comm::world(world.duplicate());
         Ok(Arc::new(MpiWorld {
             cohort,
             cohort_lock: std::sync::Mutex::new(()),
-            world: Comm(world),
+            world: Comm::world(world),
             rank,
             size,
             local_rank,
@@ -308,7 +339,24 @@ impl MpiWorld {
 
     /// A fresh communicator over every rank (collective: every rank calls this in the same order).
     fn duplicate(&self) -> Comm {
-        Comm(self.world.0.duplicate())
+        Comm::world(self.world.raw.duplicate())
+    }
+
+    /// A communicator over the world ranks `members` (ascending), split from the world (collective: every rank
+    /// calls this in the same order, members or not); `None` on a rank that is not a member.
+    fn split(&self, members: &[usize]) -> Option<Comm> {
+        let here = members.contains(&self.rank);
+        let color = if here {
+            mpi::topology::Color::with_value(0)
+        } else {
+            mpi::topology::Color::undefined()
+        };
+        let raw = self.world.raw.split_by_color_with_key(color, self.rank as i32)?;
+        here.then(|| Comm {
+            raw,
+            members: members.to_vec(),
+            me: self.rank,
+        })
     }
 
     /// Every rank's host name, in rank order (collective).
@@ -516,7 +564,8 @@ impl RankMap {
 /// to the rank hosting the consumer with a nonblocking send and receives by polling for its message's tag from
 /// the producer's rank. One duplicated communicator per transport keeps replicas' tags apart.
 pub struct MpiTransport<B: Backend> {
-    comm: Arc<Comm>,
+    /// Split from the world over this replica's ranks (`None` on the other ranks, which never use it).
+    comm: Option<Arc<Comm>>,
     route: Arc<MpiRoute>,
     backends: Arc<Vec<B>>,
     /// Keeps MPI initialised while the transport lives.
@@ -558,8 +607,10 @@ impl<B: Backend> MpiTransport<B> {
                 ),
             ));
         }
+        let mut ranks: Vec<usize> = (0..map.stages()).map(|s| map.rank_of(replica, s)).collect();
+        ranks.dedup();
         Ok(MpiTransport {
-            comm: Arc::new(world.duplicate()),
+            comm: world.split(&ranks).map(Arc::new),
             route: Arc::new(MpiRoute {
                 map: map.clone(),
                 replica,
@@ -572,34 +623,47 @@ impl<B: Backend> MpiTransport<B> {
     }
 }
 
+impl<B: Backend> MpiTransport<B> {
+    fn comm(&self) -> Result<&Arc<Comm>> {
+        self.comm.as_ref().ok_or_else(|| EngineError::Invariant {
+            stage: 0,
+            what: format!(
+                "rank {} runs no stage of replica {}",
+                self._world.rank(),
+                self.route.replica
+            ),
+        })
+    }
+}
+
 impl<B: Backend> Transport<B> for MpiTransport<B> {
     fn stages(&self) -> usize {
         self.route.map.stages()
     }
 
     fn open(&self, _inbox: &[usize]) -> Result<Endpoints<B>> {
-        let me = self.comm.rank();
+        let me = self._world.rank();
         let route = &self.route;
         let hosted: Vec<usize> = (0..route.map.stages())
             .filter(|&s| route.map.rank_of(route.replica, s) == me)
             .collect();
-        Ok(hosted
+        hosted
             .into_iter()
             .map(|s| {
                 let end: Box<dyn Endpoint<B>> = Box::new(MpiEndpoint {
                     stage: s,
-                    comm: Arc::clone(&self.comm),
+                    comm: Arc::clone(self.comm()?),
                     route: Arc::clone(&self.route),
                     backends: Arc::clone(&self.backends),
                     pending: Vec::new(),
                 });
-                (s, end)
+                Ok((s, end))
             })
-            .collect())
+            .collect()
     }
 
     fn relay(&self, from: usize, to: usize, buf: B::Buf) -> Result<B::Buf> {
-        let me = self.comm.rank();
+        let me = self._world.rank();
         let route = &self.route;
         let (rf, rt) = (
             route.map.rank_of(route.replica, from),
@@ -619,7 +683,7 @@ impl<B: Backend> Transport<B> for MpiTransport<B> {
     }
 
     fn relay_hosted(&self, from: usize, to: usize, buf: Option<B::Buf>) -> Result<Option<B::Buf>> {
-        let me = self.comm.rank();
+        let me = self._world.rank();
         let route = &self.route;
         if from >= route.map.stages() || to >= route.map.stages() {
             return Err(EngineError::Comm {
@@ -640,7 +704,7 @@ impl<B: Backend> Transport<B> for MpiTransport<B> {
             (true, true, Some(b)) => self.backends[from].transfer(b, &self.backends[to]).map(Some),
             (true, false, Some(b)) => {
                 let data = f32_bytes(&self.backends[from].download(&b)?);
-                let mut pending = vec![self.comm.isend(rt, RELAY_TAG, data)?];
+                let mut pending = vec![self.comm()?.isend(rt, RELAY_TAG, data)?];
                 if flush(&mut pending, deadline) {
                     Ok(None)
                 } else {
@@ -651,7 +715,7 @@ impl<B: Backend> Transport<B> for MpiTransport<B> {
                     })
                 }
             }
-            (false, true, None) => match wait_recv(&self.comm, rf, RELAY_TAG, None, deadline, &mut Vec::new()) {
+            (false, true, None) => match wait_recv(self.comm()?, rf, RELAY_TAG, None, deadline, &mut Vec::new()) {
                 Ok(bytes) => self.backends[to].upload(&bytes_f32(&bytes)).map(Some),
                 Err(_) => Err(EngineError::Comm {
                     seam: "transport",
@@ -821,8 +885,8 @@ impl<B: Backend> Collectives<B> for MpiCollectives<B> {
         let mut procs = ranks.clone();
         procs.sort_unstable();
         procs.dedup();
-        let comm = self.world.duplicate();
-        let me = comm.rank();
+        let comm = self.world.split(&procs);
+        let me = self.world.rank();
         if let Some(&w) = workers
             .iter()
             .find(|&&w| self.map.rank_of_worker(w) == me && self.workers.get(w).is_none())
@@ -848,7 +912,8 @@ impl<B: Backend> Collectives<B> for MpiCollectives<B> {
 
 /// A group of workers on several ranks: member `m` is worker `workers[m]` on rank `ranks[m]`.
 struct MpiGroup<B: Backend> {
-    comm: Comm,
+    /// Split from the world over the group's ranks (`None` on the other ranks, which never call the group).
+    comm: Option<Comm>,
     workers: Vec<usize>,
     ranks: Vec<usize>,
     /// The distinct ranks of the group, ascending.
@@ -872,7 +937,14 @@ impl<B: Backend> MpiGroup<B> {
     }
 
     fn me(&self) -> usize {
-        self.comm.rank()
+        self._world.rank()
+    }
+
+    fn comm(&self) -> Result<&Comm> {
+        self.comm.as_ref().ok_or_else(|| EngineError::Invariant {
+            stage: 0,
+            what: format!("rank {} holds no member of this group", self.me()),
+        })
     }
 
     fn here(&self, m: usize) -> bool {
@@ -941,7 +1013,7 @@ impl<B: Backend> MpiGroup<B> {
         what: &str,
     ) -> Result<Vec<u8>> {
         let src = self.ranks[m_from];
-        wait_recv(&self.comm, src, tag, None, deadline, pending).map_err(|_| {
+        wait_recv(self.comm()?, src, tag, None, deadline, pending).map_err(|_| {
             let (r, s) = self.map.worker(self.workers[m_from]);
             self.err(
                 m_from,
@@ -984,7 +1056,7 @@ impl<B: Backend> MpiGroup<B> {
         for (m, x) in local {
             for (j, r) in shards.iter().enumerate() {
                 if !self.here(j) {
-                    pending.push(self.comm.isend(
+                    pending.push(self.comm()?.isend(
                         self.ranks[j],
                         self.tag(PHASE_SCATTER, *m, j),
                         f32_bytes(&x[r.clone()]),
@@ -1033,7 +1105,7 @@ impl<B: Backend> MpiGroup<B> {
         let n = self.n();
         for (j, x) in &owned {
             for &r in self.procs.iter().filter(|&&r| r != me) {
-                pending.push(self.comm.isend(r, self.tag(PHASE_GATHER, *j, 0), f32_bytes(x))?);
+                pending.push(self.comm()?.isend(r, self.tag(PHASE_GATHER, *j, 0), f32_bytes(x))?);
             }
         }
         let mut all: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
@@ -1102,7 +1174,10 @@ impl<B: Backend> Collective<B> for MpiGroup<B> {
                 .ok_or_else(|| self.err(root, "the root is hosted here but was not given".into()))?;
             let v = self.be(root)?.download(bufs[pos].1)?;
             for &r in self.procs.iter().filter(|&&r| r != self.me()) {
-                pending.push(self.comm.isend(r, self.tag(PHASE_BROADCAST, root, 0), f32_bytes(&v))?);
+                pending.push(
+                    self.comm()?
+                        .isend(r, self.tag(PHASE_BROADCAST, root, 0), f32_bytes(&v))?,
+                );
             }
             v
         } else {
@@ -1213,7 +1288,7 @@ impl<B: Backend> Collective<B> for MpiGroup<B> {
         for &(m, pos) in &order {
             for &r in self.procs.iter().filter(|&&r| r != me) {
                 pending.push(
-                    self.comm
+                    self.comm()?
                         .isend(r, self.tag(PHASE_HOST, m, 0), f64_bytes(&values[pos].1))?,
                 );
             }
