@@ -539,3 +539,26 @@ fn without_mpi_a_launched_rank_refuses() {
     assert!(e.contains("built without MPI") && e.contains("--features mpi"), "{e}");
     assert!(!out.exists());
 }
+
+/// `baton launch` refuses what it cannot supervise, with one line and exit status 2, starting nothing.
+#[test]
+fn launch_refuses_a_job_it_cannot_restart() {
+    for (args, want) in [
+        (&["launch", "--", "echo", "hi"][..], "supervises a `baton train` job"),
+        (&["launch", "--", "baton", "train", "--steps", "1"][..], "needs --out DIR"),
+        (
+            &["launch", "--max-restarts", "5000", "--", "baton", "train", "--out", "x"][..],
+            "--max-restarts 5000: at most 1000",
+        ),
+        (
+            &["launch", "--restart-delay", "-1", "--", "baton", "train", "--out", "x"][..],
+            "--restart-delay -1",
+        ),
+    ] {
+        let o = common::bin().args(args).output().unwrap();
+        let e = common::err(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(want), "{args:?}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{args:?}: {e}");
+    }
+}
