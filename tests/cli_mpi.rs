@@ -108,7 +108,7 @@ mod with_mpi {
     }
 
     /// (a) p = 4 over 4 processes against the same pipeline in one process, and (b) D = 2 × p = 2 over 4 processes
-    /// (one worker each) and over 2 processes (two stages each) against the in-process D = 2 × p = 2 run.
+    /// (one worker each), over 2 processes (two stages each) and with ZeRO-1 against the in-process runs.
     #[test]
     fn several_processes_train_bitwise_like_one() {
         let m = model("6", "3");
@@ -116,6 +116,8 @@ mod with_mpi {
             ("p4", 4, &["--stages", "4"][..]),
             ("d2p2", 4, &["--stages", "2", "--data-parallel", "2"][..]),
             ("d2p2-np2", 2, &["--stages", "2", "--data-parallel", "2"][..]),
+            // ZeRO-1: each tensor's moments on its owner replica's rank, gathered into the checkpoint.
+            ("d2p2-zero1", 4, &["--stages", "2", "--data-parallel", "2", "--zero", "1"][..]),
         ] {
             let single = tmp(SUITE, &format!("{name}-single"));
             let many = tmp(SUITE, &format!("{name}-mpi"));

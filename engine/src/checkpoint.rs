@@ -308,12 +308,17 @@ pub fn snapshot<B: Backend>(
 ) -> Result<Snapshot> {
     let mut stages = Vec::with_capacity(pipeline.num_stages());
     let held: Vec<bool> = (0..pipeline.num_stages()).map(|s| pipeline.hosts(0, s)).collect();
+    // ZeRO-1 across processes: the moments come from their owners in other processes (collective).
+    let mut gathered = pipeline.moments_across_processes()?;
     for (stage, &here) in held.iter().enumerate() {
         if !here {
             stages.push(TensorMap::new()); // written by the process holding it
             continue;
         }
-        let (values, m, v) = pipeline.stage_tensors(stage)?;
+        let (values, m, v) = match gathered.as_mut().and_then(|g| g.remove(&stage)) {
+            Some((m, v)) => (pipeline.stage_values(stage)?, m, v),
+            None => pipeline.stage_tensors(stage)?,
+        };
         let mut all = TensorMap::new();
         for (map, suffix) in [(values, ""), (m, ADAM_M_SUFFIX), (v, ADAM_V_SUFFIX)] {
             for (k, t) in map {

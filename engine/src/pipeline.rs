@@ -723,13 +723,6 @@ impl<B: Backend> Pipeline<B> {
                         "local SGD (DiLoCo) runs in one process for now",
                     ));
                 }
-                if !everywhere && dp.zero {
-                    return Err(EngineError::config(
-                        "zero",
-                        1,
-                        "ZeRO-1 runs in one process for now (its moments are gathered from every replica)",
-                    ));
-                }
                 if !everywhere && dp.compress != Compression::None {
                     return Err(EngineError::config(
                         "compress",
@@ -2169,6 +2162,90 @@ impl<B: Backend> Pipeline<B> {
         }
         let (m, v) = self.stage_moments(stage)?;
         Ok((values, m, v))
+    }
+
+    /// Stage `stage`'s parameter values by global name (replica 0's copy, which must run here).
+    pub fn stage_values(&self, stage: usize) -> Result<TensorMap> {
+        self.check_whole()?;
+        if stage >= self.num_stages() || !self.hosted[0][stage] {
+            return Err(EngineError::config(
+                "stage",
+                stage,
+                "not a stage whose replica-0 copy runs in this process",
+            ));
+        }
+        let rep = &self.replicas[0];
+        let mut values = TensorMap::new();
+        for (_, p) in rep.stages[stage].params() {
+            values.insert(p.name.clone(), host(p, &rep.backends[stage], &p.value)?);
+        }
+        Ok(values)
+    }
+
+    /// Under ZeRO-1 across processes, every stage's AdamW moments gathered from their owners (the replicas holding
+    /// them, in other processes) through the stage's data-parallel group: `stage → (m, v)` for the stages whose
+    /// replica-0 copy runs here. `None` unless the pipeline is both sharded and spread over processes. Collective:
+    /// every process calls it (a checkpoint's snapshot does).
+    pub fn moments_across_processes(&self) -> Result<Option<BTreeMap<usize, (TensorMap, TensorMap)>>> {
+        self.check_whole()?;
+        if !(self.sharded() && self.is_distributed()) {
+            return Ok(None);
+        }
+        let (p, d) = (self.num_stages(), self.replicas.len());
+        let mut out = BTreeMap::new();
+        for s in 0..p {
+            if !(0..d).any(|r| self.hosted[r][s]) {
+                continue;
+            }
+            // Each replica run here sends the moments of the tensors it owns, in slot order: m then v per tensor.
+            let mut mine = Vec::new();
+            for r in (0..d).filter(|&r| self.hosted[r][s]) {
+                let (stage, be) = (&self.replicas[r].stages[s], &self.replicas[r].backends[s]);
+                let mut v = Vec::new();
+                for (slot, prm) in stage.params() {
+                    if self.owners[s].get(&slot) == Some(&r) {
+                        v.extend(be.download(&prm.m)?.iter().map(|&x| f64::from(x)));
+                        v.extend(be.download(&prm.v)?.iter().map(|&x| f64::from(x)));
+                    }
+                }
+                mine.push((r, v));
+            }
+            let all = self.dp_groups[s].all_gather_host(&mine)?;
+            if !self.hosted[0][s] {
+                continue;
+            }
+            let (mut m, mut v) = (TensorMap::new(), TensorMap::new());
+            let mut at = vec![0usize; d];
+            for (slot, prm) in self.replicas[0].stages[s].params() {
+                let r = self.owners[s].get(&slot).copied().unwrap_or(0);
+                let n = prm.len();
+                let got =
+                    all.get(r)
+                        .and_then(|x| x.get(at[r]..at[r] + 2 * n))
+                        .ok_or_else(|| EngineError::Invariant {
+                            stage: s as u32,
+                            what: format!("replica {r} sent too few moments for `{}`", prm.name),
+                        })?;
+                at[r] += 2 * n;
+                let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+                m.insert(
+                    prm.name.clone(),
+                    HostTensor {
+                        shape: prm.shape.clone(),
+                        data: f(&got[..n]),
+                    },
+                );
+                v.insert(
+                    prm.name.clone(),
+                    HostTensor {
+                        shape: prm.shape.clone(),
+                        data: f(&got[n..]),
+                    },
+                );
+            }
+            out.insert(s, (m, v));
+        }
+        Ok(Some(out))
     }
 
     /// Stage `stage`'s AdamW moments by global name, each from the replica that holds it (its owner under ZeRO-1,
