@@ -117,7 +117,11 @@ mod with_mpi {
             ("d2p2", 4, &["--stages", "2", "--data-parallel", "2"][..]),
             ("d2p2-np2", 2, &["--stages", "2", "--data-parallel", "2"][..]),
             // ZeRO-1: each tensor's moments on its owner replica's rank, gathered into the checkpoint.
-            ("d2p2-zero1", 4, &["--stages", "2", "--data-parallel", "2", "--zero", "1"][..]),
+            (
+                "d2p2-zero1",
+                4,
+                &["--stages", "2", "--data-parallel", "2", "--zero", "1"][..],
+            ),
         ] {
             let single = tmp(SUITE, &format!("{name}-single"));
             let many = tmp(SUITE, &format!("{name}-mpi"));
@@ -547,7 +551,10 @@ fn without_mpi_a_launched_rank_refuses() {
 fn launch_refuses_a_job_it_cannot_restart() {
     for (args, want) in [
         (&["launch", "--", "echo", "hi"][..], "supervises a `baton train` job"),
-        (&["launch", "--", "baton", "train", "--steps", "1"][..], "needs --out DIR"),
+        (
+            &["launch", "--", "baton", "train", "--steps", "1"][..],
+            "needs --out DIR",
+        ),
         (
             &["launch", "--max-restarts", "5000", "--", "baton", "train", "--out", "x"][..],
             "--max-restarts 5000: at most 1000",
