@@ -60,7 +60,13 @@ echo "== cargo test"
 cargo test --workspace --all-targets --locked
 echo "== multi-process tests (--features mpi: mpirun, killed ranks, baton launch)"
 cargo test --locked -p baton-engine --features mpi --lib comm::mpi
-cargo test --locked --features mpi --test cli_mpi
+# In a PID namespace of their own where the sandbox allows one: the suite kills ranks, and mpirun then signals
+# process groups; nothing it does can reach a process outside the suite.
+ISOLATE=()
+if unshare --pid --fork --mount-proc true >/dev/null 2>&1; then
+  ISOLATE=(unshare --pid --fork --mount-proc)
+fi
+"${ISOLATE[@]}" cargo test --locked --features mpi --test cli_mpi
 echo "== doc tests (the crate-root embedding example and the API examples)"
 cargo test --workspace --doc --locked
 echo "== examples (small settings; each checks what it claims and exits non-zero otherwise)"

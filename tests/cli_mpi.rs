@@ -98,6 +98,17 @@ mod with_mpi {
             .collect()
     }
 
+    /// Whether process `pid` still runs (a zombie, dead but not yet reaped, does not).
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().chars().next() != Some('Z'))
+            })
+            .unwrap_or(false)
+    }
+
     /// Kills a process group when dropped (a failing test leaves no job behind).
     struct KillGroup(u32);
 
@@ -489,7 +500,7 @@ mod with_mpi {
             .unwrap();
         assert!(status.success());
         // Every other rank of that attempt is gone within the bound (mpirun ends them; the restart starts new ones).
-        while others.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+        while others.iter().any(|&pid| alive(pid)) {
             assert!(
                 killed_at.elapsed() < Duration::from_secs(30),
                 "the other ranks {others:?} outlived the killed one by 30 s"
