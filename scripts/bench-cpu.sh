@@ -18,7 +18,8 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0
 fi
 cargo build --quiet --release -p baton-engine --example bench_step
-BATON="$PWD/target/release/examples/bench_step"
+# Cargo builds into $CARGO_TARGET_DIR when set (default: target/).
+BATON="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/bench_step"
 OUT="$PWD/target/bench-cpu"
 mkdir -p "$OUT"
 : > "$OUT/results.jsonl"

@@ -14,6 +14,7 @@ fn check_stats<T>(mean: &[T], rstd: &[T], n: usize, op: &str) {
 /// biased variance; stashes `mean_i` and `rstd_i` for the backward.
 ///
 /// Shapes: `out`, `inp` (N, C); `mean`, `rstd` (N); `weight`, `bias` (C).
+#[inline(always)]
 pub fn layernorm_forward<T: Float>(
     out: &mut [T],
     mean: &mut [T],
@@ -49,6 +50,7 @@ pub fn layernorm_forward<T: Float>(
 /// normalized input.
 ///
 /// Shapes: `dinp`, `dout`, `inp` (N, C); `weight` (C); `mean`, `rstd` (N) from the forward.
+#[inline(always)]
 pub fn layernorm_backward_input<T: Float>(
     dinp: &mut [T],
     dout: &[T],
@@ -100,6 +102,7 @@ pub fn layernorm_backward_input<T: Float>(
 /// `sum_i dout[i, :] * xhat[i, :]` into `dweight` and `sum_i dout[i, :]` into `dbias`.
 ///
 /// Shapes: `dweight`, `dbias` (C); `dout`, `inp` (N, C); `mean`, `rstd` (N) from the forward.
+#[inline(always)]
 pub fn layernorm_backward_weight<T: Float>(
     dweight: &mut [T],
     dbias: &mut [T],

@@ -3,6 +3,7 @@
 use super::Float;
 
 /// `out = a + b`, elementwise; all three slices have the same length.
+#[inline(always)]
 pub fn residual_forward<T: Float>(out: &mut [T], a: &[T], b: &[T]) {
     assert_eq!(a.len(), out.len(), "residual_forward: a must have the length of out");
     assert_eq!(b.len(), out.len(), "residual_forward: b must have the length of out");

@@ -9,9 +9,7 @@
 //! fixed 16-lane pattern, and `dK`/`dV` accumulate over the query blocks in order, so the results are bitwise the
 //! same for any thread count. Within a few ulp of the reference [`crate::cpu::attention`] (tested in f64).
 
-use rayon::prelude::*;
-
-use super::pool::pool;
+use super::pool::{for_chunks, for_each, Chunks};
 use super::vector::{exp, multiversion, Isa};
 
 /// Lanes of the row reductions (max, sum of exponentials): element `j` goes to accumulator `j mod LANES`.
@@ -287,18 +285,16 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
     }
     let isa = Isa::best();
     // One task per batch row (its heads write disjoint columns of the row's output, in turn).
-    pool().install(|| {
-        out.par_chunks_mut(t * c)
-            .zip(lse.par_chunks_mut(nh * t))
-            .enumerate()
-            .for_each(|(bi, (o, l))| {
-                let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
-                with_scratch(QUERY_BLOCK.min(t) * t, |s| {
-                    for (h, lh) in l.chunks_mut(t).enumerate() {
-                        head_forward(isa, x, o, lh, s, t, c, h, hs);
-                    }
-                })
-            })
+    let (outs, lses) = (Chunks::new(out, t * c), Chunks::new(lse, nh * t));
+    for_each(b, |bi| {
+        // SAFETY: `for_each` runs each index once; the chunks stay in this task.
+        let (o, l) = unsafe { (outs.get(bi), lses.get(bi)) };
+        let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
+        with_scratch(QUERY_BLOCK.min(t) * t, |s| {
+            for (h, lh) in l.chunks_mut(t).enumerate() {
+                head_forward(isa, x, o, lh, s, t, c, h, hs);
+            }
+        })
     });
 }
 
@@ -346,19 +342,18 @@ pub fn attention_backward(
         return;
     }
     let isa = Isa::best();
-    pool().install(|| {
-        dqkv.par_chunks_mut(t * 3 * c).enumerate().for_each(|(bi, dx)| {
-            let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
-            let g = &dout[bi * t * c..(bi + 1) * t * c];
-            let block = QUERY_BLOCK.min(t) * t;
-            with_scratch(2 * block + t, |scratch| {
-                let (s, rest) = scratch.split_at_mut(block);
-                let (dp, tmp) = rest.split_at_mut(block);
-                for h in 0..nh {
-                    let l = &lse[(bi * nh + h) * t..(bi * nh + h + 1) * t];
-                    head_backward(isa, x, dx, g, l, s, dp, tmp, t, c, h, hs);
-                }
-            })
+    for_chunks(dqkv, t * 3 * c, |start, dx| {
+        let bi = start / (t * 3 * c);
+        let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
+        let g = &dout[bi * t * c..(bi + 1) * t * c];
+        let block = QUERY_BLOCK.min(t) * t;
+        with_scratch(2 * block + t, |scratch| {
+            let (s, rest) = scratch.split_at_mut(block);
+            let (dp, tmp) = rest.split_at_mut(block);
+            for h in 0..nh {
+                let l = &lse[(bi * nh + h) * t..(bi * nh + h + 1) * t];
+                head_backward(isa, x, dx, g, l, s, dp, tmp, t, c, h, hs);
+            }
         })
     });
 }

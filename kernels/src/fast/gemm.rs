@@ -8,6 +8,7 @@
 
 use super::gelu;
 use super::pool::{chunk_rows, for_each};
+use super::vector::{multiversion, Isa};
 
 /// Smallest block edge (rows or columns of the output) worth a task: each block re-packs the other operand, so
 /// blocks are few and large.
@@ -192,6 +193,18 @@ pub fn matmul_backward_input_gelu(
     gelu::gelu_backward_in_place(dinp, pre);
 }
 
+multiversion! {
+    /// `db[j] += Σ_rows dout[row, start + j]`, rows in order.
+    fn bias_sums(db: &mut [f32], dout: &[f32], start: usize, oc: usize) {
+        let end = start + db.len();
+        for row in dout.chunks_exact(oc) {
+            for (d, &g) in db.iter_mut().zip(&row[start..end]) {
+                *d += g;
+            }
+        }
+    }
+}
+
 /// `dweight += doutᵀ · inp` and `dbias += Σ_rows dout`: `dweight` (OC, C), `dbias` (OC), `dout` (N, OC),
 /// `inp` (N, C). The bias sums run over rows in order 0..N for each column, as in the reference.
 #[allow(clippy::too_many_arguments)]
@@ -219,14 +232,8 @@ pub fn matmul_backward_weight(
     if let Some(dbias) = dbias {
         assert_eq!(dbias.len(), oc, "matmul_backward_weight: dbias must have oc elements");
         let per = chunk_rows(oc, n, 64, 16);
-        super::pool::for_chunks(dbias, per, |start, db| {
-            let end = start + db.len();
-            for row in dout.chunks_exact(oc) {
-                for (d, &g) in db.iter_mut().zip(&row[start..end]) {
-                    *d += g;
-                }
-            }
-        });
+        let isa = Isa::best();
+        super::pool::for_chunks(dbias, per, |start, db| bias_sums(isa, db, dout, start, oc));
     }
 }
 
@@ -235,6 +242,25 @@ mod tests {
     use super::*;
     use crate::cpu;
     use crate::fast::testutil::values;
+
+    /// The bias sums compiled for each instruction set are the reference's row-ordered sums, bit for bit.
+    #[test]
+    fn bias_sums_are_the_same_on_every_instruction_set() {
+        let (n, oc) = (53, 70);
+        let dout = values(n * oc, 8, 300.0);
+        let mut want = values(oc, 9, 300.0);
+        for row in dout.chunks_exact(oc) {
+            for (d, &g) in want.iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+        for isa in crate::fast::vector::Isa::available() {
+            let mut got = values(oc, 9, 300.0);
+            bias_sums(isa, &mut got[..40], &dout, 0, oc);
+            bias_sums(isa, &mut got[40..], &dout, 40, oc);
+            assert_eq!(bits(&got), bits(&want), "{isa:?}");
+        }
+    }
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()

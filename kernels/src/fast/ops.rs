@@ -2,9 +2,7 @@
 //! independent rows (or, for sums over rows, on chunks of columns with the rows in order), so the results are
 //! bitwise the reference's for any thread count.
 
-use rayon::prelude::*;
-
-use super::pool::{chunk_rows, for_chunks, pool};
+use super::pool::{chunk_rows, for_chunks, for_each, Chunks};
 use super::vector::{multiversion, Isa};
 use crate::cpu;
 
@@ -31,6 +29,103 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// [`cpu::layernorm_forward`] compiled for the instruction set (the same operations: bitwise).
+    fn ln_forward(
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        cpu::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c)
+    }
+}
+
+multiversion! {
+    /// [`cpu::residual_forward`] then [`cpu::layernorm_forward`] of the sum, compiled for the instruction set.
+    fn residual_ln_forward(
+        sum: &mut [f32],
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        c: usize,
+    ) {
+        cpu::residual_forward(sum, a, b);
+        cpu::layernorm_forward(out, mean, rstd, sum, weight, bias, mean.len(), c)
+    }
+}
+
+multiversion! {
+    /// [`cpu::layernorm_backward_input`] compiled for the instruction set.
+    fn ln_backward_input(
+        dinp: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        cpu::layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c)
+    }
+}
+
+multiversion! {
+    /// The columns `j0..j0 + dw.len()` of [`cpu::layernorm_backward_weight`] (rows in order 0..N).
+    fn ln_backward_weight_columns(
+        dw: &mut [f32],
+        db: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        j0: usize,
+        c: usize,
+    ) {
+        for (i, (&m, &r)) in mean.iter().zip(rstd).enumerate() {
+            let (x, d) = (&inp[i * c + j0..], &dout[i * c + j0..]);
+            for (((w, b), &v), &dv) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(d) {
+                *w += dv * (v - m) * r;
+                *b += dv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = a + b` elementwise ([`cpu::residual_forward`]) compiled for the instruction set.
+    fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+        cpu::residual_forward(out, a, b)
+    }
+}
+
+multiversion! {
+    /// `dst += src` elementwise.
+    fn add_in_place(dst: &mut [f32], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    }
+}
+
+multiversion! {
+    /// `x *= alpha` elementwise.
+    fn scale_in_place(x: &mut [f32], alpha: f32) {
+        for v in x.iter_mut() {
+            *v *= alpha;
+        }
+    }
+}
+
 /// `Σ x²` in f64, in a fixed order: partial sums of [`SUM_CHUNK`]-element chunks (each in a fixed lane pattern),
 /// added in chunk order. The same for any thread count; threaded and vectorised.
 pub fn sum_squares(x: &[f32]) -> f64 {
@@ -40,23 +135,21 @@ pub fn sum_squares(x: &[f32]) -> f64 {
         chunk_sum_squares(isa, x, &mut s);
         vec![s]
     } else {
-        pool().install(|| {
-            x.par_chunks(SUM_CHUNK)
-                .map(|c| {
-                    let mut s = 0.0;
-                    chunk_sum_squares(isa, c, &mut s);
-                    s
-                })
-                .collect()
-        })
+        let mut partials = vec![0.0f64; x.len().div_ceil(SUM_CHUNK)];
+        for_chunks(&mut partials, 1, |i, s| {
+            let chunk = &x[i * SUM_CHUNK..((i + 1) * SUM_CHUNK).min(x.len())];
+            chunk_sum_squares(isa, chunk, &mut s[0]);
+        });
+        partials
     };
     partials.iter().sum()
 }
 
 /// `x *= alpha`.
 pub fn scale(x: &mut [f32], alpha: f32) {
+    let isa = Isa::best();
     for_chunks(x, chunk_rows(x.len(), 1, 16 * 1024, 64), |_, c| {
-        c.iter_mut().for_each(|v| *v *= alpha)
+        scale_in_place(isa, c, alpha)
     });
 }
 
@@ -81,16 +174,18 @@ pub fn layernorm_forward(
         "layernorm_forward: mean and rstd must have n elements"
     );
     let per = chunk_rows(n, 8 * c, 1, 1);
-    pool().install(|| {
-        out.par_chunks_mut(per * c)
-            .zip(mean.par_chunks_mut(per))
-            .zip(rstd.par_chunks_mut(per))
-            .enumerate()
-            .for_each(|(i, ((o, m), r))| {
-                let rows = m.len();
-                let x = &inp[i * per * c..(i * per + rows) * c];
-                cpu::layernorm_forward(o, m, r, x, weight, bias, rows, c);
-            })
+    let isa = Isa::best();
+    let (outs, means, rstds) = (
+        Chunks::new(out, per * c),
+        Chunks::new(mean, per),
+        Chunks::new(rstd, per),
+    );
+    for_each(means.count(), |i| {
+        // SAFETY: `for_each` runs each index once; the chunks stay in this task.
+        let (o, m, r) = unsafe { (outs.get(i), means.get(i), rstds.get(i)) };
+        let rows = m.len();
+        let x = &inp[i * per * c..(i * per + rows) * c];
+        ln_forward(isa, o, m, r, x, weight, bias, rows, c);
     });
 }
 
@@ -121,17 +216,14 @@ pub fn residual_layernorm_forward(
         "residual_layernorm_forward: mean and rstd must have n elements"
     );
     let per = chunk_rows(n, 9 * c, 1, 1);
-    pool().install(|| {
-        sum.par_chunks_mut(per * c)
-            .zip(out.par_chunks_mut(per * c))
-            .zip(mean.par_chunks_mut(per))
-            .zip(rstd.par_chunks_mut(per))
-            .enumerate()
-            .for_each(|(i, (((s, o), m), r))| {
-                let range = i * per * c..i * per * c + s.len();
-                cpu::residual_forward(s, &a[range.clone()], &b[range]);
-                cpu::layernorm_forward(o, m, r, s, weight, bias, m.len(), c);
-            })
+    let isa = Isa::best();
+    let (sums, outs) = (Chunks::new(sum, per * c), Chunks::new(out, per * c));
+    let (means, rstds) = (Chunks::new(mean, per), Chunks::new(rstd, per));
+    for_each(means.count(), |i| {
+        // SAFETY: `for_each` runs each index once; the chunks stay in this task.
+        let (s, o, m, r) = unsafe { (sums.get(i), outs.get(i), means.get(i), rstds.get(i)) };
+        let range = i * per * c..i * per * c + s.len();
+        residual_ln_forward(isa, s, o, m, r, &a[range.clone()], &b[range], weight, bias, c);
     });
 }
 
@@ -154,10 +246,12 @@ pub fn layernorm_backward_input(
         "layernorm_backward_input: dinp must have n*c elements"
     );
     let per = chunk_rows(n, 10 * c, 1, 1);
+    let isa = Isa::best();
     for_chunks(dinp, per * c, |start, di| {
         let (r0, rows) = (start / c, di.len() / c);
         let range = start..start + di.len();
-        cpu::layernorm_backward_input(
+        ln_backward_input(
+            isa,
             di,
             &dout[range.clone()],
             &inp[range],
@@ -204,21 +298,12 @@ pub fn layernorm_backward_weight(
         "layernorm_backward_weight: mean and rstd must have n elements"
     );
     let per = chunk_rows(c, 4 * n, 64, 16);
-    pool().install(|| {
-        dweight
-            .par_chunks_mut(per)
-            .zip(dbias.par_chunks_mut(per))
-            .enumerate()
-            .for_each(|(k, (dw, db))| {
-                let j0 = k * per;
-                for i in 0..n {
-                    let (x, d) = (&inp[i * c + j0..], &dout[i * c + j0..]);
-                    for (((w, b), &v), &dv) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(d) {
-                        *w += dv * (v - mean[i]) * rstd[i];
-                        *b += dv;
-                    }
-                }
-            })
+    let isa = Isa::best();
+    let (dws, dbs) = (Chunks::new(dweight, per), Chunks::new(dbias, per));
+    for_each(dws.count(), |k| {
+        // SAFETY: `for_each` runs each index once; the chunks stay in this task.
+        let (dw, db) = unsafe { (dws.get(k), dbs.get(k)) };
+        ln_backward_weight_columns(isa, dw, db, dout, inp, mean, rstd, k * per, c);
     });
 }
 
@@ -229,17 +314,19 @@ pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
         (out.len(), out.len()),
         "residual_forward: a and b must have the length of out"
     );
+    let isa = Isa::best();
     for_chunks(out, chunk_rows(out.len(), 1, 4096, 64), |start, o| {
         let r = start..start + o.len();
-        cpu::residual_forward(o, &a[r.clone()], &b[r]);
+        add(isa, o, &a[r.clone()], &b[r]);
     });
 }
 
 /// `dst += src`.
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
     assert_eq!(src.len(), dst.len(), "add_assign: src must have the length of dst");
+    let isa = Isa::best();
     for_chunks(dst, chunk_rows(src.len(), 1, 4096, 64), |start, d| {
-        d.iter_mut().zip(&src[start..]).for_each(|(d, s)| *d += s);
+        add_in_place(isa, d, &src[start..start + d.len()])
     });
 }
 
@@ -453,13 +540,12 @@ pub fn adamw_fused(
 ) {
     let bc = adamw_setup(cfg, params.len(), (grads.len(), m.len(), v.len()), step);
     let (per, isa) = (adamw_chunk_len(params.len()), Isa::best());
-    pool().install(|| {
-        params
-            .par_chunks_mut(per)
-            .zip(grads.par_chunks_mut(per))
-            .zip(m.par_chunks_mut(per))
-            .zip(v.par_chunks_mut(per))
-            .for_each(|(((p, g), m), v)| adamw_fused_chunk(isa, cfg, bc, clip_scale, p, g, m, v))
+    let (ps, gs) = (Chunks::new(params, per), Chunks::new(grads, per));
+    let (ms, vs) = (Chunks::new(m, per), Chunks::new(v, per));
+    for_each(ps.count(), |i| {
+        // SAFETY: `for_each` runs each index once; the chunks stay in this task.
+        let (p, g, m, v) = unsafe { (ps.get(i), gs.get(i), ms.get(i), vs.get(i)) };
+        adamw_fused_chunk(isa, cfg, bc, clip_scale, p, g, m, v);
     });
 }
 
@@ -467,16 +553,12 @@ pub fn adamw_fused(
 pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: u32) {
     let bc = adamw_setup(cfg, params.len(), (grads.len(), m.len(), v.len()), step);
     let (per, isa) = (adamw_chunk_len(params.len()), Isa::best());
-    pool().install(|| {
-        params
-            .par_chunks_mut(per)
-            .zip(m.par_chunks_mut(per))
-            .zip(v.par_chunks_mut(per))
-            .enumerate()
-            .for_each(|(i, ((p, m), v))| {
-                let start = i * per;
-                adamw_chunk(isa, cfg, bc, p, &grads[start..start + p.len()], m, v);
-            })
+    let (ps, ms, vs) = (Chunks::new(params, per), Chunks::new(m, per), Chunks::new(v, per));
+    for_each(ps.count(), |i| {
+        // SAFETY: `for_each` runs each index once; the chunks stay in this task.
+        let (p, m, v) = unsafe { (ps.get(i), ms.get(i), vs.get(i)) };
+        let start = i * per;
+        adamw_chunk(isa, cfg, bc, p, &grads[start..start + p.len()], m, v);
     });
 }
 
@@ -484,6 +566,57 @@ pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32],
 mod tests {
     use super::*;
     use crate::fast::testutil::{same, values};
+
+    /// The reference ops compiled for each instruction set (layer norm, residual, sums) give the reference's bits.
+    #[test]
+    fn every_instruction_set_runs_the_reference_arithmetic() {
+        let (n, c) = (37, 100);
+        let (inp, w, b, dout) = (
+            values(n * c, 11, 300.0),
+            values(c, 12, 900.0),
+            values(c, 13, 900.0),
+            values(n * c, 14, 300.0),
+        );
+        let (mut o0, mut m0, mut r0) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        cpu::layernorm_forward(&mut o0, &mut m0, &mut r0, &inp, &w, &b, n, c);
+        let mut s0 = vec![0.0; n * c];
+        cpu::residual_forward(&mut s0, &inp, &dout);
+        let (mut so0, mut sm0, mut sr0) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        cpu::layernorm_forward(&mut so0, &mut sm0, &mut sr0, &s0, &w, &b, n, c);
+        let mut d0 = values(n * c, 15, 300.0);
+        cpu::layernorm_backward_input(&mut d0, &dout, &inp, &w, &m0, &r0, n, c);
+        let (mut dw0, mut db0) = (values(c, 16, 300.0), values(c, 17, 300.0));
+        cpu::layernorm_backward_weight(&mut dw0, &mut db0, &dout, &inp, &m0, &r0, n, c);
+        let plus: Vec<f32> = inp.iter().zip(&dout).map(|(x, y)| x + y).collect();
+        let times: Vec<f32> = inp.iter().map(|x| x * 0.37).collect();
+        for isa in Isa::available() {
+            let (mut o, mut m, mut r) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+            ln_forward(isa, &mut o, &mut m, &mut r, &inp, &w, &b, n, c);
+            assert!(same(&o, &o0) && same(&m, &m0) && same(&r, &r0), "{isa:?} layer norm");
+            let (mut s, mut so, mut sm, mut sr) = (vec![0.0; n * c], vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+            residual_ln_forward(isa, &mut s, &mut so, &mut sm, &mut sr, &inp, &dout, &w, &b, c);
+            assert!(
+                same(&s, &s0) && same(&so, &so0) && same(&sm, &sm0) && same(&sr, &sr0),
+                "{isa:?} residual + ln"
+            );
+            let mut d = values(n * c, 15, 300.0);
+            ln_backward_input(isa, &mut d, &dout, &inp, &w, &m0, &r0, n, c);
+            assert!(same(&d, &d0), "{isa:?} layer norm backward input");
+            let (mut dw, mut db) = (values(c, 16, 300.0), values(c, 17, 300.0));
+            ln_backward_weight_columns(isa, &mut dw[..64], &mut db[..64], &dout, &inp, &m0, &r0, 0, c);
+            ln_backward_weight_columns(isa, &mut dw[64..], &mut db[64..], &dout, &inp, &m0, &r0, 64, c);
+            assert!(same(&dw, &dw0) && same(&db, &db0), "{isa:?} layer norm backward weight");
+            let mut o = vec![0.0; n * c];
+            add(isa, &mut o, &inp, &dout);
+            assert!(same(&o, &plus), "{isa:?} add");
+            let mut o = inp.clone();
+            add_in_place(isa, &mut o, &dout);
+            assert!(same(&o, &plus), "{isa:?} add in place");
+            let mut o = inp.clone();
+            scale_in_place(isa, &mut o, 0.37);
+            assert!(same(&o, &times), "{isa:?} scale");
+        }
+    }
 
     #[test]
     fn row_ops_equal_the_reference_bitwise() {

@@ -106,7 +106,8 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest without a branch: adding 1.5 · 2^23 leaves the integer in the low mantissa bits.
     const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = x.mul_add(LOG2E, SHIFTER) - SHIFTER;
+    let shifted = x.mul_add(LOG2E, SHIFTER);
+    let n = shifted - SHIFTER;
     let r = n.mul_add(-LN2_HI, x);
     let r = n.mul_add(-LN2_LO, r);
     // Taylor coefficients 1/k!, evaluated by Horner's rule.
@@ -117,7 +118,10 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 0.5);
     p = p.mul_add(r, 1.0);
     p = p.mul_add(r, 1.0);
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `2^n` from the integer already in `shifted`'s low mantissa bits (`shifted = 1.5·2^23 + n` exactly, `n` in
+    // [-126, 127]), not from `n as i32`: Rust's saturating float-to-int cast does not vectorise.
+    let biased = shifted.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     p * scale
 }
 
