@@ -52,6 +52,14 @@ if [[ "${1:-}" == "build" ]]; then
   cargo build --release --bin baton >/dev/null 2>&1 && cp target/release/baton "$BIN/baton" &&
     strip --strip-debug "$BIN/baton" 2>/dev/null || true
   echo "gpu-check: baton <- target/release/baton"
+  # The multi-process CLI (`--features mpi`: MPI bootstrap, NCCL between ranks); needs an MPI library here and
+  # the same MPI (mpirun, libmpi) on the GPU machine to run.
+  if cargo build --release --features mpi --bin baton --target-dir target/mpi >/dev/null 2>&1; then
+    cp target/mpi/release/baton "$BIN/baton-mpi" && strip --strip-debug "$BIN/baton-mpi" 2>/dev/null || true
+    echo "gpu-check: baton-mpi <- target/mpi/release/baton (--features mpi)"
+  else
+    echo "gpu-check: baton-mpi not built (cargo build --features mpi failed: no MPI library or libclang?)"
+  fi
   echo "gpu-check: built into $BIN; carry target/gpu-bin to the GPU machine and run scripts/gpu-check.sh there"
   exit 0
 fi
@@ -150,6 +158,42 @@ if [[ -x "$BIN/engine_lib" ]]; then
   run_step nccl 60 "$BIN/engine_lib" --ignored comm::nccl:: --test-threads 1 --nocapture
 else
   echo "engine_lib: not built (scripts/gpu-check.sh build): NCCL collectives not checked"
+fi
+# NCCL between ranks (engine/src/comm/nccl_world.rs): the non-blocking wrapper (init, split, a send/recv round trip,
+# the watchdog aborting a receive that never matches), one-rank groups against LocalGroup and the host sum, and two
+# GPUs as two ranks (transport + all-reduce; SKIPPED with fewer than 2 GPUs).
+if [[ -x "$BIN/engine_lib" ]]; then
+  run_step nccl_world 90 "$BIN/engine_lib" --ignored comm::nccl_world:: --test-threads 1 --nocapture
+fi
+# Two ranks under mpirun against one process, both `--stages 2`: stage traffic is copies (NCCL send/recv with a GPU
+# per rank; MPI host staging when the ranks share the one GPU, which NCCL refuses) and the reductions are
+# member-order sums in fp32 either way, so the losses must be bitwise equal.
+mpi_smoke() {
+  local args=(train --device cuda --precision f32 --layers 2 --d-model 128 --heads 4 --seq 128 --batch 8
+    --microbatches 4 --stages 2 --schedule 1f1b --steps 4 --warmup 1 --eval-every 0)
+  "$BIN/baton-mpi" "${args[@]}" --out "$OUT/mpi-one" || return 1
+  mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x BATON_KERNEL_CACHE -x BATON_CUDA_INCLUDE \
+    "$BIN/baton-mpi" "${args[@]}" --out "$OUT/mpi-two" || return 1
+  python3 - "$OUT/mpi-one/metrics.jsonl" "$OUT/mpi-two/metrics.jsonl" <<'PY'
+import json, struct, sys
+def losses(p):
+    return [json.loads(l)["loss"] for l in open(p) if l.strip() and "loss" in json.loads(l)]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+bits = lambda xs: [struct.pack("<d", x).hex() for x in xs]
+print("one process:", a)
+print("two ranks:  ", b)
+ok = len(a) > 0 and bits(a) == bits(b)
+print("mpirun 2 ranks vs 1 process, --stages 2:", "bitwise equal" if ok else "DIFFERENT (FAILED)")
+sys.exit(0 if ok else 1)
+PY
+}
+export -f mpi_smoke
+export OUT
+if [[ -x "$BIN/baton-mpi" ]] && command -v mpirun >/dev/null && ! ldd "$BIN/baton-mpi" | grep -q 'not found'; then
+  run_step mpi_smoke 120 bash -c mpi_smoke
+  grep -h -e 'bitwise' -e 'NCCL' -e 'share GPUs' "$OUT/mpi_smoke.log" | head -5 || true
+else
+  echo "SKIPPED: mpi_smoke (needs target/gpu-bin/baton-mpi, mpirun and its libmpi on this machine)"
 fi
 # The equivalence, fault and checkpoint suites on CUDA: the same test code CI runs on the CPU.
 run_suites() {

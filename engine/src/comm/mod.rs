@@ -9,11 +9,16 @@ mod collective;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod nccl;
+mod nccl_world;
 mod transport;
 
 pub use collective::{Collective, Collectives, LocalCollectives, LocalGroup, Workers};
 pub use nccl::{
     assign_ranks, nccl_available, nccl_missing_message, nccl_version, shard_ranges, NcclCollectives, NcclGroup,
+};
+pub use nccl_world::{
+    broadcast_id, nonblocking_config, plan_channels, shared_gpus, NcclComm, NcclId, NcclTransport, NcclWorld,
+    NcclWorldCollectives,
 };
 pub(crate) use transport::clock_base;
 

@@ -41,15 +41,26 @@ pub(crate) fn detect(_c: &TrainConfig) -> Result<Option<Dist>, CliError> {
 /// Never made without the `mpi` feature.
 pub(crate) enum Dist {}
 
+#[cfg(not(feature = "mpi"))]
+/// Never called: there is no `Dist` without the `mpi` feature.
+pub(crate) fn cuda_for_rank(dist: &Dist, _gpus: usize) -> Result<usize, CliError> {
+    match *dist {}
+}
+
+#[cfg(feature = "mpi")]
+pub(crate) use with_mpi::cuda_for_rank;
+
 #[cfg(feature = "mpi")]
 mod with_mpi {
-    use std::sync::Arc;
+    use std::any::Any;
+    use std::sync::{Arc, OnceLock};
     use std::time::Duration;
 
     use super::{launched_ranks, TrainConfig};
     use crate::cli::CliError;
+    use crate::engine::backend::Cuda;
     use crate::engine::comm::mpi::{MpiCollectives, MpiTransport, MpiWorld, RankMap};
-    use crate::engine::comm::{Collectives, Transport, Workers};
+    use crate::engine::comm::{Collectives, NcclTransport, NcclWorld, NcclWorldCollectives, Transport, Workers};
     use crate::engine::{Backend, Hosting};
     use baton_schedules::Schedule;
 
@@ -61,6 +72,58 @@ mod with_mpi {
         pub map: RankMap,
         /// Every wait on another rank gives up after this.
         pub timeout: Duration,
+        /// The NCCL world when the ranks train on GPUs of their own ([`cuda_for_rank`]); stage traffic and
+        /// collectives then go over NCCL instead of MPI's host staging.
+        pub nccl: OnceLock<Arc<NcclWorld>>,
+    }
+
+    /// This rank's GPU for a `--device cuda` run over several ranks: the one of its local rank on its host. When
+    /// every rank has a GPU of its own, sets up NCCL (libnccl checked first: a clear error when it is missing);
+    /// when ranks of a host outnumber its `gpus`, they share GPUs, which NCCL refuses, and the run keeps MPI's
+    /// host-staged transport and collectives (said on stderr by rank 0). Collective: every rank calls it.
+    pub(crate) fn cuda_for_rank(d: &Dist, gpus: usize) -> Result<usize, CliError> {
+        let local = d.world.local_rank();
+        let gpu = local % gpus.max(1);
+        let nccl = crate::engine::comm::nccl_available();
+        // 0: shares a GPU; 1: own GPU, no NCCL; 2: own GPU and NCCL. Every rank decides on everyone's answer.
+        let mine = if local >= gpus {
+            0.0
+        } else if nccl.is_err() {
+            1.0
+        } else {
+            2.0
+        };
+        let all = d
+            .world
+            .all_gather_f64(&[mine], d.timeout)
+            .map_err(|e| CliError::failure(e.to_string()))?;
+        let worst = all.iter().filter_map(|v| v.first().copied()).fold(2.0f64, f64::min);
+        if worst < 0.5 {
+            if d.world.rank() == 0 {
+                eprintln!(
+                    "warning: {} ranks on hosts with {gpus} GPU(s) share GPUs, which NCCL does not allow in one \
+                     communicator; stages and replicas on different ranks move through host memory over MPI",
+                    d.map.ranks()
+                );
+            }
+            return Ok(gpu);
+        }
+        if worst < 1.5 {
+            let why = nccl.err().unwrap_or_else(|| "another rank cannot load libnccl".into());
+            return Err(CliError::failure(format!(
+                "--device cuda over {} ranks needs NCCL between the processes: {why}",
+                d.map.ranks()
+            )));
+        }
+        let workers = d.map.replicas() * d.map.stages();
+        let rank_of_worker: Vec<usize> = (0..workers).map(|w| d.map.rank_of_worker(w)).collect();
+        let world = NcclWorld::init(d.world.as_ref(), gpu, rank_of_worker, d.map.stages(), d.timeout)
+            .map_err(|e| CliError::failure(format!("setting up NCCL: {e}")))?;
+        if d.world.rank() == 0 {
+            eprintln!("ranks: one GPU each; stages on different ranks and the collectives use NCCL");
+        }
+        let _ = d.nccl.set(world);
+        Ok(gpu)
     }
 
     /// How long a collective waits for another rank: `BATON_COMM_TIMEOUT_S` seconds, default 120 (a collective
@@ -93,7 +156,12 @@ mod with_mpi {
             ))
         })?;
         let timeout = comm_timeout()?;
-        Ok(Some(Dist { world, map, timeout }))
+        Ok(Some(Dist {
+            world,
+            map,
+            timeout,
+            nccl: OnceLock::new(),
+        }))
     }
 
     impl Dist {
@@ -123,8 +191,32 @@ mod with_mpi {
             ))
         }
 
-        /// What the pipeline builder needs to run this rank's workers: MPI transports per replica and the cohort.
+        /// What the pipeline builder needs to run this rank's workers: transports per replica (NCCL when this run
+        /// set it up and `B` is [`Cuda`], else MPI) and the cohort.
         pub fn hosting<B: Backend>(&self, schedule: &Schedule) -> Hosting<B> {
+            if let Some(nccl) = self.nccl.get() {
+                let (nccl, placement) = (Arc::clone(nccl), schedule.placement.clone());
+                let h: Hosting<Cuda> = Hosting {
+                    workers: self.map.workers_of(self.world.rank()).collect(),
+                    transports: Box::new(move |backends| {
+                        backends
+                            .iter()
+                            .enumerate()
+                            .map(|(r, b)| {
+                                let t: Arc<dyn Transport<Cuda>> =
+                                    Arc::new(NcclTransport::new(&nccl, r, Arc::clone(b), &placement)?);
+                                Ok(t)
+                            })
+                            .collect()
+                    }),
+                    cohort: Arc::clone(&self.world) as Arc<dyn crate::engine::comm::Cohort>,
+                };
+                // `B` is `Cuda` whenever NCCL was set up (only `cuda_for_rank` sets it).
+                let boxed: Box<dyn Any> = Box::new(h);
+                if let Ok(h) = boxed.downcast::<Hosting<B>>() {
+                    return *h;
+                }
+            }
             let (world, map, schedule) = (Arc::clone(&self.world), self.map.clone(), schedule.clone());
             Hosting {
                 workers: self.map.workers_of(self.world.rank()).collect(),
@@ -148,7 +240,19 @@ mod with_mpi {
             &self,
         ) -> impl FnOnce(&Workers<B>) -> crate::engine::Result<Arc<dyn Collectives<B>>> + 'static {
             let (world, map, timeout) = (Arc::clone(&self.world), self.map.clone(), self.timeout);
+            let nccl = self.nccl.get().cloned();
             move |w| {
+                if let Some(nccl) = nccl {
+                    // NCCL is set up only for `Cuda` (see `hosting`).
+                    let any: &dyn Any = w;
+                    if let Some(w) = any.downcast_ref::<Workers<Cuda>>() {
+                        let c: Arc<dyn Collectives<Cuda>> = Arc::new(NcclWorldCollectives::new(&nccl, w.clone()));
+                        let boxed: Box<dyn Any> = Box::new(c);
+                        if let Ok(c) = boxed.downcast::<Arc<dyn Collectives<B>>>() {
+                            return Ok(*c);
+                        }
+                    }
+                }
                 let c: Arc<dyn Collectives<B>> = Arc::new(MpiCollectives::new(&world, &map, w.clone(), timeout));
                 Ok(c)
             }

@@ -598,10 +598,27 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
                 &|| Ok(vec![Cpu; (c.stages * c.data_parallel) as usize]),
             )
         }
-        Device::Cuda(_) if dist.is_some() => Err(CliError::usage(
-            "several ranks on GPUs need NCCL between processes, which is not wired into `baton train` yet: run \
-             the ranks with --device cpu",
-        )),
+        Device::Cuda(count) if dist.is_some() => match dist.as_ref().map(|d| dist::cuda_for_rank(d, count)) {
+            // Every worker of this rank on its GPU (its local rank's); NCCL between ranks where each has its own.
+            Some(Ok(gpu)) => {
+                let workers = (c.stages * c.data_parallel) as usize;
+                let names = vec![format!("cuda:{gpu}"); workers];
+                train_on(
+                    &c,
+                    setup,
+                    split,
+                    token_count,
+                    &out,
+                    fail_at,
+                    &names,
+                    None,
+                    dist.as_ref(),
+                    &|| (0..workers).map(|_| Cuda::with_precision(gpu, precision)).collect(),
+                )
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(CliError::failure("a multi-rank run without its MPI world")),
+        },
         Device::Cuda(count) => {
             let make = || -> crate::engine::Result<Vec<Cuda>> {
                 // Workers (replica-major) round-robin over the GPUs; workers sharing a GPU get a stream each.
