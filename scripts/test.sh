@@ -60,8 +60,8 @@ echo "== cargo test"
 cargo test --workspace --all-targets --locked
 echo "== multi-process tests (--features mpi: mpirun, killed ranks, baton launch)"
 cargo test --locked -p baton-engine --features mpi --lib comm::mpi
-# In a PID namespace of their own where the sandbox allows one: the suite kills ranks, and mpirun then signals
-# process groups; nothing it does can reach a process outside the suite.
+# In a PID namespace of their own where the sandbox allows one: the suite kills ranks and process groups, and
+# nothing it signals can then reach a process outside it.
 ISOLATE=()
 if unshare --pid --fork --mount-proc true >/dev/null 2>&1; then
   ISOLATE=(unshare --pid --fork --mount-proc)

@@ -70,6 +70,15 @@ mod with_mpi {
             .expect("mpirun runs")
     }
 
+    /// The same training in one process, into a fresh directory named `name`.
+    fn single_process(name: &str, layout: &[&str], model: &[String]) -> super::common::TmpDir {
+        let out = tmp(SUITE, name);
+        let args = train_args(layout, model, &out);
+        let o = baton(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{name}: {}", err(&o));
+        out
+    }
+
     /// Every file of the final checkpoint `step` (manifest and stage files) is bitwise the same in both runs.
     fn same_checkpoint(a: &Path, b: &Path, step: u64) {
         let dir = |root: &Path| root.join("checkpoints").join(format!("step-{step:08}"));
@@ -111,7 +120,13 @@ mod with_mpi {
 
     impl Drop for KillGroup {
         fn drop(&mut self) {
-            let _ = Command::new("kill").args(["-9", &format!("-{}", self.0)]).status();
+            // `kill -9 -PGID` without `--` reads `-PGID` as options: procps' kill then signals every process
+            // (kill(-1)); the group must follow `--`.
+            if self.0 > 1 {
+                let _ = Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{}", self.0)])
+                    .status();
+            }
         }
     }
 
@@ -131,15 +146,8 @@ mod with_mpi {
                 &["--stages", "2", "--data-parallel", "2", "--zero", "1"][..],
             ),
         ] {
-            let single = tmp(SUITE, &format!("{name}-single"));
+            let single = single_process(&format!("{name}-single"), layout, &m);
             let many = tmp(SUITE, &format!("{name}-mpi"));
-            let o = baton(
-                &train_args(layout, &m, &single)
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            );
-            assert!(o.status.success(), "{name}: {}", err(&o));
             let o = mpi_train(np, layout, &m, &many);
             let e = err(&o);
             assert!(o.status.success(), "{name}: {e}");
@@ -262,14 +270,7 @@ mod with_mpi {
         assert!(e.contains("ranks: 4 processes over 2 host(s)"), "{e}");
         assert!(e.contains("rank 1 on hosta: replica 0, stage 1"), "{e}");
         assert!(e.contains("rank 2 on hostb: replica 0, stage 2"), "{e}");
-        let single = tmp(SUITE, "two-hosts-single");
-        let o = baton(
-            &train_args(&layout, &m, &single)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        assert!(o.status.success(), "{}", err(&o));
+        let single = single_process("two-hosts-single", &layout, &m);
         same_checkpoint(&single, &out, 6);
         drop(hosts);
     }
@@ -369,7 +370,9 @@ mod with_mpi {
         fn drop(&mut self) {
             for pid_file in ["run/slurmd.pid", "run/slurmctld.pid", "munge/munged.pid"] {
                 if let Ok(pid) = std::fs::read_to_string(self.dir.join(pid_file)) {
-                    let _ = Command::new("kill").arg(pid.trim()).status();
+                    if let Some(pid) = pid.trim().parse::<u32>().ok().filter(|&p| p > 1) {
+                        let _ = Command::new("kill").arg(pid.to_string()).status();
+                    }
                 }
             }
         }
@@ -400,14 +403,7 @@ mod with_mpi {
         let e = err(&o);
         assert!(o.status.success(), "{e}");
         assert!(e.contains("ranks: 4 processes"), "{e}");
-        let single = tmp(SUITE, "slurm-single");
-        let o = baton(
-            &train_args(&layout, &m, &single)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        assert!(o.status.success(), "{}", err(&o));
+        let single = single_process("slurm-single", &layout, &m);
         same_checkpoint(&single, &out, 6);
         drop(slurm);
     }
@@ -518,14 +514,7 @@ mod with_mpi {
         let log = std::fs::read_to_string(out.join("restarts.jsonl")).unwrap();
         assert_eq!(log.lines().count(), 1, "{log}");
         assert!(log.contains("\"resume\":\"latest\""), "{log}");
-        let single = tmp(SUITE, "killed-single");
-        let o = baton(
-            &train_args(&layout, &m, &single)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        assert!(o.status.success(), "{}", err(&o));
+        let single = single_process("killed-single", &layout, &m);
         same_checkpoint(&single, &out, 300);
         assert_eq!(
             metrics_losses(&single),

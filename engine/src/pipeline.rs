@@ -2140,6 +2140,13 @@ impl<B: Backend> Pipeline<B> {
     /// Stage `stage`'s tensors by global name: `(values, adam m, adam v)` (under ZeRO-1 the moments from their
     /// owners); the tied LM head is included as `lm_head.weight` where the stage holds it.
     pub fn stage_tensors(&self, stage: usize) -> Result<(TensorMap, TensorMap, TensorMap)> {
+        let values = self.stage_values(stage)?;
+        let (m, v) = self.stage_moments(stage)?;
+        Ok((values, m, v))
+    }
+
+    /// Stage `stage`'s parameter values by global name (replica 0's copy, which must run here).
+    pub fn stage_values(&self, stage: usize) -> Result<TensorMap> {
         self.check_whole()?;
         if stage >= self.num_stages() {
             return Err(EngineError::config(
@@ -2153,25 +2160,6 @@ impl<B: Backend> Pipeline<B> {
                 "stage",
                 stage,
                 "replica 0's copy of this stage runs in another process, which holds its tensors",
-            ));
-        }
-        let rep = &self.replicas[0];
-        let mut values = TensorMap::new();
-        for (_, p) in rep.stages[stage].params() {
-            values.insert(p.name.clone(), host(p, &rep.backends[stage], &p.value)?);
-        }
-        let (m, v) = self.stage_moments(stage)?;
-        Ok((values, m, v))
-    }
-
-    /// Stage `stage`'s parameter values by global name (replica 0's copy, which must run here).
-    pub fn stage_values(&self, stage: usize) -> Result<TensorMap> {
-        self.check_whole()?;
-        if stage >= self.num_stages() || !self.hosted[0][stage] {
-            return Err(EngineError::config(
-                "stage",
-                stage,
-                "not a stage whose replica-0 copy runs in this process",
             ));
         }
         let rep = &self.replicas[0];
