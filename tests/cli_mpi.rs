@@ -107,6 +107,29 @@ mod with_mpi {
             .collect()
     }
 
+    /// The processes of the job writing into `out` that are `baton train` with MPI rank `rank`.
+    fn rank_pids(out: &Path, rank: &str) -> Vec<u32> {
+        let Ok(list) = Command::new("pgrep").args(["-f", &out.display().to_string()]).output() else {
+            return Vec::new();
+        };
+        String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .filter_map(|pid| pid.trim().parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                    args.len() > 1 && args[0] == env!("CARGO_BIN_EXE_baton").as_bytes() && args[1] == b"train"
+                })
+            })
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                    env.split(|&b| b == 0)
+                        .any(|kv| kv == format!("OMPI_COMM_WORLD_RANK={rank}").as_bytes())
+                })
+            })
+            .collect()
+    }
+
     /// Whether process `pid` still runs (a zombie, dead but not yet reaped, does not).
     fn alive(pid: u32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -408,6 +431,59 @@ mod with_mpi {
         drop(slurm);
     }
 
+    /// A rank that stops answering (SIGSTOP: alive, so the launcher does not end the job) is found by the others'
+    /// deadlines: a rank names it (or the rank stuck behind it) with its replica and stage and ends, which ends the
+    /// job, well within the bound, instead of every rank hanging.
+    #[test]
+    fn a_stalled_rank_is_named_by_the_deadline_and_the_job_ends() {
+        let out = tmp(SUITE, "stalled");
+        let mut c = mpirun(4);
+        c.arg(env!("CARGO_BIN_EXE_baton"))
+            .args(train_args(
+                &["--stages", "2", "--data-parallel", "2"],
+                &model("100000", "0"),
+                &out,
+            ))
+            .env("BATON_COMM_TIMEOUT_S", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let job = c.spawn().unwrap();
+        let group = KillGroup(job.id());
+        let started = Instant::now();
+        let metrics = out.join("metrics.jsonl");
+        // Let it train a few steps, then stop rank 3 (replica 1, stage 1).
+        while std::fs::metadata(&metrics).map_or(0, |m| m.len()) < 2000 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the job did not start training"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let victim = rank_pids(&out, "3");
+        assert_eq!(victim.len(), 1, "one process is rank 3: {victim:?}");
+        let status = Command::new("kill")
+            .args(["-s", "STOP", &victim[0].to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let stopped = Instant::now();
+        let o = job.wait_with_output().unwrap();
+        let ended_s = stopped.elapsed().as_secs_f64();
+        drop(group);
+        let e = err(&o);
+        assert!(!o.status.success(), "{e}");
+        assert!(ended_s < 40.0, "the job ended {ended_s:.1} s after rank 3 stopped: {e}");
+        let named = e.lines().any(|l| {
+            l.starts_with("baton: rank ")
+                && l.contains("lost or stalled")
+                && ((l.contains("rank 3") && l.contains("replica 1, stage 1"))
+                    || (l.contains("rank 2") && l.contains("replica 1, stage 0")))
+        });
+        assert!(named, "a rank names the stalled one: {e}");
+        eprintln!("the job ended {ended_s:.1} s after rank 3 stopped (deadline 3 s)");
+    }
+
     /// A bad rank count is refused by every rank with the reason, before anything is written.
     #[test]
     fn a_rank_count_that_does_not_fit_the_layout_is_refused() {
@@ -459,32 +535,9 @@ mod with_mpi {
             assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
             std::thread::sleep(Duration::from_millis(20));
         }
-        // This job's ranks: `baton train … --out <this test's directory>` processes.
-        let ranks = |rank: &str| -> Vec<u32> {
-            let list = Command::new("pgrep")
-                .args(["-f", &out.display().to_string()])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&list.stdout)
-                .lines()
-                .filter_map(|pid| pid.trim().parse::<u32>().ok())
-                .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-                        args.len() > 1 && args[0] == env!("CARGO_BIN_EXE_baton").as_bytes() && args[1] == b"train"
-                    })
-                })
-                .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                        env.split(|&b| b == 0)
-                            .any(|kv| kv == format!("OMPI_COMM_WORLD_RANK={rank}").as_bytes())
-                    })
-                })
-                .collect()
-        };
-        let victim = ranks("3");
+        let victim = rank_pids(&out, "3");
         assert_eq!(victim.len(), 1, "one process is rank 3: {victim:?}");
-        let others: Vec<u32> = ["0", "1", "2"].iter().flat_map(|r| ranks(r)).collect();
+        let others: Vec<u32> = ["0", "1", "2"].iter().flat_map(|r| rank_pids(&out, r)).collect();
         assert_eq!(others.len(), 3, "{others:?}");
         let killed_at = Instant::now();
         let status = Command::new("kill")
