@@ -1463,7 +1463,7 @@ impl<B: Backend> Pipeline<B> {
         let pipeline_s = timing.pipeline_s;
         // Loss: per micro-batch sums in (replica, micro-batch) order — the global micro-batch order — over all
         // tokens.
-        let mut losses = self.gather_losses(&outcomes)?;
+        let mut losses = Self::losses_of(&outcomes);
         losses.sort_by_key(|&(r, mb, _)| (r, mb));
         debug_assert_eq!(losses.len(), d * self.schedule.microbatches as usize);
         let tokens = batch.batch * batch.seq;
@@ -1589,34 +1589,17 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
-    /// Every micro-batch's summed token loss as `(replica, micro-batch, loss)`, from the stages holding the head —
-    /// through the group of every worker when some run in other processes, so every process has them all.
-    fn gather_losses(&self, outcomes: &[Vec<crate::executor::StageOutcome>]) -> Result<Vec<(usize, u32, f64)>> {
-        let local = outcomes.iter().enumerate().flat_map(|(r, o)| {
-            o.iter()
-                .flat_map(move |o| o.losses.iter().map(move |&(mb, l)| (r, mb, l)))
-        });
-        if !self.is_distributed() {
-            return Ok(local.collect());
-        }
-        let p = self.num_stages();
-        let mut mine: Vec<(usize, Vec<f64>)> = Vec::new();
-        for (r, o) in outcomes.iter().enumerate() {
-            for (s, o) in o.iter().enumerate().filter(|&(s, _)| self.hosted[r][s]) {
-                let v = o
-                    .losses
-                    .iter()
-                    .flat_map(|&(mb, l)| [r as f64, f64::from(mb), l])
-                    .collect();
-                mine.push((r * p + s, v));
-            }
-        }
-        Ok(self
-            .world
-            .all_gather_host(&mine)?
+    /// Every micro-batch's summed token loss as `(replica, micro-batch, loss)`, from the stages holding the head
+    /// (across processes, [`Pipeline::gather_outcomes`] has brought them here).
+    fn losses_of(outcomes: &[Vec<crate::executor::StageOutcome>]) -> Vec<(usize, u32, f64)> {
+        outcomes
             .iter()
-            .flat_map(|v| v.chunks_exact(3).map(|t| (t[0] as usize, t[1] as u32, t[2])))
-            .collect())
+            .enumerate()
+            .flat_map(|(r, o)| {
+                o.iter()
+                    .flat_map(move |o| o.losses.iter().map(move |&(mb, l)| (r, mb, l)))
+            })
+            .collect()
     }
 
     /// The job's processes, when this pipeline's workers run in several.
@@ -1624,8 +1607,9 @@ impl<B: Backend> Pipeline<B> {
         self.cohort.as_ref()
     }
 
-    /// Fills the outcomes of workers run in other processes with their action spans and stash peaks (through the
-    /// group of every worker), so every process reports every stage. Each process's spans are on its own clock,
+    /// Fills the outcomes of workers run in other processes with their micro-batch losses, action spans and stash
+    /// peaks (one gather through the group of every worker), so every process has the step's loss and reports
+    /// every stage. Each process's spans are on its own clock,
     /// from when it began the step. Nothing to do in one process.
     fn gather_outcomes(&self, outcomes: &mut [Vec<crate::executor::StageOutcome>]) -> Result<()> {
         if !self.is_distributed() {
@@ -1635,7 +1619,13 @@ impl<B: Backend> Pipeline<B> {
         let mut mine: Vec<(usize, Vec<f64>)> = Vec::new();
         for (r, o) in outcomes.iter().enumerate() {
             for (s, o) in o.iter().enumerate().filter(|&(s, _)| self.hosted[r][s]) {
-                let mut v = vec![f64::from(o.peak_stashed), o.peak_stash_bytes as f64];
+                // [peak stashed, peak bytes, losses n, (micro-batch, loss) × n, (start, end, host) per span]
+                let mut v = vec![
+                    f64::from(o.peak_stashed),
+                    o.peak_stash_bytes as f64,
+                    o.losses.len() as f64,
+                ];
+                v.extend(o.losses.iter().flat_map(|&(mb, l)| [f64::from(mb), l]));
                 v.extend(o.spans.iter().flat_map(|sp| [sp.start_s, sp.end_s, sp.host_s]));
                 mine.push((r * p + s, v));
             }
@@ -1646,15 +1636,18 @@ impl<B: Backend> Pipeline<B> {
             if self.hosted[r][s] {
                 continue;
             }
-            let (Some(o), [stashed, bytes, spans @ ..]) = (outcomes.get_mut(r).and_then(|o| o.get_mut(s)), &v[..])
-            else {
-                return Err(EngineError::Invariant {
-                    stage: s as u32,
-                    what: format!("worker {w}'s step report is missing or short"),
-                });
+            let short = || EngineError::Invariant {
+                stage: s as u32,
+                what: format!("worker {w}'s step report is missing or short"),
             };
+            let (Some(o), [stashed, bytes, n, rest @ ..]) = (outcomes.get_mut(r).and_then(|o| o.get_mut(s)), &v[..])
+            else {
+                return Err(short());
+            };
+            let (losses, spans) = rest.split_at_checked(2 * *n as usize).ok_or_else(short)?;
             o.peak_stashed = *stashed as u32;
             o.peak_stash_bytes = *bytes as usize;
+            o.losses = losses.chunks_exact(2).map(|t| (t[0] as u32, t[1])).collect();
             o.spans = self.schedule.actions[s]
                 .iter()
                 .zip(spans.chunks_exact(3))

@@ -223,6 +223,39 @@ pub(crate) fn member_order(
         .collect()
 }
 
+/// [`member_order`] for a group spread over processes: checks that `members` (the member index of each buffer
+/// passed, in the order passed) names every member this process hosts (`here(m)`, `m < n`) exactly once and no
+/// other, and returns `(member, position passed)` for them in member order. `who` names this process in the
+/// error; `err` makes the error for member `m`.
+pub(crate) fn hosted_order(
+    n: usize,
+    here: impl Fn(usize) -> bool,
+    members: impl Iterator<Item = usize>,
+    who: &str,
+    err: impl Fn(usize, String) -> EngineError,
+) -> Result<Vec<(usize, usize)>> {
+    let mut at: Vec<Option<usize>> = vec![None; n];
+    for (pos, m) in members.enumerate() {
+        if m >= n || !here(m) {
+            return Err(err(
+                m.min(n.saturating_sub(1)),
+                format!("member {m} is not hosted by {who}"),
+            ));
+        }
+        if at[m].replace(pos).is_some() {
+            return Err(err(m, format!("member {m} given twice")));
+        }
+    }
+    (0..n)
+        .filter(|&m| here(m))
+        .map(|m| {
+            at[m]
+                .map(|pos| (m, pos))
+                .ok_or_else(|| err(m, format!("member {m}, hosted here, is missing")))
+        })
+        .collect()
+}
+
 /// Every member's host values in member order (the positions from [`member_order`]).
 pub(crate) fn gather_host(values: &[Local<'_, Vec<f64>>], order: &[usize]) -> Vec<Vec<f64>> {
     order.iter().map(|&pos| values[pos].1.clone()).collect()

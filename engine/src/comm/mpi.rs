@@ -34,7 +34,7 @@ use mpi::Threading;
 
 use baton_schedules::{Placement, Schedule};
 
-use super::collective::{Collective, Collectives, Local, Workers};
+use super::collective::{hosted_order, Collective, Collectives, Local, Workers};
 use super::nccl::shard_ranges;
 use super::transport::{Endpoint, Endpoints, MessageKey, MessageKind, Transport};
 use crate::backend::{Backend, PoolStats};
@@ -560,6 +560,27 @@ impl RankMap {
     }
 }
 
+/// What [`crate::PipelineBuilder::hosting`] needs to run this rank's workers of `map` over MPI: the workers, one
+/// [`MpiTransport`] per replica and the world as the checkpoints' cohort. Every rank builds the same pipeline
+/// with it (and [`MpiCollectives`] through `collectives_for`).
+pub fn hosting<B: Backend>(world: &Arc<MpiWorld>, map: &RankMap, schedule: &Schedule) -> crate::Hosting<B> {
+    let (w, m, schedule) = (Arc::clone(world), map.clone(), schedule.clone());
+    crate::Hosting {
+        workers: map.workers_of(world.rank()).collect(),
+        transports: Box::new(move |backends| {
+            backends
+                .iter()
+                .enumerate()
+                .map(|(r, b)| {
+                    let t: Arc<dyn Transport<B>> = Arc::new(MpiTransport::new(&w, &m, r, Arc::clone(b), &schedule)?);
+                    Ok(t)
+                })
+                .collect()
+        }),
+        cohort: Arc::clone(world) as Arc<dyn super::Cohort>,
+    }
+}
+
 /// Activations and gradients between the stages of replica `replica` over MPI: a stage hosted on this rank sends
 /// to the rank hosting the consumer with a nonblocking send and receives by polling for its message's tag from
 /// the producer's rank. One duplicated communicator per transport keeps replicas' tags apart.
@@ -982,26 +1003,8 @@ impl<B: Backend> MpiGroup<B> {
     /// The positions in `given` of this rank's members, in member order; every local member exactly once and no
     /// member from elsewhere.
     fn local_order(&self, given: impl Iterator<Item = usize>) -> Result<Vec<(usize, usize)>> {
-        let mut at: Vec<Option<usize>> = vec![None; self.n()];
-        for (pos, m) in given.enumerate() {
-            if m >= self.n() || !self.here(m) {
-                return Err(self.err(
-                    m.min(self.n() - 1),
-                    format!("member {m} is not hosted by rank {}", self.me()),
-                ));
-            }
-            if at[m].replace(pos).is_some() {
-                return Err(self.err(m, format!("member {m} given twice")));
-            }
-        }
-        (0..self.n())
-            .filter(|&m| self.here(m))
-            .map(|m| {
-                at[m]
-                    .map(|pos| (m, pos))
-                    .ok_or_else(|| self.err(m, format!("member {m}, hosted here, is missing")))
-            })
-            .collect()
+        let who = format!("rank {}", self.me());
+        hosted_order(self.n(), |m| self.here(m), given, &who, |m, r| self.err(m, r))
     }
 
     fn wait(

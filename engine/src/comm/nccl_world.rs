@@ -58,11 +58,11 @@ use baton_kernels::cuda::cudarc::driver::{
 };
 use baton_kernels::cuda::cudarc::nccl::{result as nccl, sys as nccl_sys};
 use baton_schedules::Placement;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::collective::{gather_host, Collective, Collectives, Local, Workers};
+use super::collective::{gather_host, hosted_order, Collective, Collectives, Local, Workers};
 use super::nccl::{nccl_available, shard_ranges};
-use super::transport::{Endpoint, Endpoints, MessageKey, MessageKind, Transport, RECV_POLL_MS};
+use super::transport::{wait_inbox, Endpoint, Endpoints, MessageKey, MessageKind, Msg, Transport};
 use super::Cohort;
 use crate::backend::{Backend, Cuda, CudaBuf, CudaData, PoolStats, Storage};
 use crate::error::{record_drop_error, EngineError, Result};
@@ -1046,23 +1046,7 @@ impl NcclWorldGroup {
 
     /// `(member, position in given)` of this rank's members, in member order: each local member exactly once.
     fn local_order(&self, given: impl Iterator<Item = usize>) -> Result<Vec<(usize, usize)>> {
-        let mut at: Vec<Option<usize>> = vec![None; self.n()];
-        for (pos, m) in given.enumerate() {
-            if m >= self.n() || !self.here(m) {
-                return Err(self.err(m, format!("member {m} is not hosted by this rank")));
-            }
-            if at[m].replace(pos).is_some() {
-                return Err(self.err(m, format!("member {m} given twice")));
-            }
-        }
-        (0..self.n())
-            .filter(|&m| self.here(m))
-            .map(|m| {
-                at[m]
-                    .map(|p| (m, p))
-                    .ok_or_else(|| self.err(m, format!("member {m}, hosted here, is missing")))
-            })
-            .collect()
+        hosted_order(self.n(), |m| self.here(m), given, "this rank", |m, r| self.err(m, r))
     }
 
     /// Enqueues this rank's share of `moves` (copies for moves inside it, NCCL send/recv otherwise, in list
@@ -1924,18 +1908,13 @@ impl NcclRoute {
 /// How long an endpoint waits at the end of a step for its last sends to complete.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
-struct LocalMsg {
-    key: MessageKey,
-    buf: CudaBuf,
-}
-
 /// One hosted stage's end of an [`NcclTransport`] for one step.
 struct NcclEndpoint {
     stage: usize,
     route: Arc<NcclRoute>,
-    rx: Receiver<LocalMsg>,
+    rx: Receiver<Msg<Cuda>>,
     /// Inboxes of the stages hosted here (`None` elsewhere).
-    senders: Vec<Option<Sender<LocalMsg>>>,
+    senders: Vec<Option<Sender<Msg<Cuda>>>>,
     early: HashMap<MessageKey, CudaBuf>,
 }
 
@@ -1958,7 +1937,7 @@ impl Transport<Cuda> for NcclTransport {
         let mut receivers = Vec::with_capacity(p);
         for s in 0..p {
             if hosted[s] {
-                let (tx, rx) = bounded::<LocalMsg>(inbox[s].max(1));
+                let (tx, rx) = bounded::<Msg<Cuda>>(inbox[s].max(1));
                 senders.push(Some(tx));
                 receivers.push(Some(rx));
             } else {
@@ -2060,7 +2039,7 @@ impl Endpoint<Cuda> for NcclEndpoint {
                 } else {
                     r.backends[self.stage].transfer(buf, &r.backends[to])?
                 };
-                tx.try_send(LocalMsg { key, buf }).map_err(|e| EngineError::Invariant {
+                tx.try_send(Msg { key, buf }).map_err(|e| EngineError::Invariant {
                     stage,
                     what: format!(
                         "the inbox of stage {to} refused {key} ({}); its capacity is sized from the schedule",
@@ -2085,38 +2064,7 @@ impl Endpoint<Cuda> for NcclEndpoint {
         if r.rank_of_stage[from] != r.me {
             return r.pull(from, self.stage, wire_key(key), Some(abort), deadline);
         }
-        loop {
-            match self.rx.recv_timeout(Duration::from_millis(RECV_POLL_MS)) {
-                Ok(msg) if msg.key == key => return Ok(msg.buf),
-                Ok(msg) => {
-                    if self.early.insert(msg.key, msg.buf).is_some() {
-                        return Err(EngineError::Invariant {
-                            stage,
-                            what: format!("{} was delivered twice", msg.key),
-                        });
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if abort.load(Ordering::SeqCst) {
-                        return Err(EngineError::Aborted { stage });
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(EngineError::Comm {
-                            seam: "transport",
-                            stage,
-                            reason: format!("waited past the deadline for {key}; the producing stage is stalled"),
-                        });
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(EngineError::Comm {
-                        seam: "transport",
-                        stage,
-                        reason: format!("the inbox disconnected while waiting for {key}"),
-                    })
-                }
-            }
-        }
+        wait_inbox(&self.rx, &mut self.early, key, stage, abort, deadline)
     }
 
     fn copy_spans(&mut self, _base: &[CudaEvent]) -> Result<Vec<CopySpan>> {

@@ -129,9 +129,58 @@ impl<B: Backend> LocalTransport<B> {
     }
 }
 
-struct Msg<B: Backend> {
+/// A message in an in-process inbox.
+pub(crate) struct Msg<B: Backend> {
+    pub key: MessageKey,
+    pub buf: B::Buf,
+}
+
+/// Waits on an in-process inbox for message `key` (messages for other keys that arrive first are kept in `early`
+/// for later), until it arrives, `abort` is set ([`EngineError::Aborted`]) or `deadline` passes
+/// ([`EngineError::Comm`]); `stage` is the receiving stage, for the errors.
+pub(crate) fn wait_inbox<B: Backend>(
+    rx: &Receiver<Msg<B>>,
+    early: &mut HashMap<MessageKey, B::Buf>,
     key: MessageKey,
-    buf: B::Buf,
+    stage: u32,
+    abort: &AtomicBool,
+    deadline: Instant,
+) -> Result<B::Buf> {
+    if let Some(buf) = early.remove(&key) {
+        return Ok(buf);
+    }
+    loop {
+        match rx.recv_timeout(Duration::from_millis(RECV_POLL_MS)) {
+            Ok(msg) if msg.key == key => return Ok(msg.buf),
+            Ok(msg) => {
+                if early.insert(msg.key, msg.buf).is_some() {
+                    return Err(EngineError::Invariant {
+                        stage,
+                        what: format!("{} was delivered twice", msg.key),
+                    });
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if abort.load(Ordering::SeqCst) {
+                    return Err(EngineError::Aborted { stage });
+                }
+                if Instant::now() >= deadline {
+                    return Err(EngineError::Comm {
+                        seam: "transport",
+                        stage,
+                        reason: format!("waited past the deadline for {key}; the producing stage is stalled"),
+                    });
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(EngineError::Comm {
+                    seam: "transport",
+                    stage,
+                    reason: format!("the inbox disconnected while waiting for {key}"),
+                })
+            }
+        }
+    }
 }
 
 /// A transfer whose marks are not resolved yet.
@@ -241,42 +290,7 @@ impl<B: Backend> Endpoint<B> for LocalEndpoint<B> {
     }
 
     fn recv(&mut self, key: MessageKey, abort: &AtomicBool, deadline: Instant) -> Result<B::Buf> {
-        if let Some(buf) = self.early.remove(&key) {
-            return Ok(buf);
-        }
-        let stage = self.stage as u32;
-        loop {
-            match self.rx.recv_timeout(Duration::from_millis(RECV_POLL_MS)) {
-                Ok(msg) if msg.key == key => return Ok(msg.buf),
-                Ok(msg) => {
-                    if self.early.insert(msg.key, msg.buf).is_some() {
-                        return Err(EngineError::Invariant {
-                            stage,
-                            what: format!("{} was delivered twice", msg.key),
-                        });
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if abort.load(Ordering::SeqCst) {
-                        return Err(EngineError::Aborted { stage });
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(EngineError::Comm {
-                            seam: "transport",
-                            stage,
-                            reason: format!("waited past the deadline for {key}; the producing stage is stalled"),
-                        });
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(EngineError::Comm {
-                        seam: "transport",
-                        stage,
-                        reason: format!("the inbox disconnected while waiting for {key}"),
-                    })
-                }
-            }
-        }
+        wait_inbox(&self.rx, &mut self.early, key, self.stage as u32, abort, deadline)
     }
 
     fn copy_spans(&mut self, base: &[B::Mark]) -> Result<Vec<CopySpan>> {

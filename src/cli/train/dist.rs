@@ -59,7 +59,7 @@ mod with_mpi {
     use super::{launched_ranks, TrainConfig};
     use crate::cli::CliError;
     use crate::engine::backend::Cuda;
-    use crate::engine::comm::mpi::{MpiCollectives, MpiTransport, MpiWorld, RankMap};
+    use crate::engine::comm::mpi::{MpiCollectives, MpiWorld, RankMap};
     use crate::engine::comm::{Collectives, NcclTransport, NcclWorld, NcclWorldCollectives, Transport, Workers};
     use crate::engine::{Backend, Hosting};
     use baton_schedules::Schedule;
@@ -217,22 +217,7 @@ mod with_mpi {
                     return *h;
                 }
             }
-            let (world, map, schedule) = (Arc::clone(&self.world), self.map.clone(), schedule.clone());
-            Hosting {
-                workers: self.map.workers_of(self.world.rank()).collect(),
-                transports: Box::new(move |backends| {
-                    backends
-                        .iter()
-                        .enumerate()
-                        .map(|(r, b)| {
-                            let t: Arc<dyn Transport<B>> =
-                                Arc::new(MpiTransport::new(&world, &map, r, Arc::clone(b), &schedule)?);
-                            Ok(t)
-                        })
-                        .collect()
-                }),
-                cohort: Arc::clone(&self.world) as Arc<dyn crate::engine::comm::Cohort>,
-            }
+            crate::engine::comm::mpi::hosting(&self.world, &self.map, schedule)
         }
 
         /// The collectives over every rank's workers.
