@@ -495,6 +495,36 @@ mod with_mpi {
         assert!(!out.join("checkpoints").exists(), "nothing is trained: {e}");
     }
 
+    /// What runs in one process only for now is refused by every rank with the reason, before anything is trained.
+    #[test]
+    fn modes_that_run_in_one_process_only_are_refused_across_processes() {
+        let dp = ["--stages", "1", "--data-parallel", "2"];
+        for (name, flags, want) in [
+            (
+                "compress",
+                [&dp[..], &["--compress", "bf16"]].concat(),
+                "compressed reductions run in one process",
+            ),
+            (
+                "diloco",
+                [&dp[..], &["--sync", "diloco:4"]].concat(),
+                "local SGD (DiLoCo) runs in one process",
+            ),
+            (
+                "2bw",
+                vec!["--stages", "2", "--schedule", "2bw"],
+                "PipeDream-2BW runs in one process",
+            ),
+        ] {
+            let out = tmp(SUITE, &format!("refused-{name}"));
+            let o = mpi_train(2, &flags, &model("2", "0"), &out);
+            let e = err(&o);
+            assert!(!o.status.success(), "{name}: {e}");
+            assert!(e.contains("baton: rank ") && e.contains(want), "{name}: {e}");
+            assert!(!out.join("checkpoints").exists(), "{name}: nothing is trained: {e}");
+        }
+    }
+
     /// (e) A rank killed mid-run: mpirun ends every rank within a bound, and `baton launch --max-restarts 1` names
     /// the lost rank with its replica and stage, resumes from the newest checkpoint and ends bitwise equal to an
     /// uninterrupted single-process run.
