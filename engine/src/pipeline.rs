@@ -1361,11 +1361,10 @@ impl<B: Backend> Pipeline<B> {
                                 chunk,
                                 grads,
                             })
-                            .map_err(|_| EngineError::Comm {
-                                seam: "data-parallel",
-                                stage: stage as u32,
-                                reason: "the stage's reducer is gone".into(),
-                            })
+                            // The reducer only goes away when the step failed elsewhere (its own error, or an
+                            // abort it saw): this worker merely stops because of that failure, which is the one to
+                            // report.
+                            .map_err(|_| EngineError::Aborted { stage: stage as u32 })
                     });
                     sink
                 })
@@ -1442,12 +1441,12 @@ impl<B: Backend> Pipeline<B> {
         let (runs, reduced) = self.run_replicas(mbs, &exec, started, &modes);
         let (complete, outcomes, mut failure) = self.take_back(runs);
         let reduced = match reduced {
-            Some(Err(e)) if failure.is_none() => {
-                failure = Some(e);
+            Some(Err(e)) => {
+                prefer(&mut failure, e);
                 None
             }
             Some(Ok(r)) => Some(r),
-            _ => None,
+            None => None,
         };
         if let Some(e) = failure {
             if complete {
