@@ -6,6 +6,9 @@
 //!     --layers 4 --d-model 128 --heads 4 --vocab 256 --batch 8 --seq 128 --stages 1 --microbatches 1 \
 //!     --threads 2 --steps 10 --warmup 3
 //! ```
+//!
+//! With `--ops`, also prints to stderr the measured steps' time per CPU backend op (milliseconds and calls per
+//! step, summed over stage threads; `baton_engine::backend::op_profile`).
 
 use baton_engine::data::Batch;
 use baton_engine::{Cpu, GptConfig, Pipeline, PipelineConfig};
@@ -65,8 +68,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         state ^= state << 17;
         (state % vocab as u64) as u32
     };
+    let ops = std::env::args().any(|a| a == "--ops");
     let mut times = Vec::new();
     for step in 0..steps + warmup {
+        if ops && step == warmup {
+            baton_engine::backend::op_profile::set_enabled(true);
+            let _ = baton_engine::backend::op_profile::take();
+        }
         let inputs: Vec<u32> = (0..batch * seq).map(|_| token()).collect();
         let targets: Vec<u32> = (0..batch * seq).map(|_| token()).collect();
         let b = Batch {
@@ -84,6 +92,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     times.sort_by(f64::total_cmp);
+    if ops {
+        let per_step = |x: f64| x / steps as f64;
+        let table = baton_engine::backend::op_profile::take();
+        let total: f64 = table.iter().map(|t| t.seconds).sum();
+        eprintln!("{:<28} {:>10} {:>7} {:>11}", "op", "ms/step", "share", "calls/step");
+        for t in &table {
+            eprintln!(
+                "{:<28} {:>10.3} {:>6.1}% {:>11.1}",
+                t.op,
+                per_step(t.seconds) * 1e3,
+                100.0 * t.seconds / total,
+                per_step(t.calls as f64)
+            );
+        }
+        eprintln!(
+            "{:<28} {:>10.3} (median step {:.3} ms)",
+            "all ops",
+            per_step(total) * 1e3,
+            times[times.len() / 2] * 1e3
+        );
+    }
     let median = times[times.len() / 2];
     println!(
         "{{\"engine\": \"baton\", \"step_s\": {median:.6}, \"tokens_per_s\": {:.1}, \"peak_rss_bytes\": {}, \"threads\": {threads}, \"stages\": {stages}}}",

@@ -8,6 +8,7 @@ use baton_kernels::fast as f;
 
 use std::sync::Arc;
 
+use super::op_profile::Timer;
 use super::pool::{Homed, Pooled, RecvPool};
 use super::Backend;
 use crate::error::{EngineError, Result};
@@ -41,16 +42,18 @@ impl Backend for Cpu {
         "cpu".into()
     }
     fn zeros(&self, len: usize) -> Result<CpuBuf> {
+        let _time = Timer::start("zeros");
         let mut buf = super::scratch::scratch().take(len);
-        buf.fill(0.0);
+        f::ops::fill(&mut buf, 0.0);
         Ok(buf)
     }
     fn scratch(&self, len: usize) -> Result<CpuBuf> {
         Ok(super::scratch::scratch().take(len))
     }
     fn upload(&self, data: &[f32]) -> Result<CpuBuf> {
+        let _time = Timer::start("upload");
         let mut buf = super::scratch::scratch().take(data.len());
-        buf.copy_from_slice(data);
+        f::ops::copy(&mut buf, data);
         Ok(buf)
     }
     fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
@@ -63,12 +66,14 @@ impl Backend for Cpu {
         buf.len()
     }
     fn duplicate(&self, buf: &CpuBuf) -> Result<CpuBuf> {
+        let _time = Timer::start("duplicate");
         self.upload(buf)
     }
     fn transfer(&self, buf: CpuBuf, _dst: &Self) -> Result<CpuBuf> {
         Ok(buf)
     }
     fn transfer_pooled(&self, buf: CpuBuf, _dst: &Self, pool: &Arc<RecvPool<Vec<f32>>>) -> Result<CpuBuf> {
+        let _time = Timer::start("transfer_pooled");
         // A copy into the receiving stage's buffer, as on a device (a move would make the pool pointless here and
         // leave its sizing untested); bitwise exact.
         let mut out = pool.lease(buf.key(), || Ok::<_, EngineError>(vec![0.0; buf.len()]))?;
@@ -92,27 +97,33 @@ impl Backend for Cpu {
         Ok(to.saturating_duration_since(*from).as_secs_f64())
     }
     fn fill_zero(&self, buf: &mut CpuBuf) -> Result<()> {
-        buf.fill(0.0);
+        let _time = Timer::start("fill_zero");
+        f::ops::fill(buf, 0.0);
         Ok(())
     }
     fn copy(&self, dst: &mut CpuBuf, src: &CpuBuf) -> Result<()> {
+        let _time = Timer::start("copy");
         check("copy", "src", src.len(), dst.len())?;
-        dst.copy_from_slice(src);
+        f::ops::copy(dst, src);
         Ok(())
     }
     fn add_assign(&self, dst: &mut CpuBuf, src: &CpuBuf) -> Result<()> {
+        let _time = Timer::start("add_assign");
         check("add_assign", "src", src.len(), dst.len())?;
         f::ops::add_assign(dst, src);
         Ok(())
     }
     fn scale(&self, buf: &mut CpuBuf, alpha: f32) -> Result<()> {
+        let _time = Timer::start("scale");
         f::ops::scale(buf, alpha);
         Ok(())
     }
     fn sum_squares(&self, buf: &CpuBuf) -> Result<f64> {
+        let _time = Timer::start("sum_squares");
         Ok(f::ops::sum_squares(buf))
     }
     fn sum(&self, buf: &CpuBuf) -> Result<f64> {
+        let _time = Timer::start("sum");
         Ok(buf.iter().map(|&x| f64::from(x)).sum())
     }
 
@@ -126,6 +137,7 @@ impl Backend for Cpu {
         t: usize,
         c: usize,
     ) -> Result<()> {
+        let _time = Timer::start("embedding_forward");
         check("embedding_forward", "out", out.len(), b * t * c)?;
         check("embedding_forward", "tokens", tokens.len(), b * t)?;
         f::ops::embedding_forward(out, tokens, wte, wpe, b, t, c);
@@ -141,6 +153,7 @@ impl Backend for Cpu {
         t: usize,
         c: usize,
     ) -> Result<()> {
+        let _time = Timer::start("embedding_backward");
         check("embedding_backward", "dout", dout.len(), b * t * c)?;
         k::embedding_backward(dwte, dwpe, dout, tokens, b, t, c);
         Ok(())
@@ -156,6 +169,7 @@ impl Backend for Cpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
+        let _time = Timer::start("layernorm_forward");
         check("layernorm_forward", "inp", inp.len(), n * c)?;
         f::ops::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
         Ok(())
@@ -173,6 +187,7 @@ impl Backend for Cpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
+        let _time = Timer::start("residual_layernorm_forward");
         check("residual_layernorm_forward", "a", a.len(), n * c)?;
         check("residual_layernorm_forward", "b", b.len(), n * c)?;
         check("residual_layernorm_forward", "sum", sum.len(), n * c)?;
@@ -191,6 +206,7 @@ impl Backend for Cpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
+        let _time = Timer::start("layernorm_backward_input");
         check("layernorm_backward_input", "dout", dout.len(), n * c)?;
         f::ops::layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c);
         Ok(())
@@ -206,6 +222,7 @@ impl Backend for Cpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
+        let _time = Timer::start("layernorm_backward_weight");
         check("layernorm_backward_weight", "dout", dout.len(), n * c)?;
         f::ops::layernorm_backward_weight(dweight, dbias, dout, inp, mean, rstd, n, c);
         Ok(())
@@ -220,6 +237,7 @@ impl Backend for Cpu {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        let _time = Timer::start("matmul_forward");
         check("matmul_forward", "inp", inp.len(), n * c)?;
         check("matmul_forward", "weight", weight.len(), oc * c)?;
         f::gemm::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
@@ -234,6 +252,7 @@ impl Backend for Cpu {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        let _time = Timer::start("matmul_backward_input");
         check("matmul_backward_input", "dout", dout.len(), n * oc)?;
         f::gemm::matmul_backward_input(dinp, dout, weight, n, c, oc);
         Ok(())
@@ -248,6 +267,7 @@ impl Backend for Cpu {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        let _time = Timer::start("matmul_backward_weight");
         check("matmul_backward_weight", "dout", dout.len(), n * oc)?;
         f::gemm::matmul_backward_weight(dweight, dbias.map(|b| b.as_mut_slice()), dout, inp, n, c, oc);
         Ok(())
@@ -263,6 +283,7 @@ impl Backend for Cpu {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        let _time = Timer::start("matmul_gelu_forward");
         check("matmul_gelu_forward", "inp", inp.len(), n * c)?;
         check("matmul_gelu_forward", "weight", weight.len(), oc * c)?;
         check("matmul_gelu_forward", "pre", pre.len(), n * oc)?;
@@ -280,6 +301,7 @@ impl Backend for Cpu {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        let _time = Timer::start("matmul_backward_input_gelu");
         check("matmul_backward_input_gelu", "dout", dout.len(), n * oc)?;
         check("matmul_backward_input_gelu", "weight", weight.len(), oc * c)?;
         check("matmul_backward_input_gelu", "pre", pre.len(), n * c)?;
@@ -301,6 +323,7 @@ impl Backend for Cpu {
         c: usize,
         nh: usize,
     ) -> Result<()> {
+        let _time = Timer::start("attention_forward");
         check("attention_forward", "qkv", qkv.len(), b * t * 3 * c)?;
         check("attention_forward", "out", out.len(), b * t * c)?;
         check("attention_forward", "stash", att.len(), f::flash::stash_len(b, t, nh))?;
@@ -319,6 +342,7 @@ impl Backend for Cpu {
         c: usize,
         nh: usize,
     ) -> Result<()> {
+        let _time = Timer::start("attention_backward");
         check("attention_backward", "dout", dout.len(), b * t * c)?;
         check("attention_backward", "out", out.len(), b * t * c)?;
         check("attention_backward", "stash", att.len(), f::flash::stash_len(b, t, nh))?;
@@ -327,16 +351,19 @@ impl Backend for Cpu {
         Ok(())
     }
     fn gelu_forward(&self, out: &mut CpuBuf, inp: &CpuBuf) -> Result<()> {
+        let _time = Timer::start("gelu_forward");
         check("gelu_forward", "inp", inp.len(), out.len())?;
         f::gelu::gelu_forward(out, inp);
         Ok(())
     }
     fn gelu_backward(&self, dinp: &mut CpuBuf, inp: &CpuBuf, dout: &CpuBuf) -> Result<()> {
+        let _time = Timer::start("gelu_backward");
         check("gelu_backward", "dout", dout.len(), dinp.len())?;
         f::gelu::gelu_backward(dinp, inp, dout);
         Ok(())
     }
     fn residual_forward(&self, out: &mut CpuBuf, a: &CpuBuf, b: &CpuBuf) -> Result<()> {
+        let _time = Timer::start("residual_forward");
         check("residual_forward", "a", a.len(), out.len())?;
         f::ops::residual_forward(out, a, b);
         Ok(())
@@ -349,6 +376,7 @@ impl Backend for Cpu {
         n: usize,
         v: usize,
     ) -> Result<()> {
+        let _time = Timer::start("cross_entropy_forward");
         check("cross_entropy_forward", "logits", logits.len(), n * v)?;
         f::ops::cross_entropy_forward(losses, logits, targets, n, v);
         Ok(())
@@ -362,6 +390,7 @@ impl Backend for Cpu {
         n: usize,
         v: usize,
     ) -> Result<()> {
+        let _time = Timer::start("cross_entropy_backward");
         check("cross_entropy_backward", "logits", logits.len(), n * v)?;
         f::ops::cross_entropy_backward(dlogits, logits, targets, scale, n, v);
         Ok(())
@@ -376,6 +405,7 @@ impl Backend for Cpu {
         step: u32,
         clip_scale: Option<f32>,
     ) -> Result<()> {
+        let _time = Timer::start("optimizer_step");
         check("optimizer_step", "grads", grads.len(), params.len())?;
         check("optimizer_step", "m", m.len(), params.len())?;
         check("optimizer_step", "v", v.len(), params.len())?;
@@ -391,6 +421,7 @@ impl Backend for Cpu {
         v: &mut CpuBuf,
         step: u32,
     ) -> Result<()> {
+        let _time = Timer::start("adamw");
         check("adamw", "grads", grads.len(), params.len())?;
         f::ops::adamw(cfg, params, grads, m, v, step);
         Ok(())

@@ -7,6 +7,7 @@ mod cpu;
 mod cuda;
 mod cuda_buf;
 mod cuda_peer;
+pub mod op_profile;
 mod pool;
 pub mod scratch;
 

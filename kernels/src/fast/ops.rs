@@ -321,6 +321,19 @@ pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
     });
 }
 
+/// `dst = value` everywhere, on the pool (a fill is bound by memory bandwidth, which one core does not saturate).
+pub fn fill(dst: &mut [f32], value: f32) {
+    for_chunks(dst, chunk_rows(dst.len(), 1, 16 * 1024, 64), |_, d| d.fill(value));
+}
+
+/// `dst = src`, on the pool (as [`fill`]).
+pub fn copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(src.len(), dst.len(), "copy: src must have the length of dst");
+    for_chunks(dst, chunk_rows(src.len(), 1, 16 * 1024, 64), |start, d| {
+        d.copy_from_slice(&src[start..start + d.len()])
+    });
+}
+
 /// `dst += src`.
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
     assert_eq!(src.len(), dst.len(), "add_assign: src must have the length of dst");
@@ -566,6 +579,23 @@ pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32],
 mod tests {
     use super::*;
     use crate::fast::testutil::{same, values};
+
+    /// The pooled fill and copy write every element, across chunk edges and for any thread count.
+    #[test]
+    fn fill_and_copy_cover_every_element() {
+        let _pool = crate::fast::testutil::pool_lock();
+        for threads in [1, 3] {
+            crate::fast::set_threads(threads);
+            for len in [0, 1, 16 * 1024 + 3, 200_001] {
+                let src = values(len, 21, 300.0);
+                let mut dst = vec![f32::NAN; len];
+                copy(&mut dst, &src);
+                assert!(same(&dst, &src), "copy of {len} on {threads} threads");
+                fill(&mut dst, -0.5);
+                assert!(dst.iter().all(|&x| x == -0.5), "fill of {len} on {threads} threads");
+            }
+        }
+    }
 
     /// The reference ops compiled for each instruction set (layer norm, residual, sums) give the reference's bits.
     #[test]
