@@ -33,14 +33,15 @@ const SPIN_US: u64 = 200;
 /// Pure spins (`spin_loop` hints) before a spinning thread starts yielding its core between checks.
 const SPINS_BEFORE_YIELD: u32 = 256;
 
-/// One op's tasks `0..count`, handed out in order to whichever thread asks next.
+/// One op's tasks `0..count`: the caller takes them from the front, workers from the back, so with two threads
+/// the caller runs the first part of every op and the worker the last part — rows 0.. of a product and of the
+/// layer norm after it on the same core, whose cache still holds them (measured: see BENCHMARKS.md).
 struct Job {
     /// The op's task. Its lifetime is erased: the caller that owns it does not return before every thread that
     /// saw the job has left it (`visitors`), see [`Pool::run`].
     task: *const (dyn Fn(usize) + Sync + 'static),
-    count: usize,
-    /// The next task index to hand out (indices at or past `count` mean no task left).
-    next: AtomicUsize,
+    /// The tasks not handed out yet, `front..back`, packed as `front << 32 | back`.
+    span: AtomicU64,
     /// Workers that may still read the job: incremented under the pool's lock when a worker takes the job from
     /// the list, decremented as the worker's last access.
     visitors: AtomicUsize,
@@ -51,15 +52,48 @@ struct Job {
     owner: Thread,
 }
 
+/// `front..back` packed for [`Job::span`].
+fn pack_span(front: usize, back: usize) -> u64 {
+    ((front as u64) << 32) | back as u64
+}
+
 impl Job {
-    /// Runs tasks until none is left; false when one of them panicked.
-    fn work(&self) -> bool {
+    /// Whether tasks are left to hand out.
+    fn open(&self) -> bool {
+        let span = self.span.load(Ordering::Relaxed);
+        (span >> 32) < (span & u64::from(u32::MAX))
+    }
+
+    /// Claims the next task from the front (the caller) or the back (workers).
+    fn claim(&self, from_back: bool) -> Option<usize> {
+        let mut span = self.span.load(Ordering::Relaxed);
+        loop {
+            let (front, back) = ((span >> 32) as usize, (span & u64::from(u32::MAX)) as usize);
+            if front >= back {
+                return None;
+            }
+            let (next, task) = if from_back {
+                (pack_span(front, back - 1), back - 1)
+            } else {
+                (pack_span(front + 1, back), front)
+            };
+            match self
+                .span
+                .compare_exchange_weak(span, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(task),
+                Err(now) => span = now,
+            }
+        }
+    }
+
+    /// Runs tasks until none is left, claiming from the front or the back; false when one of them panicked.
+    fn work(&self, from_back: bool) -> bool {
         let mut ok = true;
         loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= self.count {
+            let Some(i) = self.claim(from_back) else {
                 return ok;
-            }
+            };
             // SAFETY: `task` points to the caller's closure, alive until the caller returns from `Pool::run`, which
             // waits for every visitor (and runs its own tasks) first; the closure is `Sync`.
             let task = unsafe { &*self.task };
@@ -155,7 +189,7 @@ impl Shared {
         state.jobs.iter().copied().find(|j| {
             // SAFETY: jobs in the list are alive (see `JobRef`); we hold the lock.
             let job = unsafe { &*j.0 };
-            if job.next.load(Ordering::Relaxed) < job.count {
+            if job.open() {
                 job.visitors.fetch_add(1, Ordering::Relaxed);
                 true
             } else {
@@ -170,7 +204,7 @@ fn open(state: &State) -> bool {
     state.jobs.iter().any(|j| {
         // SAFETY: jobs in the list are alive (see `JobRef`); the caller holds the lock `state` came from.
         let job = unsafe { &*j.0 };
-        job.next.load(Ordering::Relaxed) < job.count
+        job.open()
     })
 }
 
@@ -191,7 +225,7 @@ fn worker(shared: Arc<Shared>) {
             let job = Shared::take(&shared.lock());
             if let Some(job) = job {
                 // SAFETY: registered as a visitor by `take`.
-                unsafe { &*job.0 }.work();
+                unsafe { &*job.0 }.work(true);
                 leave(job);
                 shared.release();
                 continue;
@@ -306,13 +340,13 @@ impl Pool {
             }
             return;
         }
+        assert!(u32::try_from(count).is_ok(), "an op of {count} tasks: at most 2^32 − 1");
         // SAFETY: only the lifetime is changed; this function does not return (or unwind) before no worker can
         // reach the job any more: it is removed from the list below and every visitor has left.
         let task: &(dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(task) };
         let job = Job {
             task,
-            count,
-            next: AtomicUsize::new(0),
+            span: AtomicU64::new(pack_span(0, count)),
             visitors: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             payload: Mutex::new(None),
@@ -328,13 +362,13 @@ impl Pool {
             }
         }
         let mut ok = true;
-        let tasks_left = || job.next.load(Ordering::Relaxed) < count;
+        let tasks_left = || job.open();
         if nested {
-            ok = job.work();
+            ok = job.work(false);
         }
         while tasks_left() {
             if self.shared.try_acquire() {
-                ok &= job.work();
+                ok &= job.work(false);
                 self.shared.release();
             } else if !spin_until(|| !tasks_left() || self.shared.tokens.load(Ordering::Relaxed) > 0) {
                 std::thread::park_timeout(Duration::from_micros(WAIT_SLICE_US));
@@ -520,6 +554,35 @@ pub fn for_each(count: usize, f: impl Fn(usize) + Sync) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The caller runs a prefix of an op's tasks and the workers the rest (the affinity that keeps an op's first
+    /// rows on the caller's core from one op to the next); every task runs once.
+    #[test]
+    fn the_caller_runs_the_front_and_the_workers_the_back() {
+        let _pool = crate::fast::testutil::pool_lock();
+        set_threads(3);
+        let caller = std::thread::current().id();
+        for _ in 0..50 {
+            let ran: Vec<Mutex<Option<bool>>> = (0..64).map(|_| Mutex::new(None)).collect();
+            for_each(64, |i| {
+                // Slow enough that the workers join in.
+                std::thread::sleep(Duration::from_micros(20));
+                let by_caller = std::thread::current().id() == caller;
+                assert!(
+                    ran[i].lock().expect("lock").replace(by_caller).is_none(),
+                    "task {i} ran twice"
+                );
+            });
+            let by_caller: Vec<bool> = ran.iter().map(|r| r.lock().expect("lock").expect("ran")).collect();
+            // (On a loaded machine the workers may take every task before the caller gets to one: prefix 0.)
+            let prefix = by_caller.iter().take_while(|&&c| c).count();
+            assert!(
+                by_caller[prefix..].iter().all(|&c| !c),
+                "the caller's tasks are not a prefix: {by_caller:?}"
+            );
+        }
+        set_threads(2);
+    }
 
     #[test]
     fn a_bound_stage_runs_on_its_own_pool() {
