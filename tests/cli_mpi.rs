@@ -72,11 +72,24 @@ mod with_mpi {
 
     /// The same training in one process, into a fresh directory named `name`.
     fn single_process(name: &str, layout: &[&str], model: &[String]) -> super::common::TmpDir {
+        single_process_with_log(name, layout, model).0
+    }
+
+    /// [`single_process`] and its standard error.
+    fn single_process_with_log(name: &str, layout: &[&str], model: &[String]) -> (super::common::TmpDir, String) {
         let out = tmp(SUITE, name);
         let args = train_args(layout, model, &out);
         let o = baton(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{name}: {}", err(&o));
-        out
+        (out, err(&o))
+    }
+
+    /// What the summary says each worker holds in AdamW moments (the end of its data-parallel line).
+    fn moments_per_worker(log: &str) -> Option<String> {
+        log.lines().find_map(|l| {
+            l.split_once("AdamW moments per worker")
+                .map(|(_, rest)| rest.to_string())
+        })
     }
 
     /// Every file of the final checkpoint `step` (manifest and stage files) is bitwise the same in both runs.
@@ -169,11 +182,17 @@ mod with_mpi {
                 &["--stages", "2", "--data-parallel", "2", "--zero", "1"][..],
             ),
         ] {
-            let single = single_process(&format!("{name}-single"), layout, &m);
+            let (single, single_log) = single_process_with_log(&format!("{name}-single"), layout, &m);
             let many = tmp(SUITE, &format!("{name}-mpi"));
             let o = mpi_train(np, layout, &m, &many);
             let e = err(&o);
             assert!(o.status.success(), "{name}: {e}");
+            // Rank 0's summary counts the moments of the workers other ranks run too.
+            assert_eq!(
+                moments_per_worker(&e),
+                moments_per_worker(&single_log),
+                "{name}: AdamW moments per worker"
+            );
             assert!(
                 e.contains(&format!("ranks: {np} processes")),
                 "{name}: the rank map is printed: {e}"
@@ -482,6 +501,35 @@ mod with_mpi {
         });
         assert!(named, "a rank names the stalled one: {e}");
         eprintln!("the job ended {ended_s:.1} s after rank 3 stopped (deadline 3 s)");
+    }
+
+    /// A non-finite value produced by a stage another rank runs is named by rank 0 as in one process, and every
+    /// rank skips the same step.
+    #[test]
+    fn a_non_finite_value_on_another_rank_is_named_and_skipped_everywhere() {
+        let m = model("3", "0");
+        let layout = ["--stages", "2"];
+        let fail = ("BATON_FAIL_AT", "stage:1,action:0,kind:nan,step:2");
+        let out = tmp(SUITE, "nan-mpi");
+        let o = mpirun(2)
+            .env(fail.0, fail.1)
+            .arg(env!("CARGO_BIN_EXE_baton"))
+            .args(train_args(&layout, &m, &out))
+            .output()
+            .expect("mpirun runs");
+        let e = err(&o);
+        assert!(o.status.success(), "{e}");
+        assert!(
+            e.contains("non-finite loss (first seen on stage 1); optimizer step skipped"),
+            "rank 0 names the stage rank 1 runs: {e}"
+        );
+        let skipped = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .filter(|l| l["skipped"] == true)
+            .count();
+        assert_eq!(skipped, 1, "{e}");
     }
 
     /// A bad rank count is refused by every rank with the reason, before anything is written.

@@ -1135,21 +1135,41 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Per replica, per stage: bytes of AdamW moments it holds (halved per replica by ZeRO-1 with two replicas).
+    /// A worker run by another process counts what it holds there: the moments (fp32, two per element) of the
+    /// parameters it steps, from the shapes every process knows.
     pub fn optimizer_bytes(&self) -> Vec<Vec<usize>> {
+        /// Bytes of both AdamW moments of one element (`zeros_state` is fp32 on every backend).
+        const MOMENT_BYTES_PER_ELEMENT: usize = 2 * std::mem::size_of::<f32>();
+        let sharded = self.sharded();
         self.replicas
             .iter()
-            .map(|rep| {
+            .enumerate()
+            .map(|(r, rep)| {
                 rep.stages
                     .iter()
                     .zip(rep.backends.iter())
-                    .map(|(stage, be)| {
-                        stage
-                            .parts
-                            .iter()
-                            .flat_map(|part| &part.layers)
-                            .flat_map(|l| l.params())
-                            .map(|p| be.bytes(&p.m) + be.bytes(&p.v))
-                            .sum()
+                    .enumerate()
+                    .map(|(s, (stage, be))| {
+                        if self.hosted[r][s] {
+                            return stage
+                                .parts
+                                .iter()
+                                .flat_map(|part| &part.layers)
+                                .flat_map(|l| l.params())
+                                .map(|p| be.bytes(&p.m) + be.bytes(&p.v))
+                                .sum();
+                        }
+                        let mut bytes = 0;
+                        for (c, part) in self.meta[s].iter().enumerate() {
+                            for (l, (_, params)) in part.layers.iter().enumerate() {
+                                for (pi, p) in params.iter().enumerate() {
+                                    if steps_on(&self.owners, sharded, r, s, (c, l, pi)) {
+                                        bytes += p.len * MOMENT_BYTES_PER_ELEMENT;
+                                    }
+                                }
+                            }
+                        }
+                        bytes
                     })
                     .collect()
             })
@@ -1618,12 +1638,15 @@ impl<B: Backend> Pipeline<B> {
         let mut mine: Vec<(usize, Vec<f64>)> = Vec::new();
         for (r, o) in outcomes.iter().enumerate() {
             for (s, o) in o.iter().enumerate().filter(|&(s, _)| self.hosted[r][s]) {
-                // [peak stashed, peak bytes, losses n, (micro-batch, loss) × n, (start, end, host) per span]
-                let mut v = vec![
-                    f64::from(o.peak_stashed),
-                    o.peak_stash_bytes as f64,
-                    o.losses.len() as f64,
-                ];
+                // [peak stashed, peak bytes, first non-finite value (1, when, action index; or 0, 0, 0), losses n,
+                //  (micro-batch, loss) × n, (start, end, host) per span]
+                let nonfinite = o
+                    .nonfinite
+                    .as_ref()
+                    .map_or([0.0, 0.0, 0.0], |n| [1.0, n.at_s, n.index as f64]);
+                let mut v = vec![f64::from(o.peak_stashed), o.peak_stash_bytes as f64];
+                v.extend(nonfinite);
+                v.push(o.losses.len() as f64);
                 v.extend(o.losses.iter().flat_map(|&(mb, l)| [f64::from(mb), l]));
                 v.extend(o.spans.iter().flat_map(|sp| [sp.start_s, sp.end_s, sp.host_s]));
                 mine.push((r * p + s, v));
@@ -1639,13 +1662,27 @@ impl<B: Backend> Pipeline<B> {
                 stage: s as u32,
                 what: format!("worker {w}'s step report is missing or short"),
             };
-            let (Some(o), [stashed, bytes, n, rest @ ..]) = (outcomes.get_mut(r).and_then(|o| o.get_mut(s)), &v[..])
+            let (Some(o), [stashed, bytes, nf, nf_at, nf_index, n, rest @ ..]) =
+                (outcomes.get_mut(r).and_then(|o| o.get_mut(s)), &v[..])
             else {
                 return Err(short());
             };
             let (losses, spans) = rest.split_at_checked(2 * *n as usize).ok_or_else(short)?;
             o.peak_stashed = *stashed as u32;
             o.peak_stash_bytes = *bytes as usize;
+            // The worker's first non-finite value, so every rank names the same stage (times are each process's
+            // own clock since its step began: the earliest is approximate across processes).
+            o.nonfinite = if *nf == 1.0 {
+                let index = *nf_index as usize;
+                let action = *self.schedule.actions[s].get(index).ok_or_else(short)?;
+                Some(crate::executor::NonFinite {
+                    at_s: *nf_at,
+                    index,
+                    action,
+                })
+            } else {
+                None
+            };
             o.losses = losses.chunks_exact(2).map(|t| (t[0] as u32, t[1])).collect();
             o.spans = self.schedule.actions[s]
                 .iter()
