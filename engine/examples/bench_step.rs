@@ -92,6 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
     if ops {
         let per_step = |x: f64| x / steps as f64;
         let table = baton_engine::backend::op_profile::take();
@@ -110,10 +111,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{:<28} {:>10.3} (median step {:.3} ms)",
             "all ops",
             per_step(total) * 1e3,
-            times[times.len() / 2] * 1e3
+            median * 1e3
         );
     }
-    let median = times[times.len() / 2];
     println!(
         "{{\"engine\": \"baton\", \"step_s\": {median:.6}, \"tokens_per_s\": {:.1}, \"peak_rss_bytes\": {}, \"threads\": {threads}, \"stages\": {stages}}}",
         (batch * seq) as f64 / median,

@@ -1159,17 +1159,13 @@ impl<B: Backend> Pipeline<B> {
                                 .map(|p| be.bytes(&p.m) + be.bytes(&p.v))
                                 .sum();
                         }
-                        let mut bytes = 0;
-                        for (c, part) in self.meta[s].iter().enumerate() {
-                            for (l, (_, params)) in part.layers.iter().enumerate() {
-                                for (pi, p) in params.iter().enumerate() {
-                                    if steps_on(&self.owners, sharded, r, s, (c, l, pi)) {
-                                        bytes += p.len * MOMENT_BYTES_PER_ELEMENT;
-                                    }
-                                }
-                            }
-                        }
-                        bytes
+                        self.meta[s]
+                            .iter()
+                            .enumerate()
+                            .flat_map(|(c, part)| part.params().map(move |((l, pi), p)| ((c, l, pi), p)))
+                            .filter(|&(slot, _)| steps_on(&self.owners, sharded, r, s, slot))
+                            .map(|(_, p)| p.len * MOMENT_BYTES_PER_ELEMENT)
+                            .sum()
                     })
                     .collect()
             })

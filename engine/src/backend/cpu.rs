@@ -77,7 +77,7 @@ impl Backend for Cpu {
         // A copy into the receiving stage's buffer, as on a device (a move would make the pool pointless here and
         // leave its sizing untested); bitwise exact.
         let mut out = pool.lease(buf.key(), || Ok::<_, EngineError>(vec![0.0; buf.len()]))?;
-        out.copy_from_slice(&buf);
+        f::ops::copy(&mut out, &buf);
         Ok(out)
     }
     fn synchronize(&self) -> Result<()> {
