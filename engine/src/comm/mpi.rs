@@ -992,6 +992,18 @@ impl<B: Backend> MpiGroup<B> {
         phase * n * n + a as i32 * n + b as i32
     }
 
+    /// Writes host `values` into member `m`'s buffer `buf`, which must hold exactly as many; `what(len)` names a
+    /// buffer of `len` elements that does not.
+    fn store(&self, m: usize, buf: &mut B::Buf, values: &[f32], what: impl FnOnce(usize) -> String) -> Result<()> {
+        let be = self.be(m)?;
+        let len = be.len(buf);
+        if len != values.len() {
+            return Err(self.err(m, what(len)));
+        }
+        let x = be.upload(values)?;
+        be.copy(buf, &x)
+    }
+
     fn err(&self, m: usize, reason: String) -> EngineError {
         EngineError::Comm {
             seam: "collective",
@@ -1155,9 +1167,7 @@ impl<B: Backend> Collective<B> for MpiGroup<B> {
             return Err(self.err(0, format!("the summed shards hold {} elements, not {len}", sum.len())));
         }
         for &(m, pos) in &order {
-            let be = self.be(m)?;
-            let x = be.upload(&sum)?;
-            be.copy(bufs[pos].1, &x)?;
+            self.store(m, bufs[pos].1, &sum, |n| format!("a buffer of {n} for a sum of {len}"))?;
         }
         self.finish(&mut pending, deadline, "all-reduce")
     }
@@ -1194,19 +1204,9 @@ impl<B: Backend> Collective<B> for MpiGroup<B> {
         };
         for &(m, pos) in &order {
             if m != root {
-                let be = self.be(m)?;
-                if be.len(bufs[pos].1) != values.len() {
-                    return Err(self.err(
-                        m,
-                        format!(
-                            "a buffer of {} for a broadcast of {}",
-                            be.len(bufs[pos].1),
-                            values.len()
-                        ),
-                    ));
-                }
-                let x = be.upload(&values)?;
-                be.copy(bufs[pos].1, &x)?;
+                self.store(m, bufs[pos].1, &values, |n| {
+                    format!("a buffer of {n} for a broadcast of {}", values.len())
+                })?;
             }
         }
         self.finish(&mut pending, deadline, "broadcast")
@@ -1240,12 +1240,9 @@ impl<B: Backend> Collective<B> for MpiGroup<B> {
                 .find(|(m, _)| *m == j)
                 .map(|&(_, p)| p)
                 .ok_or_else(|| self.err(j, "an owned shard's output was not given".into()))?;
-            let be = self.be(j)?;
-            if be.len(out[pos].1) != shard {
-                return Err(self.err(j, format!("an output of {} for a shard of {shard}", be.len(out[pos].1))));
-            }
-            let x = be.upload(&sum)?;
-            be.copy(out[pos].1, &x)?;
+            self.store(j, out[pos].1, &sum, |n| {
+                format!("an output of {n} for a shard of {shard}")
+            })?;
         }
         self.finish(&mut pending, deadline, "reduce-scatter")
     }
@@ -1266,19 +1263,9 @@ impl<B: Backend> Collective<B> for MpiGroup<B> {
         }
         let whole = all.concat();
         for &(m, pos) in &outs {
-            let be = self.be(m)?;
-            if be.len(out[pos].1) != whole.len() {
-                return Err(self.err(
-                    m,
-                    format!(
-                        "an output of {} for {} gathered elements",
-                        be.len(out[pos].1),
-                        whole.len()
-                    ),
-                ));
-            }
-            let x = be.upload(&whole)?;
-            be.copy(out[pos].1, &x)?;
+            self.store(m, out[pos].1, &whole, |n| {
+                format!("an output of {n} for {} gathered elements", whole.len())
+            })?;
         }
         self.finish(&mut pending, deadline, "all-gather")
     }
