@@ -321,15 +321,21 @@ pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
     });
 }
 
-/// `dst = value` everywhere, on the pool (a fill is bound by memory bandwidth, which one core does not saturate).
+/// Fewest elements per chunk of [`fill`] and [`copy`] (4 MiB of f32). A smaller buffer is filled or copied inline
+/// by the calling thread without waiting for one of the pool's compute tokens, as a plain copy would: transports
+/// and reducers copy small buffers while the stages compute, and must not queue behind them.
+pub const COPY_CHUNK_MIN: usize = 1 << 20;
+
+/// `dst = value` everywhere; on the pool for buffers past [`COPY_CHUNK_MIN`] (a fill is bound by memory
+/// bandwidth, which one core does not saturate).
 pub fn fill(dst: &mut [f32], value: f32) {
-    for_chunks(dst, chunk_rows(dst.len(), 1, 16 * 1024, 64), |_, d| d.fill(value));
+    for_chunks(dst, chunk_rows(dst.len(), 1, COPY_CHUNK_MIN, 64), |_, d| d.fill(value));
 }
 
-/// `dst = src`, on the pool (as [`fill`]).
+/// `dst = src`; on the pool for buffers past [`COPY_CHUNK_MIN`] (as [`fill`]).
 pub fn copy(dst: &mut [f32], src: &[f32]) {
     assert_eq!(src.len(), dst.len(), "copy: src must have the length of dst");
-    for_chunks(dst, chunk_rows(src.len(), 1, 16 * 1024, 64), |start, d| {
+    for_chunks(dst, chunk_rows(src.len(), 1, COPY_CHUNK_MIN, 64), |start, d| {
         d.copy_from_slice(&src[start..start + d.len()])
     });
 }
@@ -586,7 +592,7 @@ mod tests {
         let _pool = crate::fast::testutil::pool_lock();
         for threads in [1, 3] {
             crate::fast::set_threads(threads);
-            for len in [0, 1, 16 * 1024 + 3, 200_001] {
+            for len in [0, 1, 16 * 1024 + 3, 3 * COPY_CHUNK_MIN + 5] {
                 let src = values(len, 21, 300.0);
                 let mut dst = vec![f32::NAN; len];
                 copy(&mut dst, &src);
