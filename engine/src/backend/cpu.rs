@@ -211,6 +211,34 @@ impl Backend for Cpu {
         f::ops::layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c);
         Ok(())
     }
+    fn layernorm_backward_input_residual(
+        &self,
+        dinp: &mut CpuBuf,
+        dres: &CpuBuf,
+        dout: &CpuBuf,
+        inp: &CpuBuf,
+        weight: &CpuBuf,
+        mean: &CpuBuf,
+        rstd: &CpuBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "layernorm_backward_input_residual";
+        let _time = Timer::start(op);
+        for (name, len, want) in [
+            ("dinp", dinp.len(), n * c),
+            ("dres", dres.len(), n * c),
+            ("dout", dout.len(), n * c),
+            ("inp", inp.len(), n * c),
+            ("weight", weight.len(), c),
+            ("mean", mean.len(), n),
+            ("rstd", rstd.len(), n),
+        ] {
+            check(op, name, len, want)?;
+        }
+        f::ops::layernorm_backward_input_residual(dinp, dres, dout, inp, weight, mean, rstd, n, c);
+        Ok(())
+    }
     fn layernorm_backward_weight(
         &self,
         dweight: &mut CpuBuf,
@@ -255,6 +283,23 @@ impl Backend for Cpu {
         let _time = Timer::start("matmul_backward_input");
         check("matmul_backward_input", "dout", dout.len(), n * oc)?;
         f::gemm::matmul_backward_input(dinp, dout, weight, n, c, oc);
+        Ok(())
+    }
+    fn matmul_backward_input_overwrite(
+        &self,
+        dinp: &mut CpuBuf,
+        dout: &CpuBuf,
+        weight: &CpuBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "matmul_backward_input_overwrite";
+        let _time = Timer::start(op);
+        check(op, "dout", dout.len(), n * oc)?;
+        check(op, "weight", weight.len(), oc * c)?;
+        check(op, "dinp", dinp.len(), n * c)?;
+        f::gemm::matmul_backward_input_overwrite(dinp, dout, weight, n, c, oc);
         Ok(())
     }
     fn matmul_backward_weight(
@@ -350,6 +395,28 @@ impl Backend for Cpu {
         f::flash::attention_backward(dqkv, dout, qkv, out, att, b, t, c, nh);
         Ok(())
     }
+    fn attention_backward_overwrite(
+        &self,
+        dqkv: &mut CpuBuf,
+        dout: &CpuBuf,
+        qkv: &CpuBuf,
+        out: &CpuBuf,
+        att: &CpuBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let op = "attention_backward_overwrite";
+        let _time = Timer::start(op);
+        check(op, "dout", dout.len(), b * t * c)?;
+        check(op, "out", out.len(), b * t * c)?;
+        check(op, "stash", att.len(), f::flash::stash_len(b, t, nh))?;
+        check(op, "dqkv", dqkv.len(), b * t * 3 * c)?;
+        check(op, "qkv", qkv.len(), b * t * 3 * c)?;
+        f::flash::attention_backward_overwrite(dqkv, dout, qkv, out, att, b, t, c, nh);
+        Ok(())
+    }
     fn gelu_forward(&self, out: &mut CpuBuf, inp: &CpuBuf) -> Result<()> {
         let _time = Timer::start("gelu_forward");
         check("gelu_forward", "inp", inp.len(), out.len())?;
@@ -393,6 +460,31 @@ impl Backend for Cpu {
         let _time = Timer::start("cross_entropy_backward");
         check("cross_entropy_backward", "logits", logits.len(), n * v)?;
         f::ops::cross_entropy_backward(dlogits, logits, targets, scale, n, v);
+        Ok(())
+    }
+    fn cross_entropy_backward_overwrite(
+        &self,
+        dlogits: &mut CpuBuf,
+        logits: &CpuBuf,
+        targets: &Vec<u32>,
+        scale: f32,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        let op = "cross_entropy_backward_overwrite";
+        let _time = Timer::start(op);
+        check(op, "logits", logits.len(), n * v)?;
+        check(op, "dlogits", dlogits.len(), n * v)?;
+        check(op, "targets", targets.len(), n)?;
+        if let Some((row, &t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= v) {
+            return Err(EngineError::Backend {
+                backend: "cpu".into(),
+                op,
+                reason: format!("target {t} of row {row} is out of the vocabulary ({v})"),
+                source: None,
+            });
+        }
+        f::ops::cross_entropy_backward_overwrite(dlogits, logits, targets, scale, n, v);
         Ok(())
     }
     fn optimizer_step(

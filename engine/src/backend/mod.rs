@@ -188,6 +188,25 @@ pub trait Backend: Send + Sync + 'static {
         n: usize,
         c: usize,
     ) -> Result<()>;
+    /// `dinp = dres + ∂L/∂inp`, **overwriting** `dinp`: the gradient of a residual stream `x` whose branch
+    /// starts with this layer norm of `x`. Bitwise a copy of `dres` then [`Backend::layernorm_backward_input`]
+    /// (the default); a backend may copy each row while it is in cache.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_input_residual(
+        &self,
+        dinp: &mut Self::Buf,
+        dres: &Self::Buf,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        self.copy(dinp, dres)?;
+        self.layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c)
+    }
     /// `dweight += ∂L/∂weight`, `dbias += ∂L/∂bias`.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward_weight(
@@ -275,6 +294,21 @@ pub trait Backend: Send + Sync + 'static {
         c: usize,
         oc: usize,
     ) -> Result<()>;
+    /// `dinp = dout · weight`, **overwriting** `dinp` (a [`Backend::scratch`] buffer will do). By default a
+    /// zero fill then [`Backend::matmul_backward_input`]; a backend may skip the fill (the same values, but for
+    /// the sign of an exact zero).
+    fn matmul_backward_input_overwrite(
+        &self,
+        dinp: &mut Self::Buf,
+        dout: &Self::Buf,
+        weight: &Self::Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        self.fill_zero(dinp)?;
+        self.matmul_backward_input(dinp, dout, weight, n, c, oc)
+    }
     /// `dweight += doutᵀ · inp`, `dbias += Σ rows of dout`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward_weight(
@@ -319,6 +353,24 @@ pub trait Backend: Send + Sync + 'static {
         c: usize,
         nh: usize,
     ) -> Result<()>;
+    /// `dqkv = ∂L/∂qkv`, **overwriting** `dqkv`. Bitwise a zero fill then [`Backend::attention_backward`] (the
+    /// default); a backend may zero each part just before it accumulates into it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_overwrite(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        att: &Self::Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        self.fill_zero(dqkv)?;
+        self.attention_backward(dqkv, dout, qkv, out, att, b, t, c, nh)
+    }
     /// GELU (tanh form).
     fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
     /// `dinp += gelu'(inp) · dout`.
@@ -345,6 +397,21 @@ pub trait Backend: Send + Sync + 'static {
         n: usize,
         v: usize,
     ) -> Result<()>;
+    /// `dlogits = scale · (softmax(logits) − onehot(targets))`, **overwriting** `dlogits`. Bitwise a zero fill
+    /// then [`Backend::cross_entropy_backward`] (the default); a backend may zero each row as it reaches it.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_backward_overwrite(
+        &self,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Tokens,
+        scale: f32,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        self.fill_zero(dlogits)?;
+        self.cross_entropy_backward(dlogits, logits, targets, scale, n, v)
+    }
     /// The optimizer's whole work on one parameter: `grads *= clip_scale` (when given), one AdamW step, then
     /// `grads = 0`. By default those three ops; a backend may fuse them into one pass (bitwise the same).
     #[allow(clippy::too_many_arguments)]

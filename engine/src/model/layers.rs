@@ -489,11 +489,12 @@ impl<B: Backend> Layer<B> for Block<B> {
         // MLP branch.
         let mut dfc = be.scratch(n * 4 * c)?;
         be.matmul_backward_input_gelu(&mut dfc, &dout, self.w(FCPROJ_W), s.get(S_FC, &name)?, n, 4 * c, c)?;
-        let mut dln2 = be.zeros(n * c)?;
-        be.matmul_backward_input(&mut dln2, &dfc, self.w(FC_W), n, c, 4 * c)?;
-        let mut dx2 = be.duplicate(&dout)?;
-        be.layernorm_backward_input(
+        let mut dln2 = be.scratch(n * c)?;
+        be.matmul_backward_input_overwrite(&mut dln2, &dfc, self.w(FC_W), n, c, 4 * c)?;
+        let mut dx2 = be.scratch(n * c)?;
+        be.layernorm_backward_input_residual(
             &mut dx2,
+            &dout,
             &dln2,
             s.get(S_X2, &name)?,
             self.w(LN2_W),
@@ -503,10 +504,10 @@ impl<B: Backend> Layer<B> for Block<B> {
             c,
         )?;
         // Attention branch.
-        let mut datty = be.zeros(n * c)?;
-        be.matmul_backward_input(&mut datty, &dx2, self.w(PROJ_W), n, c, c)?;
-        let mut dqkv = be.zeros(n * 3 * c)?;
-        be.attention_backward(
+        let mut datty = be.scratch(n * c)?;
+        be.matmul_backward_input_overwrite(&mut datty, &dx2, self.w(PROJ_W), n, c, c)?;
+        let mut dqkv = be.scratch(n * 3 * c)?;
+        be.attention_backward_overwrite(
             &mut dqkv,
             &datty,
             s.get(S_QKV, &name)?,
@@ -517,11 +518,12 @@ impl<B: Backend> Layer<B> for Block<B> {
             c,
             nh,
         )?;
-        let mut dln1 = be.zeros(n * c)?;
-        be.matmul_backward_input(&mut dln1, &dqkv, self.w(QKV_W), n, c, 3 * c)?;
-        let mut dx = be.duplicate(&dx2)?;
-        be.layernorm_backward_input(
+        let mut dln1 = be.scratch(n * c)?;
+        be.matmul_backward_input_overwrite(&mut dln1, &dqkv, self.w(QKV_W), n, c, 3 * c)?;
+        let mut dx = be.scratch(n * c)?;
+        be.layernorm_backward_input_residual(
             &mut dx,
+            &dx2,
             &dln1,
             s.get(S_X, &name)?,
             self.w(LN1_W),
@@ -743,10 +745,10 @@ impl<B: Backend> Layer<B> for Head<B> {
     ) -> Result<Option<B::Buf>> {
         let targets = mb.target_tokens("head")?;
         let (n, c, v) = (mb.b * mb.t, self.c, self.v);
-        let mut dlogits = be.zeros(n * v)?;
-        be.cross_entropy_backward(&mut dlogits, &s.take(HS_LOGITS, "head")?, targets, mb.loss_scale, n, v)?;
-        let mut dlnf = be.zeros(n * c)?;
-        be.matmul_backward_input(&mut dlnf, &dlogits, &self.params[H_WTE].value, n, c, v)?;
+        let mut dlogits = be.scratch(n * v)?;
+        be.cross_entropy_backward_overwrite(&mut dlogits, &s.take(HS_LOGITS, "head")?, targets, mb.loss_scale, n, v)?;
+        let mut dlnf = be.scratch(n * c)?;
+        be.matmul_backward_input_overwrite(&mut dlnf, &dlogits, &self.params[H_WTE].value, n, c, v)?;
         let mut dx = be.zeros(n * c)?;
         be.layernorm_backward_input(
             &mut dx,

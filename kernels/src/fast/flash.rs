@@ -10,51 +10,11 @@
 //! same for any thread count. Within a few ulp of the reference [`crate::cpu::attention`] (tested in f64).
 
 use super::pool::{for_chunks, for_each, Chunks};
-use super::vector::{exp, multiversion, Isa};
-
-/// Lanes of the row reductions (max, sum of exponentials): element `j` goes to accumulator `j mod LANES`.
-const LANES: usize = 16;
+use super::vector::{exp, lane_max, lane_sum, multiversion, Isa};
 
 /// Elements of the forward's stash for `b` batch rows, `t` tokens and `nh` heads: one log-sum-exp per row.
 pub fn stash_len(b: usize, t: usize, nh: usize) -> usize {
     b * nh * t
-}
-
-#[inline(always)]
-fn lane_max(x: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut groups = x.chunks_exact(LANES);
-    for g in &mut groups {
-        for (a, &v) in m.iter_mut().zip(g) {
-            *a = a.max(v);
-        }
-    }
-    for (a, &v) in m.iter_mut().zip(groups.remainder()) {
-        *a = a.max(v);
-    }
-    m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
-}
-
-#[inline(always)]
-fn lane_sum(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut groups = x.chunks_exact(LANES);
-    for g in &mut groups {
-        for (a, &v) in acc.iter_mut().zip(g) {
-            *a += v;
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(groups.remainder()) {
-        *a += v;
-    }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for k in 0..width {
-            acc[k] += acc[k + width];
-        }
-    }
-    acc[0]
 }
 
 /// Query rows per block: scores are computed block by block against the keys up to the block's last row, so the
@@ -312,6 +272,39 @@ pub fn attention_backward(
     c: usize,
     nh: usize,
 ) {
+    backward(dqkv, dout, qkv, out, lse, b, t, c, nh, false)
+}
+
+/// [`attention_backward`] into a `dqkv` whose contents are ignored: each task zeroes its batch row just before
+/// accumulating into it (in cache, on the pool), bitwise zeroing `dqkv` and then [`attention_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_overwrite(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
+    backward(dqkv, dout, qkv, out, lse, b, t, c, nh, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    overwrite: bool,
+) {
     let hs = check(c, nh, "flash attention_backward");
     assert_eq!(
         dqkv.len(),
@@ -343,6 +336,9 @@ pub fn attention_backward(
     }
     let isa = Isa::best();
     for_chunks(dqkv, t * 3 * c, |start, dx| {
+        if overwrite {
+            dx.fill(0.0);
+        }
         let bi = start / (t * 3 * c);
         let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
         let g = &dout[bi * t * c..(bi + 1) * t * c];
@@ -391,6 +387,12 @@ mod tests {
                 assert!(rel(&o, &o64) < 1e-6, "forward b={b} t={t}: {}", rel(&o, &o64));
                 let mut dx = vec![0.0f32; b * t * 3 * c];
                 attention_backward(&mut dx, &dout, &qkv, &o, &l, b, t, c, nh);
+                let mut dx_over = vec![f32::NAN; b * t * 3 * c];
+                attention_backward_overwrite(&mut dx_over, &dout, &qkv, &o, &l, b, t, c, nh);
+                assert!(
+                    dx_over.iter().zip(&dx).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "overwriting differs from zeroing then accumulating"
+                );
                 assert!(rel(&dx, &dx64) < 1e-5, "backward b={b} t={t}: {}", rel(&dx, &dx64));
                 match &first {
                     None => first = Some((o, dx)),

@@ -27,7 +27,7 @@ fn sigmoid_pair(z: f32) -> (f32, f32) {
 
 multiversion! {
     /// `out = gelu(inp)` on one chunk.
-    fn forward_chunk(out: &mut [f32], inp: &[f32]) {
+    pub(crate) fn forward_chunk(out: &mut [f32], inp: &[f32]) {
         for (o, &x) in out.iter_mut().zip(inp) {
             let u = SQRT_2_OVER_PI * (GELU_COEF * x * x).mul_add(x, x);
             *o = x * sigmoid_pair(2.0 * u).0;
@@ -56,7 +56,7 @@ multiversion! {
 
 multiversion! {
     /// `d = gelu'(inp) · d` on one chunk (as `backward_chunk` from a zeroed `dinp`, bit for bit).
-    fn backward_in_place_chunk(d: &mut [f32], inp: &[f32]) {
+    pub(crate) fn backward_in_place_chunk(d: &mut [f32], inp: &[f32]) {
         for (d, &x) in d.iter_mut().zip(inp) {
             *d = grad(x).mul_add(*d, 0.0);
         }

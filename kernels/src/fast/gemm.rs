@@ -1,6 +1,7 @@
 //! Matrix products on the pool: the single-threaded `matrixmultiply` kernel on shape-determined blocks of the
-//! output (rows when the right operand is the smaller one to re-pack, else columns), with the bias preloaded into
-//! the output; the MLP's GELU forms run the product and then the threaded, vectorised GELU.
+//! output (rows when the right operand is the smaller one to re-pack, else columns). Each task preloads the bias
+//! into its block and, in the MLP's GELU forms, applies the vectorised GELU (or its derivative) to the block it
+//! has just computed, while it is in that core's cache.
 //!
 //! `matrixmultiply` accumulates every output element over `k` in the same blocks and order however the output is
 //! cut, so a blocked product is bitwise the single call for any cut (tested on many shapes): the cut follows the
@@ -37,7 +38,13 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
+/// Work a task does on each row of its block of `C` before or after the product: called with the row's index,
+/// the block's first column and the block's part of the row.
+type RowHook<'h> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'h;
+
 /// `C = A·B + beta·C`, `C` row-major `m × n` (`beta` 0 or 1), `A` `m × k` and `B` `k × n` with any strides.
+/// Each task runs `before` on its block's rows, the product, then `after` (both elementwise per row, so the
+/// result is the same bits however C is cut), while the block is in its core's cache.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     m: usize,
@@ -49,6 +56,8 @@ fn gemm(
     (rsb, csb): (usize, usize),
     beta: f32,
     c: &mut [f32],
+    before: Option<&RowHook>,
+    after: Option<&RowHook>,
 ) {
     assert!(a.len() >= extent(m, k, rsa, csa), "gemm: A is shorter than its shape");
     assert!(b.len() >= extent(k, n, rsb, csb), "gemm: B is shorter than its shape");
@@ -74,6 +83,17 @@ fn gemm(
         } else {
             (0, start, m, len)
         };
+        let hook = |f: &RowHook| {
+            for r in r0..r0 + rows {
+                // SAFETY: row `r`'s columns `c0..c0 + cols` lie inside C (`r < m`, `c0 + cols ≤ n`) and inside
+                // this task's block, which no other task touches (see below); no other reference to them lives.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.at(r * n + c0), cols) };
+                f(r, c0, row);
+            }
+        };
+        if let Some(f) = before {
+            hook(f);
+        }
         // SAFETY: the asserts above bound every element of A, B and C that (m, k, n) and the strides address;
         // block (r0, c0, rows, cols) lies inside C, and blocks of distinct `i` are disjoint (they cut one side of
         // C into non-overlapping ranges), so each element of C is written by one task; A and B are only read.
@@ -96,6 +116,9 @@ fn gemm(
                 1,
             );
         }
+        if let Some(f) = after {
+            hook(f);
+        }
     });
 }
 
@@ -112,15 +135,29 @@ pub fn matmul_forward(
     assert_eq!(out.len(), n * oc, "matmul_forward: out must have n*oc elements");
     assert_eq!(inp.len(), n * c, "matmul_forward: inp must have n*c elements");
     assert_eq!(weight.len(), oc * c, "matmul_forward: weight must have oc*c elements");
-    let beta = match bias {
+    forward(out, inp, weight, bias, n, c, oc, None);
+}
+
+/// `out = inp · weightᵀ + bias` with the bias preloaded into each task's block (β = 1) and `after` run on it.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+    after: Option<&RowHook>,
+) {
+    match bias {
         Some(bias) => {
             assert_eq!(bias.len(), oc, "matmul_forward: bias must have oc elements");
-            out.chunks_exact_mut(oc).for_each(|row| row.copy_from_slice(bias));
-            1.0
+            let preload = |_: usize, c0: usize, row: &mut [f32]| row.copy_from_slice(&bias[c0..c0 + row.len()]);
+            gemm(n, c, oc, inp, (c, 1), weight, (1, c), 1.0, out, Some(&preload), after);
         }
-        None => 0.0,
-    };
-    gemm(n, c, oc, inp, (c, 1), weight, (1, c), beta, out);
+        None => gemm(n, c, oc, inp, (c, 1), weight, (1, c), 0.0, out, None, after),
+    }
 }
 
 /// `out = gelu(pre)`, `pre = inp · weightᵀ + bias` (both (N, OC), overwritten): the MLP's up-projection with the
@@ -137,24 +174,40 @@ pub fn matmul_gelu_forward(
     oc: usize,
 ) {
     assert_eq!(out.len(), n * oc, "matmul_gelu_forward: out must have n*oc elements");
-    matmul_forward(pre, inp, weight, bias, n, c, oc);
-    gelu::gelu_forward(out, pre);
+    assert_eq!(pre.len(), n * oc, "matmul_gelu_forward: pre must have n*oc elements");
+    assert_eq!(inp.len(), n * c, "matmul_gelu_forward: inp must have n*c elements");
+    assert_eq!(
+        weight.len(),
+        oc * c,
+        "matmul_gelu_forward: weight must have oc*c elements"
+    );
+    let (isa, dst) = (Isa::best(), Out(out.as_mut_ptr()));
+    let act = |r: usize, c0: usize, pre_row: &mut [f32]| {
+        // SAFETY: `out` has the shape of `pre` (asserted) and this row segment of it belongs to this task's
+        // block alone, as the segment of `pre` it is computed from.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * oc + c0), pre_row.len()) };
+        gelu::forward_chunk(isa, o, pre_row);
+    };
+    forward(pre, inp, weight, bias, n, c, oc, Some(&act));
 }
 
 /// `dinp += dout · weight`: `dinp` (N, C), `dout` (N, OC), `weight` (OC, C).
 pub fn matmul_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], n: usize, c: usize, oc: usize) {
-    assert_eq!(dinp.len(), n * c, "matmul_backward_input: dinp must have n*c elements");
-    assert_eq!(
-        dout.len(),
-        n * oc,
-        "matmul_backward_input: dout must have n*oc elements"
-    );
-    assert_eq!(
-        weight.len(),
-        oc * c,
-        "matmul_backward_input: weight must have oc*c elements"
-    );
-    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), 1.0, dinp);
+    input_grad(dinp, dout, weight, n, c, oc, 1.0, "matmul_backward_input");
+}
+
+/// `dinp = dout · weight`, overwriting `dinp` (whatever it held; no zeroing pass): the same bits as zeroing it
+/// and then [`matmul_backward_input`], but for the sign of an exact zero (`+0 + −0` is `+0`).
+pub fn matmul_backward_input_overwrite(dinp: &mut [f32], dout: &[f32], weight: &[f32], n: usize, c: usize, oc: usize) {
+    input_grad(dinp, dout, weight, n, c, oc, 0.0, "matmul_backward_input_overwrite");
+}
+
+#[allow(clippy::too_many_arguments)]
+fn input_grad(dinp: &mut [f32], dout: &[f32], weight: &[f32], n: usize, c: usize, oc: usize, beta: f32, op: &str) {
+    assert_eq!(dinp.len(), n * c, "{op}: dinp must have n*c elements");
+    assert_eq!(dout.len(), n * oc, "{op}: dout must have n*oc elements");
+    assert_eq!(weight.len(), oc * c, "{op}: weight must have oc*c elements");
+    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), beta, dinp, None, None);
 }
 
 /// `dinp = gelu'(pre) ∘ (dout · weight)` (overwritten): `dinp`, `pre` (N, C), `dout` (N, OC), `weight` (OC, C).
@@ -188,9 +241,12 @@ pub fn matmul_backward_input_gelu(
         oc * c,
         "matmul_backward_input_gelu: weight must have oc*c elements"
     );
-    // The product overwrites `dinp` (beta 0), then the GELU's derivative scales it in place.
-    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), 0.0, dinp);
-    gelu::gelu_backward_in_place(dinp, pre);
+    // The product overwrites `dinp` (beta 0), then the GELU's derivative scales each block in place.
+    let isa = Isa::best();
+    let act = |r: usize, c0: usize, d: &mut [f32]| {
+        gelu::backward_in_place_chunk(isa, d, &pre[r * c + c0..r * c + c0 + d.len()]);
+    };
+    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), 0.0, dinp, None, Some(&act));
 }
 
 multiversion! {
@@ -228,7 +284,7 @@ pub fn matmul_backward_weight(
         "matmul_backward_weight: dout must have n*oc elements"
     );
     assert_eq!(inp.len(), n * c, "matmul_backward_weight: inp must have n*c elements");
-    gemm(oc, n, c, dout, (1, oc), inp, (c, 1), 1.0, dweight);
+    gemm(oc, n, c, dout, (1, oc), inp, (c, 1), 1.0, dweight, None, None);
     if let Some(dbias) = dbias {
         assert_eq!(dbias.len(), oc, "matmul_backward_weight: dbias must have oc elements");
         let per = chunk_rows(oc, n, 64, 16);
@@ -302,6 +358,29 @@ mod tests {
             cpu::matmul_backward_input(&mut want_di, &dout, &w, n, c, oc);
             matmul_backward_input(&mut got_di, &dout, &w, n, c, oc);
             assert_eq!(bits(&got_di), bits(&want_di), "backward input n={n} c={c} oc={oc}");
+            // The GELU forms apply the GELU to each task's block: bitwise the product, then the GELU pass.
+            let (mut pre, mut act) = (vec![f32::NAN; n * oc], vec![f32::NAN; n * oc]);
+            matmul_gelu_forward(&mut act, &mut pre, &inp, &w, Some(&b), n, c, oc);
+            let mut want_act = vec![f32::NAN; n * oc];
+            gelu::gelu_forward(&mut want_act, &want);
+            assert_eq!(bits(&pre), bits(&want), "gelu forward's pre n={n} c={c} oc={oc}");
+            assert_eq!(bits(&act), bits(&want_act), "gelu forward n={n} c={c} oc={oc}");
+            let pre_in = values(n * c, 8, 300.0);
+            let mut got_g = vec![f32::NAN; n * c];
+            matmul_backward_input_gelu(&mut got_g, &dout, &w, &pre_in, n, c, oc);
+            let mut want_g = vec![0.0; n * c];
+            cpu::matmul_backward_input(&mut want_g, &dout, &w, n, c, oc);
+            gelu::gelu_backward_in_place(&mut want_g, &pre_in);
+            assert_eq!(bits(&got_g), bits(&want_g), "gelu backward input n={n} c={c} oc={oc}");
+            // Overwriting ignores what the output held (NaN here) and equals zeroing then accumulating.
+            let (mut want_over, mut got_over) = (vec![0.0; n * c], vec![f32::NAN; n * c]);
+            cpu::matmul_backward_input(&mut want_over, &dout, &w, n, c, oc);
+            matmul_backward_input_overwrite(&mut got_over, &dout, &w, n, c, oc);
+            assert_eq!(
+                bits(&got_over),
+                bits(&want_over),
+                "overwriting input n={n} c={c} oc={oc}"
+            );
             let (mut want_dw, mut got_dw) = (values(oc * c, 6, 1000.0), values(oc * c, 6, 1000.0));
             let (mut want_db, mut got_db) = (values(oc, 7, 1000.0), values(oc, 7, 1000.0));
             cpu::matmul_backward_weight(&mut want_dw, Some(&mut want_db), &dout, &inp, n, c, oc);

@@ -1,9 +1,12 @@
-//! The row-wise ops on the pool: each calls the reference op of [`crate::cpu`] on shape-determined chunks of
-//! independent rows (or, for sums over rows, on chunks of columns with the rows in order), so the results are
-//! bitwise the reference's for any thread count.
+//! The row-wise ops on the pool, on shape-determined chunks of independent rows (or, for sums over rows, on
+//! chunks of columns with the rows in order), so the results are the same bits for any thread count. Most run the
+//! reference op of [`crate::cpu`] compiled for the instruction set, bitwise the reference; the layer norm's and
+//! the cross-entropy's row sums go in the fixed lane pattern of [`LANES`] instead of one long chain (vectorised,
+//! within a few ulp of the reference, the same bits on every instruction set; tested against the reference in
+//! f64).
 
 use super::pool::{chunk_rows, for_chunks, for_each, Chunks};
-use super::vector::{multiversion, Isa};
+use super::vector::{exp, lane_combine, lane_max, lane_sum, lane_sum_of, multiversion, Isa, LANES};
 use crate::cpu;
 
 /// Elements per partial sum of [`sum_squares`] (fixed: the sum's association depends on nothing else).
@@ -29,8 +32,29 @@ multiversion! {
     }
 }
 
+/// The layer norm's ε in `f32` (the reference's [`cpu::LAYERNORM_EPS`]).
+const LN_EPS: f32 = cpu::LAYERNORM_EPS as f32;
+
+/// Layer norm of rows `inp` (each `c` long) into `out`, with each row's mean and `1/σ`: the formula of
+/// [`cpu::layernorm_forward`], its two row sums (of `x` and of `(x − mean)²`) in the fixed lane pattern.
+#[inline(always)]
+fn ln_rows(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+    let cf = c as f32;
+    let rows = inp.chunks_exact(c).zip(out.chunks_exact_mut(c));
+    for ((x, o), (mean, rstd)) in rows.zip(mean.iter_mut().zip(rstd.iter_mut())) {
+        let m = lane_sum(x) / cf;
+        let var = lane_sum_of(x, |v| (v - m) * (v - m)) / cf;
+        let r = 1.0 / (var + LN_EPS).sqrt();
+        for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+            *o = (v - m) * r * w + b;
+        }
+        *mean = m;
+        *rstd = r;
+    }
+}
+
 multiversion! {
-    /// [`cpu::layernorm_forward`] compiled for the instruction set (the same operations: bitwise).
+    /// [`ln_rows`] compiled for the instruction set (the rows of one task).
     fn ln_forward(
         out: &mut [f32],
         mean: &mut [f32],
@@ -38,15 +62,14 @@ multiversion! {
         inp: &[f32],
         weight: &[f32],
         bias: &[f32],
-        n: usize,
         c: usize,
     ) {
-        cpu::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c)
+        ln_rows(out, mean, rstd, inp, weight, bias, c)
     }
 }
 
 multiversion! {
-    /// [`cpu::residual_forward`] then [`cpu::layernorm_forward`] of the sum, compiled for the instruction set.
+    /// [`cpu::residual_forward`] then [`ln_rows`] of the sum, compiled for the instruction set.
     fn residual_ln_forward(
         sum: &mut [f32],
         out: &mut [f32],
@@ -59,23 +82,51 @@ multiversion! {
         c: usize,
     ) {
         cpu::residual_forward(sum, a, b);
-        cpu::layernorm_forward(out, mean, rstd, sum, weight, bias, mean.len(), c)
+        ln_rows(out, mean, rstd, sum, weight, bias, c)
     }
 }
 
 multiversion! {
-    /// [`cpu::layernorm_backward_input`] compiled for the instruction set.
+    /// `dinp += ∂L/∂inp` of rows of the layer norm, after `dinp = dres` when a residual gradient is given: the
+    /// formula of [`cpu::layernorm_backward_input`], its two row sums (of `g = dout·w` and of `g·x̂`) in the fixed
+    /// lane pattern.
     fn ln_backward_input(
         dinp: &mut [f32],
+        dres: Option<&[f32]>,
         dout: &[f32],
         inp: &[f32],
         weight: &[f32],
         mean: &[f32],
         rstd: &[f32],
-        n: usize,
         c: usize,
     ) {
-        cpu::layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c)
+        let cf = c as f32;
+        for (i, (&m, &r)) in mean.iter().zip(rstd).enumerate() {
+            let row = i * c..(i + 1) * c;
+            let (x, d, di) = (&inp[row.clone()], &dout[row.clone()], &mut dinp[row.clone()]);
+            let (mut gs, mut gxs) = ([0.0f32; LANES], [0.0f32; LANES]);
+            let (mut xg, mut dg, mut wg) = (x.chunks_exact(LANES), d.chunks_exact(LANES), weight.chunks_exact(LANES));
+            for ((xs, ds), ws) in (&mut xg).zip(&mut dg).zip(&mut wg) {
+                for (k, ((&v, &dv), &w)) in xs.iter().zip(ds).zip(ws).enumerate() {
+                    let g = dv * w;
+                    gs[k] += g;
+                    gxs[k] += g * (v - m) * r;
+                }
+            }
+            let tail = xg.remainder().iter().zip(dg.remainder()).zip(wg.remainder());
+            for (k, ((&v, &dv), &w)) in tail.enumerate() {
+                let g = dv * w;
+                gs[k] += g;
+                gxs[k] += g * (v - m) * r;
+            }
+            let (g_mean, gx_mean) = (lane_combine(gs) / cf, lane_combine(gxs) / cf);
+            if let Some(res) = dres {
+                di.copy_from_slice(&res[row]);
+            }
+            for (((o, &v), &dv), &w) in di.iter_mut().zip(x).zip(d).zip(weight) {
+                *o += (dv * w - g_mean - (v - m) * r * gx_mean) * r;
+            }
+        }
     }
 }
 
@@ -153,7 +204,8 @@ pub fn scale(x: &mut [f32], alpha: f32) {
     });
 }
 
-/// Layer norm: `out`, `inp` (N, C); `mean`, `rstd` (N); `weight`, `bias` (C).
+/// Layer norm: `out`, `inp` (N, C); `mean`, `rstd` (N); `weight`, `bias` (C). The row sums go in the fixed lane
+/// pattern (within a few ulp of [`cpu::layernorm_forward`]).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     out: &mut [f32],
@@ -185,12 +237,12 @@ pub fn layernorm_forward(
         let (o, m, r) = unsafe { (outs.get(i), means.get(i), rstds.get(i)) };
         let rows = m.len();
         let x = &inp[i * per * c..(i * per + rows) * c];
-        ln_forward(isa, o, m, r, x, weight, bias, rows, c);
+        ln_forward(isa, o, m, r, x, weight, bias, c);
     });
 }
 
 /// `sum = a + b` and the layer norm of `sum`, chunk by chunk of rows, each row in cache for both: bitwise
-/// [`residual_forward`] then [`layernorm_forward`].
+/// [`residual_forward`] then [`layernorm_forward`] (tested).
 #[allow(clippy::too_many_arguments)]
 pub fn residual_layernorm_forward(
     sum: &mut [f32],
@@ -227,7 +279,8 @@ pub fn residual_layernorm_forward(
     });
 }
 
-/// `dinp += ∂L/∂inp` of the layer norm (rows independent).
+/// `dinp += ∂L/∂inp` of the layer norm (rows independent; the row sums in the fixed lane pattern, within a few
+/// ulp of [`cpu::layernorm_backward_input`]).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward_input(
     dinp: &mut [f32],
@@ -239,11 +292,64 @@ pub fn layernorm_backward_input(
     n: usize,
     c: usize,
 ) {
-    assert!(c > 0, "layernorm_backward_input: c must be positive");
+    ln_backward_input_rows(
+        dinp,
+        None,
+        dout,
+        inp,
+        weight,
+        mean,
+        rstd,
+        n,
+        c,
+        "layernorm_backward_input",
+    );
+}
+
+/// `dinp = dres + ∂L/∂inp` of the layer norm, overwriting `dinp`: the gradient of a residual stream whose branch
+/// starts with this layer norm. Bitwise `dinp = dres` then [`layernorm_backward_input`], with each row copied
+/// while it is in cache.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_input_residual(
+    dinp: &mut [f32],
+    dres: &[f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    n: usize,
+    c: usize,
+) {
+    let op = "layernorm_backward_input_residual";
+    assert_eq!(dres.len(), n * c, "{op}: dres must have n*c elements");
+    ln_backward_input_rows(dinp, Some(dres), dout, inp, weight, mean, rstd, n, c, op);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ln_backward_input_rows(
+    dinp: &mut [f32],
+    dres: Option<&[f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    n: usize,
+    c: usize,
+    op: &str,
+) {
+    assert!(c > 0, "{op}: c must be positive");
     assert_eq!(
-        dinp.len(),
-        n * c,
-        "layernorm_backward_input: dinp must have n*c elements"
+        (dinp.len(), dout.len(), inp.len()),
+        (n * c, n * c, n * c),
+        "{op}: dinp, dout and inp must have n*c elements"
+    );
+    assert_eq!(weight.len(), c, "{op}: weight must have c elements");
+    assert_eq!(
+        (mean.len(), rstd.len()),
+        (n, n),
+        "{op}: mean and rstd must have n elements"
     );
     let per = chunk_rows(n, 10 * c, 1, 1);
     let isa = Isa::best();
@@ -253,12 +359,12 @@ pub fn layernorm_backward_input(
         ln_backward_input(
             isa,
             di,
+            dres.map(|r| &r[range.clone()]),
             &dout[range.clone()],
             &inp[range],
             weight,
             &mean[r0..r0 + rows],
             &rstd[r0..r0 + rows],
-            rows,
             c,
         );
     });
@@ -364,42 +470,11 @@ pub fn embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f3
     });
 }
 
-/// Lanes of the row reductions of the cross-entropy: element `j` of a row goes to accumulator `j mod LANES`, and the
-/// accumulators are combined pairwise, so the sum is the same on every instruction set.
-const LANES: usize = 16;
-
 /// `(max, Σ e^{x − max})` of one row, in the fixed lane pattern.
 #[inline(always)]
 fn row_max_sum_exp(row: &[f32]) -> (f32, f32) {
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut groups = row.chunks_exact(LANES);
-    for g in &mut groups {
-        for (a, &x) in m.iter_mut().zip(g) {
-            *a = a.max(x);
-        }
-    }
-    for (a, &x) in m.iter_mut().zip(groups.remainder()) {
-        *a = a.max(x);
-    }
-    let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut acc = [0.0f32; LANES];
-    let mut groups = row.chunks_exact(LANES);
-    for g in &mut groups {
-        for (a, &x) in acc.iter_mut().zip(g) {
-            *a += super::vector::exp(x - max);
-        }
-    }
-    for (a, &x) in acc.iter_mut().zip(groups.remainder()) {
-        *a += super::vector::exp(x - max);
-    }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for k in 0..width {
-            acc[k] += acc[k + width];
-        }
-    }
-    (max, acc[0])
+    let max = lane_max(row);
+    (max, lane_sum_of(row, |x| exp(x - max)))
 }
 
 multiversion! {
@@ -413,13 +488,17 @@ multiversion! {
 }
 
 multiversion! {
-    /// `dlogits += scale · (softmax − onehot)` on a chunk of rows, the softmax recomputed from the logits.
-    fn ce_backward_rows(dlogits: &mut [f32], logits: &[f32], targets: &[u32], scale: f32, v: usize) {
+    /// `dlogits += scale · (softmax − onehot)` on a chunk of rows, the softmax recomputed from the logits (each
+    /// row zeroed first when `overwrite`, while it is in cache).
+    fn ce_backward_rows(dlogits: &mut [f32], logits: &[f32], targets: &[u32], scale: f32, v: usize, overwrite: bool) {
         for ((drow, row), &t) in dlogits.chunks_exact_mut(v).zip(logits.chunks_exact(v)).zip(targets) {
+            if overwrite {
+                drow.fill(0.0);
+            }
             let (max, sum) = row_max_sum_exp(row);
             let k = scale / sum;
             for (d, &x) in drow.iter_mut().zip(row) {
-                *d = super::vector::exp(x - max).mul_add(k, *d);
+                *d = exp(x - max).mul_add(k, *d);
             }
             drow[t as usize] -= scale;
         }
@@ -453,6 +532,23 @@ pub fn cross_entropy_forward(losses: &mut [f32], logits: &[f32], targets: &[u32]
 
 /// `dlogits += scale · (softmax(logits) − onehot(targets))` per row, recomputing the softmax.
 pub fn cross_entropy_backward(dlogits: &mut [f32], logits: &[f32], targets: &[u32], scale: f32, n: usize, v: usize) {
+    ce_backward(dlogits, logits, targets, scale, n, v, false)
+}
+
+/// [`cross_entropy_backward`] into a `dlogits` whose contents are ignored: each chunk of rows is zeroed just
+/// before it is accumulated into (in cache, on the pool), bitwise zeroing `dlogits` first.
+pub fn cross_entropy_backward_overwrite(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+    scale: f32,
+    n: usize,
+    v: usize,
+) {
+    ce_backward(dlogits, logits, targets, scale, n, v, true)
+}
+
+fn ce_backward(dlogits: &mut [f32], logits: &[f32], targets: &[u32], scale: f32, n: usize, v: usize, overwrite: bool) {
     assert!(v > 0, "cross_entropy_backward: v must be positive");
     assert_eq!(
         dlogits.len(),
@@ -477,6 +573,7 @@ pub fn cross_entropy_backward(dlogits: &mut [f32], logits: &[f32], targets: &[u3
             &targets[r0..r0 + rows],
             scale,
             v,
+            overwrite,
         );
     });
 }
@@ -603,7 +700,9 @@ mod tests {
         }
     }
 
-    /// The reference ops compiled for each instruction set (layer norm, residual, sums) give the reference's bits.
+    /// The reference ops compiled for each instruction set (residual, sums, the layer norm's weight gradient)
+    /// give the reference's bits; the layer norm's lane-pattern rows give the portable build's bits on every
+    /// instruction set.
     #[test]
     fn every_instruction_set_runs_the_reference_arithmetic() {
         let (n, c) = (37, 100);
@@ -613,21 +712,22 @@ mod tests {
             values(c, 13, 900.0),
             values(n * c, 14, 300.0),
         );
+        let p = Isa::Portable;
         let (mut o0, mut m0, mut r0) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        cpu::layernorm_forward(&mut o0, &mut m0, &mut r0, &inp, &w, &b, n, c);
+        ln_forward(p, &mut o0, &mut m0, &mut r0, &inp, &w, &b, c);
         let mut s0 = vec![0.0; n * c];
         cpu::residual_forward(&mut s0, &inp, &dout);
         let (mut so0, mut sm0, mut sr0) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        cpu::layernorm_forward(&mut so0, &mut sm0, &mut sr0, &s0, &w, &b, n, c);
+        ln_forward(p, &mut so0, &mut sm0, &mut sr0, &s0, &w, &b, c);
         let mut d0 = values(n * c, 15, 300.0);
-        cpu::layernorm_backward_input(&mut d0, &dout, &inp, &w, &m0, &r0, n, c);
+        ln_backward_input(p, &mut d0, None, &dout, &inp, &w, &m0, &r0, c);
         let (mut dw0, mut db0) = (values(c, 16, 300.0), values(c, 17, 300.0));
         cpu::layernorm_backward_weight(&mut dw0, &mut db0, &dout, &inp, &m0, &r0, n, c);
         let plus: Vec<f32> = inp.iter().zip(&dout).map(|(x, y)| x + y).collect();
         let times: Vec<f32> = inp.iter().map(|x| x * 0.37).collect();
         for isa in Isa::available() {
             let (mut o, mut m, mut r) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-            ln_forward(isa, &mut o, &mut m, &mut r, &inp, &w, &b, n, c);
+            ln_forward(isa, &mut o, &mut m, &mut r, &inp, &w, &b, c);
             assert!(same(&o, &o0) && same(&m, &m0) && same(&r, &r0), "{isa:?} layer norm");
             let (mut s, mut so, mut sm, mut sr) = (vec![0.0; n * c], vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
             residual_ln_forward(isa, &mut s, &mut so, &mut sm, &mut sr, &inp, &dout, &w, &b, c);
@@ -636,8 +736,22 @@ mod tests {
                 "{isa:?} residual + ln"
             );
             let mut d = values(n * c, 15, 300.0);
-            ln_backward_input(isa, &mut d, &dout, &inp, &w, &m0, &r0, n, c);
+            ln_backward_input(isa, &mut d, None, &dout, &inp, &w, &m0, &r0, c);
             assert!(same(&d, &d0), "{isa:?} layer norm backward input");
+            // With a residual gradient: `dinp = dres` first, whatever `dinp` held.
+            let mut d = vec![f32::NAN; n * c];
+            ln_backward_input(
+                isa,
+                &mut d,
+                Some(&values(n * c, 15, 300.0)),
+                &dout,
+                &inp,
+                &w,
+                &m0,
+                &r0,
+                c,
+            );
+            assert!(same(&d, &d0), "{isa:?} layer norm backward input with a residual");
             let (mut dw, mut db) = (values(c, 16, 300.0), values(c, 17, 300.0));
             ln_backward_weight_columns(isa, &mut dw[..64], &mut db[..64], &dout, &inp, &m0, &r0, 0, c);
             ln_backward_weight_columns(isa, &mut dw[64..], &mut db[64..], &dout, &inp, &m0, &r0, 64, c);
@@ -654,6 +768,67 @@ mod tests {
         }
     }
 
+    /// Relative norm error of `got` against the f64 reference `want`.
+    fn rel(got: &[f32], want: &[f64]) -> f64 {
+        let num: f64 = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).powi(2)).sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    /// The layer norm's forward and input gradient (plain and with a residual gradient) are within a few ulp of
+    /// the reference in f64, and the same bits for any thread count.
+    #[test]
+    fn layer_norm_is_close_to_the_f64_reference_and_the_same_for_any_thread_count() {
+        let f64s = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+        let _pool = crate::fast::testutil::pool_lock();
+        for (n, c) in [(301, 96), (64, 768), (5, 7), (1, 1)] {
+            // Rows with a large common offset: a variance that one long f32 chain would lose digits of.
+            let inp: Vec<f32> = values(n * c, 1, 500.0).iter().map(|x| x + 3.0).collect();
+            let (w, b, dout, dres) = (
+                values(c, 2, 500.0),
+                values(c, 3, 500.0),
+                values(n * c, 4, 500.0),
+                values(n * c, 5, 500.0),
+            );
+            let (mut o64, mut m64, mut r64) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+            cpu::layernorm_forward(&mut o64, &mut m64, &mut r64, &f64s(&inp), &f64s(&w), &f64s(&b), n, c);
+            let mut first: Option<Vec<Vec<f32>>> = None;
+            for threads in [1, 2, 3] {
+                crate::fast::set_threads(threads);
+                let (mut o, mut m, mut r) = (vec![f32::NAN; n * c], vec![f32::NAN; n], vec![f32::NAN; n]);
+                layernorm_forward(&mut o, &mut m, &mut r, &inp, &w, &b, n, c);
+                assert!(rel(&o, &o64) < 1e-6, "forward {n}x{c}: {}", rel(&o, &o64));
+                assert!(rel(&m, &m64) < 1e-6 && rel(&r, &r64) < 1e-6, "statistics {n}x{c}");
+                // The input gradient at the f32 statistics, against the reference at the same statistics.
+                let mut want = f64s(&dres);
+                cpu::layernorm_backward_input(
+                    &mut want,
+                    &f64s(&dout),
+                    &f64s(&inp),
+                    &f64s(&w),
+                    &f64s(&m),
+                    &f64s(&r),
+                    n,
+                    c,
+                );
+                let mut d = dres.clone();
+                layernorm_backward_input(&mut d, &dout, &inp, &w, &m, &r, n, c);
+                assert!(rel(&d, &want) < 1e-5, "backward {n}x{c}: {}", rel(&d, &want));
+                let mut dr = vec![f32::NAN; n * c];
+                layernorm_backward_input_residual(&mut dr, &dres, &dout, &inp, &w, &m, &r, n, c);
+                assert!(
+                    same(&dr, &d),
+                    "the residual form is bitwise a copy then the accumulation"
+                );
+                let got = vec![o, m, r, d];
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert!(f.iter().zip(&got).all(|(x, y)| same(x, y)), "{threads} threads {n}x{c}"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn row_ops_equal_the_reference_bitwise() {
         let (n, c, v) = (301, 96, 257);
@@ -663,15 +838,9 @@ mod tests {
             values(c, 3, 500.0),
             values(n * c, 4, 500.0),
         );
+        // The layer norm statistics the weight gradient is taken with (any valid ones).
         let (mut o1, mut m1, mut r1) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        let (mut o2, mut m2, mut r2) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
         cpu::layernorm_forward(&mut o1, &mut m1, &mut r1, &inp, &w, &b, n, c);
-        layernorm_forward(&mut o2, &mut m2, &mut r2, &inp, &w, &b, n, c);
-        assert!(same(&o1, &o2) && same(&m1, &m2) && same(&r1, &r2), "layernorm forward");
-        let (mut d1, mut d2) = (values(n * c, 5, 500.0), values(n * c, 5, 500.0));
-        cpu::layernorm_backward_input(&mut d1, &dout, &inp, &w, &m1, &r1, n, c);
-        layernorm_backward_input(&mut d2, &dout, &inp, &w, &m1, &r1, n, c);
-        assert!(same(&d1, &d2), "layernorm backward input");
         let (mut w1, mut b1, mut w2, mut b2) = (
             values(c, 6, 500.0),
             values(c, 7, 500.0),
@@ -690,7 +859,7 @@ mod tests {
         let mut s3 = vec![0.0; n * c];
         residual_layernorm_forward(&mut s3, &mut o3, &mut m3, &mut r3, &inp, &dout, &w, &b, n, c);
         let (mut o4, mut m4, mut r4) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        cpu::layernorm_forward(&mut o4, &mut m4, &mut r4, &s1, &w, &b, n, c);
+        layernorm_forward(&mut o4, &mut m4, &mut r4, &s1, &w, &b, n, c);
         assert!(
             same(&s3, &s1) && same(&o3, &o4) && same(&m3, &m4) && same(&r3, &r4),
             "residual + layernorm"
@@ -726,7 +895,7 @@ mod tests {
                 );
             }
             let mut g = values(n * v, 11, 500.0);
-            ce_backward_rows(isa, &mut g, &logits, &targets, 0.3, v);
+            ce_backward_rows(isa, &mut g, &logits, &targets, 0.3, v, false);
             for (got, want) in g.iter().zip(&want_g) {
                 assert!(
                     (f64::from(*got) - want).abs() <= 1e-6 * (1.0 + want.abs()),
@@ -743,6 +912,11 @@ mod tests {
         cross_entropy_backward(&mut g2, &logits, &targets, 0.3, n, v);
         let (l0, g0) = firsts.unwrap();
         assert!(same(&l0, &l2) && same(&g0, &g2), "threaded rows differ from one call");
+        // Overwriting is bitwise zeroing first, whatever the buffer held.
+        let (mut g3, mut g4) = (vec![f32::NAN; n * v], vec![0.0; n * v]);
+        cross_entropy_backward_overwrite(&mut g3, &logits, &targets, 0.3, n, v);
+        cross_entropy_backward(&mut g4, &logits, &targets, 0.3, n, v);
+        assert!(same(&g3, &g4), "overwriting differs from zeroing then accumulating");
 
         let cfg = cpu::AdamW {
             lr: 1e-3,

@@ -125,6 +125,62 @@ pub fn exp(x: f32) -> f32 {
     p * scale
 }
 
+/// Lanes of the fixed reduction pattern of every row sum and maximum: element `j` goes to accumulator
+/// `j mod LANES`, and the accumulators combine pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1). The pattern depends on
+/// nothing but the row, so a reduction gives the same bits on every instruction set and thread count.
+pub const LANES: usize = 16;
+
+/// The lanes of a row sum combined pairwise, in the fixed order of [`LANES`].
+#[inline(always)]
+pub fn lane_combine(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for k in 0..width {
+            acc[k] += acc[k + width];
+        }
+    }
+    acc[0]
+}
+
+/// `Σ f(x_j)` in the fixed lane pattern of [`LANES`].
+#[inline(always)]
+pub fn lane_sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut groups = x.chunks_exact(LANES);
+    for g in &mut groups {
+        for (a, &v) in acc.iter_mut().zip(g) {
+            *a += f(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(groups.remainder()) {
+        *a += f(v);
+    }
+    lane_combine(acc)
+}
+
+/// `Σ x_j` in the fixed lane pattern of [`LANES`].
+#[inline(always)]
+pub fn lane_sum(x: &[f32]) -> f32 {
+    lane_sum_of(x, |v| v)
+}
+
+/// `max x_j` (−∞ for an empty row), by lanes as [`lane_sum`] (the maximum is exact in any order).
+#[inline(always)]
+pub fn lane_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut groups = x.chunks_exact(LANES);
+    for g in &mut groups {
+        for (a, &v) in m.iter_mut().zip(g) {
+            *a = a.max(v);
+        }
+    }
+    for (a, &v) in m.iter_mut().zip(groups.remainder()) {
+        *a = a.max(v);
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
 multiversion! {
     /// `out[i] = exp(inp[i])` (tests of [`exp`] on every instruction set).
     pub fn exp_slice(out: &mut [f32], inp: &[f32]) {
