@@ -358,13 +358,7 @@ fn backward(
 mod tests {
     use super::*;
     use crate::cpu;
-    use crate::fast::testutil::values;
-
-    fn rel(got: &[f32], want: &[f64]) -> f64 {
-        let num: f64 = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).powi(2)).sum();
-        let den: f64 = want.iter().map(|w| w * w).sum();
-        (num / den.max(1e-300)).sqrt()
-    }
+    use crate::fast::testutil::{rel, values};
 
     #[test]
     fn matches_the_f64_reference_and_is_the_same_on_every_isa_and_thread_count() {

@@ -681,7 +681,7 @@ pub fn adamw(cfg: &cpu::AdamW, params: &mut [f32], grads: &[f32], m: &mut [f32],
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fast::testutil::{same, values};
+    use crate::fast::testutil::{rel, same, values};
 
     /// The pooled fill and copy write every element, across chunk edges and for any thread count.
     #[test]
@@ -766,13 +766,6 @@ mod tests {
             scale_in_place(isa, &mut o, 0.37);
             assert!(same(&o, &times), "{isa:?} scale");
         }
-    }
-
-    /// Relative norm error of `got` against the f64 reference `want`.
-    fn rel(got: &[f32], want: &[f64]) -> f64 {
-        let num: f64 = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).powi(2)).sum();
-        let den: f64 = want.iter().map(|w| w * w).sum();
-        (num / den.max(1e-300)).sqrt()
     }
 
     /// The layer norm's forward and input gradient (plain and with a residual gradient) are within a few ulp of
