@@ -33,6 +33,48 @@ fn check(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     }
 }
 
+/// The cross-entropy's shapes (`out` is `losses` or `dlogits`, of `out_len` elements) and its targets: every one
+/// inside the vocabulary of `v` (the fast op would otherwise panic).
+fn check_cross_entropy(
+    op: &'static str,
+    out: (&str, usize, usize),
+    logits: usize,
+    targets: &[u32],
+    n: usize,
+    v: usize,
+) -> Result<()> {
+    check(op, out.0, out.1, out.2)?;
+    check(op, "logits", logits, n * v)?;
+    check(op, "targets", targets.len(), n)?;
+    match targets.iter().enumerate().find(|&(_, &t)| t as usize >= v) {
+        Some((row, &t)) => Err(EngineError::Backend {
+            backend: "cpu".into(),
+            op,
+            reason: format!("target {t} of row {row} is out of the vocabulary ({v})"),
+            source: None,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The attention backward's shapes.
+#[allow(clippy::too_many_arguments)]
+fn check_attention_backward(
+    op: &'static str,
+    dqkv: &CpuBuf,
+    dout: &CpuBuf,
+    qkv: &CpuBuf,
+    out: &CpuBuf,
+    att: &CpuBuf,
+    (b, t, c, nh): (usize, usize, usize, usize),
+) -> Result<()> {
+    check(op, "dout", dout.len(), b * t * c)?;
+    check(op, "out", out.len(), b * t * c)?;
+    check(op, "stash", att.len(), f::flash::stash_len(b, t, nh))?;
+    check(op, "dqkv", dqkv.len(), b * t * 3 * c)?;
+    check(op, "qkv", qkv.len(), b * t * 3 * c)
+}
+
 impl Backend for Cpu {
     type Buf = CpuBuf;
     type Recv = Vec<f32>;
@@ -387,11 +429,9 @@ impl Backend for Cpu {
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        let _time = Timer::start("attention_backward");
-        check("attention_backward", "dout", dout.len(), b * t * c)?;
-        check("attention_backward", "out", out.len(), b * t * c)?;
-        check("attention_backward", "stash", att.len(), f::flash::stash_len(b, t, nh))?;
-        check("attention_backward", "dqkv", dqkv.len(), b * t * 3 * c)?;
+        let op = "attention_backward";
+        let _time = Timer::start(op);
+        check_attention_backward(op, dqkv, dout, qkv, out, att, (b, t, c, nh))?;
         f::flash::attention_backward(dqkv, dout, qkv, out, att, b, t, c, nh);
         Ok(())
     }
@@ -409,11 +449,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let op = "attention_backward_overwrite";
         let _time = Timer::start(op);
-        check(op, "dout", dout.len(), b * t * c)?;
-        check(op, "out", out.len(), b * t * c)?;
-        check(op, "stash", att.len(), f::flash::stash_len(b, t, nh))?;
-        check(op, "dqkv", dqkv.len(), b * t * 3 * c)?;
-        check(op, "qkv", qkv.len(), b * t * 3 * c)?;
+        check_attention_backward(op, dqkv, dout, qkv, out, att, (b, t, c, nh))?;
         f::flash::attention_backward_overwrite(dqkv, dout, qkv, out, att, b, t, c, nh);
         Ok(())
     }
@@ -443,8 +479,9 @@ impl Backend for Cpu {
         n: usize,
         v: usize,
     ) -> Result<()> {
-        let _time = Timer::start("cross_entropy_forward");
-        check("cross_entropy_forward", "logits", logits.len(), n * v)?;
+        let op = "cross_entropy_forward";
+        let _time = Timer::start(op);
+        check_cross_entropy(op, ("losses", losses.len(), n), logits.len(), targets, n, v)?;
         f::ops::cross_entropy_forward(losses, logits, targets, n, v);
         Ok(())
     }
@@ -457,8 +494,9 @@ impl Backend for Cpu {
         n: usize,
         v: usize,
     ) -> Result<()> {
-        let _time = Timer::start("cross_entropy_backward");
-        check("cross_entropy_backward", "logits", logits.len(), n * v)?;
+        let op = "cross_entropy_backward";
+        let _time = Timer::start(op);
+        check_cross_entropy(op, ("dlogits", dlogits.len(), n * v), logits.len(), targets, n, v)?;
         f::ops::cross_entropy_backward(dlogits, logits, targets, scale, n, v);
         Ok(())
     }
@@ -473,17 +511,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let op = "cross_entropy_backward_overwrite";
         let _time = Timer::start(op);
-        check(op, "logits", logits.len(), n * v)?;
-        check(op, "dlogits", dlogits.len(), n * v)?;
-        check(op, "targets", targets.len(), n)?;
-        if let Some((row, &t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= v) {
-            return Err(EngineError::Backend {
-                backend: "cpu".into(),
-                op,
-                reason: format!("target {t} of row {row} is out of the vocabulary ({v})"),
-                source: None,
-            });
-        }
+        check_cross_entropy(op, ("dlogits", dlogits.len(), n * v), logits.len(), targets, n, v)?;
         f::ops::cross_entropy_backward_overwrite(dlogits, logits, targets, scale, n, v);
         Ok(())
     }
@@ -517,5 +545,63 @@ impl Backend for Cpu {
         check("adamw", "grads", grads.len(), params.len())?;
         f::ops::adamw(cfg, params, grads, m, v, step);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bad shapes and targets come back as errors naming the op and the value, never as a panic in a kernel.
+    #[test]
+    fn bad_targets_and_shapes_are_errors_naming_the_op() {
+        let be = Cpu;
+        let (n, v) = (3, 5);
+        let logits = be.upload(&[0.5; 15]).expect("upload");
+        let mut dlogits = be.zeros(n * v).expect("zeros");
+        let mut losses = be.zeros(n).expect("zeros");
+        let bad = vec![1u32, 5, 2];
+        for err in [
+            be.cross_entropy_forward(&mut losses, &logits, &bad, n, v).unwrap_err(),
+            be.cross_entropy_backward(&mut dlogits, &logits, &bad, 1.0, n, v)
+                .unwrap_err(),
+            be.cross_entropy_backward_overwrite(&mut dlogits, &logits, &bad, 1.0, n, v)
+                .unwrap_err(),
+        ] {
+            let text = err.to_string();
+            assert!(
+                text.contains("cross_entropy") && text.contains("target 5 of row 1"),
+                "{text}"
+            );
+        }
+        let good = vec![1u32, 4, 2];
+        be.cross_entropy_backward_overwrite(&mut dlogits, &logits, &good, 1.0, n, v)
+            .expect("valid targets");
+        let short = be.zeros(n * v - 1).expect("zeros");
+        let err = be
+            .cross_entropy_backward(&mut dlogits, &short, &good, 1.0, n, v)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("logits holds 14 elements, expected 15"), "{err}");
+
+        let (b, t, c, nh) = (1, 4, 8, 2);
+        let (dout, out) = (be.zeros(b * t * c).expect("zeros"), be.zeros(b * t * c).expect("zeros"));
+        let att = be.zeros(f::flash::stash_len(b, t, nh)).expect("zeros");
+        let (mut dqkv, qkv_short) = (
+            be.zeros(b * t * 3 * c).expect("zeros"),
+            be.zeros(b * t * 3 * c - 1).expect("zeros"),
+        );
+        for err in [
+            be.attention_backward(&mut dqkv, &dout, &qkv_short, &out, &att, b, t, c, nh)
+                .unwrap_err(),
+            be.attention_backward_overwrite(&mut dqkv, &dout, &qkv_short, &out, &att, b, t, c, nh)
+                .unwrap_err(),
+        ] {
+            let text = err.to_string();
+            assert!(
+                text.contains("attention_backward") && text.contains("qkv holds 95 elements, expected 96"),
+                "{text}"
+            );
+        }
     }
 }
