@@ -57,6 +57,44 @@ fn check_cross_entropy(
     }
 }
 
+/// The layer norm input gradient's shapes (both the accumulating and the residual form).
+#[allow(clippy::too_many_arguments)]
+fn check_layernorm_backward_input(
+    op: &'static str,
+    dinp: &CpuBuf,
+    dout: &CpuBuf,
+    inp: &CpuBuf,
+    weight: &CpuBuf,
+    mean: &CpuBuf,
+    rstd: &CpuBuf,
+    (n, c): (usize, usize),
+) -> Result<()> {
+    for (name, len, want) in [
+        ("dinp", dinp.len(), n * c),
+        ("dout", dout.len(), n * c),
+        ("inp", inp.len(), n * c),
+        ("weight", weight.len(), c),
+        ("mean", mean.len(), n),
+        ("rstd", rstd.len(), n),
+    ] {
+        check(op, name, len, want)?;
+    }
+    Ok(())
+}
+
+/// The input-gradient product's shapes (both the accumulating and the overwriting form).
+fn check_matmul_backward_input(
+    op: &'static str,
+    dinp: &CpuBuf,
+    dout: &CpuBuf,
+    weight: &CpuBuf,
+    (n, c, oc): (usize, usize, usize),
+) -> Result<()> {
+    check(op, "dout", dout.len(), n * oc)?;
+    check(op, "weight", weight.len(), oc * c)?;
+    check(op, "dinp", dinp.len(), n * c)
+}
+
 /// The attention backward's shapes.
 #[allow(clippy::too_many_arguments)]
 fn check_attention_backward(
@@ -248,8 +286,9 @@ impl Backend for Cpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        let _time = Timer::start("layernorm_backward_input");
-        check("layernorm_backward_input", "dout", dout.len(), n * c)?;
+        let op = "layernorm_backward_input";
+        let _time = Timer::start(op);
+        check_layernorm_backward_input(op, dinp, dout, inp, weight, mean, rstd, (n, c))?;
         f::ops::layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, n, c);
         Ok(())
     }
@@ -267,17 +306,8 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let op = "layernorm_backward_input_residual";
         let _time = Timer::start(op);
-        for (name, len, want) in [
-            ("dinp", dinp.len(), n * c),
-            ("dres", dres.len(), n * c),
-            ("dout", dout.len(), n * c),
-            ("inp", inp.len(), n * c),
-            ("weight", weight.len(), c),
-            ("mean", mean.len(), n),
-            ("rstd", rstd.len(), n),
-        ] {
-            check(op, name, len, want)?;
-        }
+        check(op, "dres", dres.len(), n * c)?;
+        check_layernorm_backward_input(op, dinp, dout, inp, weight, mean, rstd, (n, c))?;
         f::ops::layernorm_backward_input_residual(dinp, dres, dout, inp, weight, mean, rstd, n, c);
         Ok(())
     }
@@ -322,8 +352,9 @@ impl Backend for Cpu {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let _time = Timer::start("matmul_backward_input");
-        check("matmul_backward_input", "dout", dout.len(), n * oc)?;
+        let op = "matmul_backward_input";
+        let _time = Timer::start(op);
+        check_matmul_backward_input(op, dinp, dout, weight, (n, c, oc))?;
         f::gemm::matmul_backward_input(dinp, dout, weight, n, c, oc);
         Ok(())
     }
@@ -338,9 +369,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let op = "matmul_backward_input_overwrite";
         let _time = Timer::start(op);
-        check(op, "dout", dout.len(), n * oc)?;
-        check(op, "weight", weight.len(), oc * c)?;
-        check(op, "dinp", dinp.len(), n * c)?;
+        check_matmul_backward_input(op, dinp, dout, weight, (n, c, oc))?;
         f::gemm::matmul_backward_input_overwrite(dinp, dout, weight, n, c, oc);
         Ok(())
     }
@@ -590,6 +619,26 @@ mod tests {
         let (mut dqkv, qkv_short) = (
             be.zeros(b * t * 3 * c).expect("zeros"),
             be.zeros(b * t * 3 * c - 1).expect("zeros"),
+        );
+        // The plain forms check every operand too, as their overwriting twins do.
+        let (n2, c2) = (4, 8);
+        let (mut dinp, rows) = (be.zeros(n2 * c2).expect("zeros"), be.zeros(n2 * c2).expect("zeros"));
+        let (w_short, stats) = (be.zeros(c2 - 1).expect("zeros"), be.zeros(n2).expect("zeros"));
+        let err = be
+            .layernorm_backward_input(&mut dinp, &rows, &rows, &w_short, &stats, &stats, n2, c2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layernorm_backward_input") && err.contains("weight holds 7 elements, expected 8"),
+            "{err}"
+        );
+        let err = be
+            .matmul_backward_input(&mut dinp, &rows, &w_short, n2, c2, c2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("matmul_backward_input") && err.contains("weight holds 7 elements, expected 64"),
+            "{err}"
         );
         for err in [
             be.attention_backward(&mut dqkv, &dout, &qkv_short, &out, &att, b, t, c, nh)

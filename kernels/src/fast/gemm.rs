@@ -132,13 +132,11 @@ pub fn matmul_forward(
     c: usize,
     oc: usize,
 ) {
-    assert_eq!(out.len(), n * oc, "matmul_forward: out must have n*oc elements");
-    assert_eq!(inp.len(), n * c, "matmul_forward: inp must have n*c elements");
-    assert_eq!(weight.len(), oc * c, "matmul_forward: weight must have oc*c elements");
-    forward(out, inp, weight, bias, n, c, oc, None);
+    forward(out, inp, weight, bias, n, c, oc, None, "matmul_forward");
 }
 
-/// `out = inp · weightᵀ + bias` with the bias preloaded into each task's block (β = 1) and `after` run on it.
+/// `out = inp · weightᵀ + bias` with the bias preloaded into each task's block (β = 1) and `after` run on it;
+/// `op` names the caller in the shape checks.
 #[allow(clippy::too_many_arguments)]
 fn forward(
     out: &mut [f32],
@@ -149,10 +147,14 @@ fn forward(
     c: usize,
     oc: usize,
     after: Option<&RowHook>,
+    op: &str,
 ) {
+    assert_eq!(out.len(), n * oc, "{op}: out must have n*oc elements");
+    assert_eq!(inp.len(), n * c, "{op}: inp must have n*c elements");
+    assert_eq!(weight.len(), oc * c, "{op}: weight must have oc*c elements");
     match bias {
         Some(bias) => {
-            assert_eq!(bias.len(), oc, "matmul_forward: bias must have oc elements");
+            assert_eq!(bias.len(), oc, "{op}: bias must have oc elements");
             let preload = |_: usize, c0: usize, row: &mut [f32]| row.copy_from_slice(&bias[c0..c0 + row.len()]);
             gemm(n, c, oc, inp, (c, 1), weight, (1, c), 1.0, out, Some(&preload), after);
         }
@@ -173,14 +175,9 @@ pub fn matmul_gelu_forward(
     c: usize,
     oc: usize,
 ) {
+    // `forward` checks `pre` (its output), `inp` and `weight`.
     assert_eq!(out.len(), n * oc, "matmul_gelu_forward: out must have n*oc elements");
     assert_eq!(pre.len(), n * oc, "matmul_gelu_forward: pre must have n*oc elements");
-    assert_eq!(inp.len(), n * c, "matmul_gelu_forward: inp must have n*c elements");
-    assert_eq!(
-        weight.len(),
-        oc * c,
-        "matmul_gelu_forward: weight must have oc*c elements"
-    );
     let (isa, dst) = (Isa::best(), Out(out.as_mut_ptr()));
     let act = |r: usize, c0: usize, pre_row: &mut [f32]| {
         // SAFETY: `out` has the shape of `pre` (asserted) and this row segment of it belongs to this task's
@@ -188,26 +185,48 @@ pub fn matmul_gelu_forward(
         let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * oc + c0), pre_row.len()) };
         gelu::forward_chunk(isa, o, pre_row);
     };
-    forward(pre, inp, weight, bias, n, c, oc, Some(&act));
+    forward(pre, inp, weight, bias, n, c, oc, Some(&act), "matmul_gelu_forward");
 }
 
 /// `dinp += dout · weight`: `dinp` (N, C), `dout` (N, OC), `weight` (OC, C).
 pub fn matmul_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], n: usize, c: usize, oc: usize) {
-    input_grad(dinp, dout, weight, n, c, oc, 1.0, "matmul_backward_input");
+    input_grad(dinp, dout, weight, n, c, oc, 1.0, None, "matmul_backward_input");
 }
 
 /// `dinp = dout · weight`, overwriting `dinp` (whatever it held; no zeroing pass): the same bits as zeroing it
 /// and then [`matmul_backward_input`], but for the sign of an exact zero (`+0 + −0` is `+0`).
 pub fn matmul_backward_input_overwrite(dinp: &mut [f32], dout: &[f32], weight: &[f32], n: usize, c: usize, oc: usize) {
-    input_grad(dinp, dout, weight, n, c, oc, 0.0, "matmul_backward_input_overwrite");
+    input_grad(
+        dinp,
+        dout,
+        weight,
+        n,
+        c,
+        oc,
+        0.0,
+        None,
+        "matmul_backward_input_overwrite",
+    );
 }
 
+/// `dinp = dout · weight + beta · dinp` with `after` run on each task's block; `op` names the caller in the shape
+/// checks.
 #[allow(clippy::too_many_arguments)]
-fn input_grad(dinp: &mut [f32], dout: &[f32], weight: &[f32], n: usize, c: usize, oc: usize, beta: f32, op: &str) {
+fn input_grad(
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+    beta: f32,
+    after: Option<&RowHook>,
+    op: &str,
+) {
     assert_eq!(dinp.len(), n * c, "{op}: dinp must have n*c elements");
     assert_eq!(dout.len(), n * oc, "{op}: dout must have n*oc elements");
     assert_eq!(weight.len(), oc * c, "{op}: weight must have oc*c elements");
-    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), beta, dinp, None, None);
+    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), beta, dinp, None, after);
 }
 
 /// `dinp = gelu'(pre) ∘ (dout · weight)` (overwritten): `dinp`, `pre` (N, C), `dout` (N, OC), `weight` (OC, C).
@@ -221,32 +240,28 @@ pub fn matmul_backward_input_gelu(
     c: usize,
     oc: usize,
 ) {
+    // `input_grad` checks `dinp`, `dout` and `weight`.
     assert_eq!(
         pre.len(),
         n * c,
         "matmul_backward_input_gelu: pre must have n*c elements"
-    );
-    assert_eq!(
-        dinp.len(),
-        n * c,
-        "matmul_backward_input_gelu: dinp must have n*c elements"
-    );
-    assert_eq!(
-        dout.len(),
-        n * oc,
-        "matmul_backward_input_gelu: dout must have n*oc elements"
-    );
-    assert_eq!(
-        weight.len(),
-        oc * c,
-        "matmul_backward_input_gelu: weight must have oc*c elements"
     );
     // The product overwrites `dinp` (beta 0), then the GELU's derivative scales each block in place.
     let isa = Isa::best();
     let act = |r: usize, c0: usize, d: &mut [f32]| {
         gelu::backward_in_place_chunk(isa, d, &pre[r * c + c0..r * c + c0 + d.len()]);
     };
-    gemm(n, oc, c, dout, (oc, 1), weight, (c, 1), 0.0, dinp, None, Some(&act));
+    input_grad(
+        dinp,
+        dout,
+        weight,
+        n,
+        c,
+        oc,
+        0.0,
+        Some(&act),
+        "matmul_backward_input_gelu",
+    );
 }
 
 multiversion! {

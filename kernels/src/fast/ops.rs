@@ -105,20 +105,19 @@ multiversion! {
             let row = i * c..(i + 1) * c;
             let (x, d, di) = (&inp[row.clone()], &dout[row.clone()], &mut dinp[row.clone()]);
             let (mut gs, mut gxs) = ([0.0f32; LANES], [0.0f32; LANES]);
-            let (mut xg, mut dg, mut wg) = (x.chunks_exact(LANES), d.chunks_exact(LANES), weight.chunks_exact(LANES));
-            for ((xs, ds), ws) in (&mut xg).zip(&mut dg).zip(&mut wg) {
+            // Adds one group of up to LANES elements (element k to lane k) to both sums.
+            let mut lanes = |xs: &[f32], ds: &[f32], ws: &[f32]| {
                 for (k, ((&v, &dv), &w)) in xs.iter().zip(ds).zip(ws).enumerate() {
                     let g = dv * w;
                     gs[k] += g;
                     gxs[k] += g * (v - m) * r;
                 }
+            };
+            let (mut xg, mut dg, mut wg) = (x.chunks_exact(LANES), d.chunks_exact(LANES), weight.chunks_exact(LANES));
+            for ((xs, ds), ws) in (&mut xg).zip(&mut dg).zip(&mut wg) {
+                lanes(xs, ds, ws);
             }
-            let tail = xg.remainder().iter().zip(dg.remainder()).zip(wg.remainder());
-            for (k, ((&v, &dv), &w)) in tail.enumerate() {
-                let g = dv * w;
-                gs[k] += g;
-                gxs[k] += g * (v - m) * r;
-            }
+            lanes(xg.remainder(), dg.remainder(), wg.remainder());
             let (g_mean, gx_mean) = (lane_combine(gs) / cf, lane_combine(gxs) / cf);
             if let Some(res) = dres {
                 di.copy_from_slice(&res[row]);
@@ -535,8 +534,8 @@ pub fn cross_entropy_backward(dlogits: &mut [f32], logits: &[f32], targets: &[u3
     ce_backward(dlogits, logits, targets, scale, n, v, false)
 }
 
-/// [`cross_entropy_backward`] into a `dlogits` whose contents are ignored: each chunk of rows is zeroed just
-/// before it is accumulated into (in cache, on the pool), bitwise zeroing `dlogits` first.
+/// [`cross_entropy_backward`] into a `dlogits` whose contents are ignored: each row is zeroed just before it is
+/// accumulated into (in cache, on the pool), bitwise zeroing `dlogits` first.
 pub fn cross_entropy_backward_overwrite(
     dlogits: &mut [f32],
     logits: &[f32],
