@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side CPU benchmark (run by hand, not by the test command): Baton's CPU backend against PyTorch eager
 # fp32 on the same GPT-2 shapes, batch, AdamW and number of threads, interleaved round by round so machine noise
-# hits both; prints the median step time, tokens/s, peak resident memory and the Baton / PyTorch ratio.
+# hits both; prints the median step times, the Baton / PyTorch tokens/s ratios and peak resident memory. Baton runs
+# p=1, p=2 at m=1, p=2 at m=4 with and without batched weight gradients; PyTorch runs the whole batch (m=1) and 4
+# accumulated micro-batches (m=4, the same weight traffic as Baton's m=4).
 #
 #   scripts/bench-cpu.sh                 # 2 threads, 2 rounds, the three configurations below
 #   THREADS=4 ROUNDS=5 scripts/bench-cpu.sh
@@ -30,19 +32,30 @@ CONFIGS=(
   "gpt2-124M-B4T64|12 768 12 50257 4 64|4|2"
   "gpt2-124M-B8T256|12 768 12 50257 8 256|2|1"
 )
+# Baton runs: name | stages | micro-batches | extra flags. p=2 at m=1 is the pipeline at p=1's micro-batch size;
+# at m=4 each micro-batch re-reads every weight, so it is compared with PyTorch accumulating 4 micro-batches.
+RUNS=(
+  "baton p=1|1|1|"
+  "baton p=2 m=1|2|1|"
+  "baton p=2 m=4|2|4|"
+  "baton p=2 m=4 batched-W|2|4|--batch-weight-grads"
+)
 for round in $(seq 1 "$ROUNDS"); do
   for entry in "${CONFIGS[@]}"; do
     IFS='|' read -r name shape steps warmup <<<"$entry"
     read -r L D H V B T <<<"$shape"
     common=(--layers "$L" --d-model "$D" --heads "$H" --vocab "$V" --batch "$B" --seq "$T" --threads "$THREADS" --steps "$steps" --warmup "$warmup")
     echo "== round $round: $name"
-    for p in 1 2; do
-      m=$(( p == 1 ? 1 : 4 ))
-      line=$("$BATON" "${common[@]}" --stages "$p" --microbatches "$m")
-      echo "{\"config\": \"$name\", \"round\": $round, \"run\": \"baton p=$p\", \"result\": $line}" | tee -a "$OUT/results.jsonl"
+    for run in "${RUNS[@]}"; do
+      IFS='|' read -r label p m extra <<<"$run"
+      # shellcheck disable=SC2086 # $extra is zero or one flag
+      line=$("$BATON" "${common[@]}" --stages "$p" --microbatches "$m" $extra)
+      echo "{\"config\": \"$name\", \"round\": $round, \"run\": \"$label\", \"result\": $line}" | tee -a "$OUT/results.jsonl"
     done
-    line=$("$VENV/bin/python" scripts/bench_cpu_torch.py "${common[@]}")
-    echo "{\"config\": \"$name\", \"round\": $round, \"run\": \"pytorch\", \"result\": $line}" | tee -a "$OUT/results.jsonl"
+    for m in 1 4; do
+      line=$("$VENV/bin/python" scripts/bench_cpu_torch.py "${common[@]}" --microbatches "$m")
+      echo "{\"config\": \"$name\", \"round\": $round, \"run\": \"pytorch m=$m\", \"result\": $line}" | tee -a "$OUT/results.jsonl"
+    done
   done
 done
 
@@ -51,16 +64,26 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 threads = sys.argv[2]
 configs = list(dict.fromkeys(r["config"] for r in rows))
-print(f"\n| configuration ({threads} threads) | Baton p=1 | Baton p=2 (1F1B, m=4) | PyTorch eager | Baton p=1 / PyTorch | Baton p=2 / PyTorch | peak RSS Baton p=1 / PyTorch |")
-print("|---|---|---|---|---|---|---|")
+runs = list(dict.fromkeys(r["run"] for r in rows))
+med, rss = {}, {}
 for c in configs:
-    med = {}
-    rss = {}
-    for run in ("baton p=1", "baton p=2", "pytorch"):
+    for run in runs:
         rs = [r["result"] for r in rows if r["config"] == c and r["run"] == run]
-        med[run] = statistics.median(x["step_s"] for x in rs)
-        rss[run] = max(x["peak_rss_bytes"] for x in rs) / 2**20
-    ratio = lambda run: med["pytorch"] / med[run]  # tokens/s ratio = inverse time ratio
-    print(f"| {c} | {med['baton p=1']*1e3:.0f} ms | {med['baton p=2']*1e3:.0f} ms | {med['pytorch']*1e3:.0f} ms | "
-          f"{ratio('baton p=1'):.2f}x | {ratio('baton p=2'):.2f}x | {rss['baton p=1']:.0f} / {rss['pytorch']:.0f} MiB |")
+        med[c, run] = statistics.median(x["step_s"] for x in rs)
+        rss[c, run] = max(x["peak_rss_bytes"] for x in rs) / 2**20
+print(f"\nMedian step time ({threads} threads; 1F1B; batched-W: --batch-weight-grads):\n")
+print("| configuration | " + " | ".join(runs) + " |")
+print("|---|" + "---|" * len(runs))
+for c in configs:
+    print(f"| {c} | " + " | ".join(f"{med[c, r]*1e3:.0f} ms" for r in runs) + " |")
+# tokens/s ratios = inverse time ratios
+pairs = [("baton p=1", "pytorch m=1"), ("baton p=2 m=1", "pytorch m=1"), ("baton p=2 m=1", "baton p=1"),
+         ("baton p=2 m=4", "pytorch m=4"), ("baton p=2 m=4 batched-W", "pytorch m=4"),
+         ("baton p=2 m=4 batched-W", "baton p=2 m=4")]
+print("\nTokens/s ratios (> 1: the first is faster) and peak resident memory:\n")
+print("| configuration | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " | peak RSS Baton p=1 / PyTorch m=1 |")
+print("|---|" + "---|" * (len(pairs) + 1))
+for c in configs:
+    print(f"| {c} | " + " | ".join(f"{med[c, b] / med[c, a]:.2f}x" for a, b in pairs)
+          + f" | {rss[c, 'baton p=1']:.0f} / {rss[c, 'pytorch m=1']:.0f} MiB |")
 PY

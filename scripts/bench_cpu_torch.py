@@ -1,6 +1,7 @@
 """PyTorch's side of scripts/bench-cpu.sh: the same GPT-2 as Baton's (pre-LN blocks, tanh GELU, tied LM head,
-AdamW), eager fp32 on the CPU, with a fixed number of threads. Prints one JSON line: median step seconds, tokens/s,
-peak resident memory. Run by scripts/bench-cpu.sh (which installs torch into a venv under target/)."""
+AdamW), eager fp32 on the CPU, with a fixed number of threads; `--microbatches M` accumulates the gradients of M
+equal micro-batches per step (what a pipeline's micro-batching costs PyTorch). Prints one JSON line: median step
+seconds, tokens/s, peak resident memory. Run by scripts/bench-cpu.sh (which installs torch into a venv under target/)."""
 import argparse
 import json
 import math
@@ -60,9 +61,11 @@ class Gpt(nn.Module):
 def main():
     p = argparse.ArgumentParser()
     for name, default in [("layers", 4), ("d-model", 128), ("heads", 4), ("vocab", 256), ("batch", 8), ("seq", 128),
-                          ("threads", 2), ("steps", 10), ("warmup", 3)]:
+                          ("threads", 2), ("steps", 10), ("warmup", 3), ("microbatches", 1)]:
         p.add_argument("--" + name, type=int, default=default)
     a = p.parse_args()
+    if a.microbatches < 1 or a.batch % a.microbatches:
+        raise SystemExit(f"--microbatches {a.microbatches} must divide --batch {a.batch}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = Gpt(a.vocab, a.seq, a.layers, a.d_model, a.heads)
@@ -72,8 +75,9 @@ def main():
         x = torch.randint(0, a.vocab, (a.batch, a.seq))
         y = torch.randint(0, a.vocab, (a.batch, a.seq))
         t0 = time.perf_counter()
-        loss = model(x, y)
-        loss.backward()
+        for xs, ys in zip(x.chunk(a.microbatches), y.chunk(a.microbatches)):
+            loss = model(xs, ys) / a.microbatches
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -84,7 +88,8 @@ def main():
     median = statistics.median(times)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"engine": "pytorch", "version": torch.__version__, "step_s": median,
-                      "tokens_per_s": a.batch * a.seq / median, "peak_rss_bytes": rss, "threads": a.threads}))
+                      "tokens_per_s": a.batch * a.seq / median, "peak_rss_bytes": rss, "threads": a.threads,
+                      "microbatches": a.microbatches}))
 
 
 if __name__ == "__main__":

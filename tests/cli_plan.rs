@@ -266,6 +266,60 @@ fn train_plan_auto_refuses_the_flags_it_chooses_and_unknown_modes() {
 }
 
 #[test]
+fn batched_weight_grads_train_but_are_refused_where_the_planner_would_model_them() {
+    let text = assert_one_line_usage_error(&run(&tiny_train(&[
+        "--stages",
+        "2",
+        "--steps",
+        "1",
+        "--plan",
+        "auto",
+        "--batch-weight-grads",
+    ])));
+    assert!(
+        text.contains("--plan auto does not model --batch-weight-grads"),
+        "{text}"
+    );
+    let dir = tmp("plan", "batched");
+    let text = assert_one_line_usage_error(&run(&tiny_train(&[
+        "--stages",
+        "2",
+        "--microbatches",
+        "2",
+        "--steps",
+        "1",
+        "--memory-budget",
+        "1GiB",
+        "--batch-weight-grads",
+        "--out",
+        dir.to_str().unwrap(),
+    ])));
+    assert!(
+        text.contains("--memory-budget does not model --batch-weight-grads"),
+        "{text}"
+    );
+    assert!(!dir.exists());
+    let out = run(&tiny_train(&[
+        "--stages",
+        "2",
+        "--microbatches",
+        "4",
+        "--steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--batch-weight-grads",
+        "--out",
+        dir.to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{}", err(&out));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["config"]["batch_weight_grads"], true, "{config}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_memory_budget_without_a_plan_checks_the_configured_layout() {
     let dir = tmp("plan", "check");
     let text = assert_one_line_usage_error(&run(&tiny_train(&[

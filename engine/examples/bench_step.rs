@@ -7,7 +7,8 @@
 //!     --threads 2 --steps 10 --warmup 3
 //! ```
 //!
-//! With `--ops`, also prints to stderr the measured steps' time per CPU backend op (milliseconds and calls per
+//! `--batch-weight-grads` batches each part's weight gradients over the step's micro-batches
+//! (`TrainOptions::batch_weight_grads`). With `--ops`, also prints to stderr the measured steps' time per CPU backend op (milliseconds and calls per
 //! step, summed over stage threads; `baton_engine::backend::op_profile`).
 
 use baton_engine::data::Batch;
@@ -60,6 +61,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut cfg = PipelineConfig::new(model, stages as u32, ScheduleKind::OneFOneB, m as u32);
     cfg.optimizer.total_steps = (steps + warmup) as u64;
+    let batched = std::env::args().any(|a| a == "--batch-weight-grads");
+    cfg.batch_weight_grads = batched;
     let mut pipe = Pipeline::new(cfg, vec![Cpu; stages])?;
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut token = || {
@@ -115,7 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!(
-        "{{\"engine\": \"baton\", \"step_s\": {median:.6}, \"tokens_per_s\": {:.1}, \"peak_rss_bytes\": {}, \"threads\": {threads}, \"stages\": {stages}}}",
+        "{{\"engine\": \"baton\", \"step_s\": {median:.6}, \"tokens_per_s\": {:.1}, \"peak_rss_bytes\": {}, \"threads\": {threads}, \"stages\": {stages}, \"microbatches\": {m}, \"batch_weight_grads\": {batched}}}",
         (batch * seq) as f64 / median,
         peak_rss_bytes()
     );

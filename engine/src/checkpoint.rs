@@ -155,6 +155,7 @@ impl Manifest {
             split: crate::StageSplit::Ranges(self.ranges.clone()),
             optimizer: o.optimizer,
             recompute: o.recompute,
+            batch_weight_grads: o.batch_weight_grads,
             seed: model.seed,
             recv_timeout_ms: o.recv_timeout_ms,
             nonfinite: o.nonfinite,

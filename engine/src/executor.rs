@@ -87,6 +87,9 @@ impl<B: Backend> Stage<B> {
 pub(crate) struct ExecConfig {
     /// Keep only each part's input between F and B/I, recomputing the forward at backward time.
     pub recompute: bool,
+    /// Keep each part's weight-gradient halves until all the step's micro-batches (a 2BW window's, with weight
+    /// versions) have reached them, then run them at once ([`crate::Layer::backward_weight_batched`]).
+    pub batch_weight_grads: bool,
     /// Longest a stage may wait for one input, and longest one action may compute, before the
     /// step fails (the watchdog deadline).
     pub recv_timeout: Duration,
@@ -685,6 +688,8 @@ impl<B: Backend> Worker<B> {
         let mut act_stash: Vec<Option<PartStash<B>>> = (0..chunks * m).map(|_| None).collect();
         let mut pending_losses: Vec<(usize, Action, B::Buf)> = Vec::new();
         let mut w_stash: Vec<Option<PartStash<B>>> = (0..chunks * m).map(|_| None).collect();
+        // Batched weight gradients: per chunk, the weight halves kept so far, `(micro-batch, stash)`.
+        let mut held: Vec<Vec<(u32, PartStash<B>)>> = (0..chunks).map(|_| Vec::new()).collect();
         let mut out = StageOutcome {
             spans: Vec::with_capacity(list.len()),
             ..StageOutcome::default()
@@ -744,7 +749,8 @@ impl<B: Backend> Worker<B> {
                     bytes -= stash.bytes;
                     let rest = self.backward_input(action, stash).map_err(fail)?;
                     if action.op == Op::B {
-                        self.backward_weight(action, rest).map_err(fail)?;
+                        bytes += rest.bytes;
+                        bytes -= self.weight_grads(action, rest, &mut held).map_err(fail)?;
                     } else {
                         bytes += rest.bytes;
                         debug_assert!(w_stash[slot].is_none());
@@ -758,8 +764,7 @@ impl<B: Backend> Worker<B> {
                             what: format!("`{action}` has no stash: a W before its I"),
                         })
                     })?;
-                    bytes -= stash.bytes;
-                    self.backward_weight(action, stash).map_err(fail)?;
+                    bytes -= self.weight_grads(action, stash, &mut held).map_err(fail)?;
                 }
             }
             out.peak_stashed = out.peak_stashed.max(stashed);
@@ -774,11 +779,31 @@ impl<B: Backend> Worker<B> {
                 let w = v.window;
                 if matches!(action.op, Op::B | Op::W) && (action.mb + 1) % w == 0 {
                     let window = (action.mb / w) as usize;
+                    if held.iter().any(|h| !h.is_empty()) {
+                        return Err(fail(EngineError::Invariant {
+                            stage: self.s as u32,
+                            what: format!("window {window} ends with batched weight gradients still to run"),
+                        }));
+                    }
                     self.send_window(window).map_err(fail)?;
                 }
             }
         }
         debug_assert_eq!(stashed, 0, "every activation stash was consumed");
+        if let Some(chunk) = held.iter().position(|h| !h.is_empty()) {
+            return Err(WorkerError::Failed {
+                index: list.len(),
+                action: String::new(),
+                cause: EngineError::Invariant {
+                    stage: self.s as u32,
+                    what: format!(
+                        "chunk {chunk} ended the step with {} weight-gradient halves never run",
+                        held[chunk].len()
+                    ),
+                }
+                .to_string(),
+            });
+        }
         out.spans = self.action_spans().map_err(|e| WorkerError::Failed {
             index: list.len(),
             action: String::new(),
@@ -1129,6 +1154,70 @@ impl<B: Backend> Worker<B> {
             saved: stash.saved,
             bytes,
         })
+    }
+
+    /// The weight-gradient half of `a`: run now, or with batched weight gradients kept in `held` until every
+    /// micro-batch of the step on `a`'s chunk (of its 2BW window, with weight versions) has reached it, then run
+    /// on all of them at once, in micro-batch order (so the schedule's order of them changes no bit). Returns the
+    /// stash bytes freed: `stash`'s when it ran, every held stash's when they ran, 0 when `stash` was kept.
+    fn weight_grads(&mut self, a: Action, stash: PartStash<B>, held: &mut [Vec<(u32, PartStash<B>)>]) -> Result<usize> {
+        if !self.cfg.batch_weight_grads {
+            let bytes = stash.bytes;
+            self.backward_weight(a, stash)?;
+            return Ok(bytes);
+        }
+        let group = match &self.versions {
+            Some(v) => v.window,
+            None => self.schedule.microbatches,
+        } as usize;
+        let chunk = a.chunk as usize;
+        let list = held.get_mut(chunk).ok_or_else(|| EngineError::Invariant {
+            stage: self.s as u32,
+            what: format!("`{a}` names chunk {chunk}, which the stage does not hold"),
+        })?;
+        list.push((a.mb, stash));
+        if list.len() < group {
+            return Ok(0);
+        }
+        let mut batch = std::mem::take(list);
+        batch.sort_by_key(|(mb, _)| *mb);
+        let first = batch[0].0 as usize;
+        if first % group != 0 || batch.iter().enumerate().any(|(i, (mb, _))| *mb as usize != first + i) {
+            return Err(EngineError::Invariant {
+                stage: self.s as u32,
+                what: format!(
+                    "chunk {chunk}'s batched weight gradients hold micro-batches {:?}, not one group of {group}",
+                    batch.iter().map(|(mb, _)| *mb).collect::<Vec<_>>()
+                ),
+            });
+        }
+        let bytes = batch.iter().map(|(_, s)| s.bytes).sum();
+        self.begin()?;
+        let be = &self.backends[self.s];
+        let mbs = Arc::clone(&self.mbs);
+        let group_mbs: Vec<&MicroBatch<B>> = batch.iter().map(|(mb, _)| &mbs[*mb as usize]).collect();
+        let layers = &mut self.stage.parts[chunk].layers;
+        // Per layer (last first, as `backward_weight`), the stashes of every micro-batch.
+        let mut per_layer: Vec<Vec<Saved<B>>> = (0..layers.len()).map(|_| Vec::with_capacity(group)).collect();
+        for (_, part) in batch {
+            if part.saved.len() != layers.len() {
+                return Err(EngineError::Invariant {
+                    stage: self.s as u32,
+                    what: format!(
+                        "a weight-gradient stash of chunk {chunk} holds {} layers, the part has {}",
+                        part.saved.len(),
+                        layers.len()
+                    ),
+                });
+            }
+            for (l, saved) in part.saved.into_iter().enumerate() {
+                per_layer[l].push(saved);
+            }
+        }
+        for (layer, saved) in layers.iter_mut().zip(per_layer).rev() {
+            layer.backward_weight_batched(be, saved, &group_mbs)?;
+        }
+        Ok(bytes)
     }
 
     fn backward_weight(&mut self, a: Action, stash: PartStash<B>) -> Result<()> {

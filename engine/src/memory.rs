@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use baton_schedules::{peak_receive_buffers, Op, Schedule, ScheduleKind};
+use baton_schedules::{peak_receive_buffers, peak_receive_buffers_batched, Op, Schedule, ScheduleKind};
 
 use crate::model::GptConfig;
 
@@ -114,23 +114,40 @@ pub fn gpt2_unit_bytes(model: &GptConfig, unit: usize, mb_seqs: usize, seq: usiz
     (a * elem, w * elem, s * elem)
 }
 
+/// What the executor keeps between a micro-batch's actions: the two [`crate::TrainOptions`] that change the
+/// stash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StashPolicy {
+    /// Only each part's input is kept from F to B / I, and the forward is recomputed.
+    pub recompute: bool,
+    /// Every micro-batch's weight-gradient stash is held until the part's last weight action of the step.
+    pub batch_weight_grads: bool,
+}
+
 /// The estimate for `model` split into `ranges` (unit ranges per part, in part order) under `schedule`, with
-/// micro-batches of `mb_seqs` sequences of `seq` tokens, and `data_tokens` tokens of training data.
+/// micro-batches of `mb_seqs` sequences of `seq` tokens, the stash kept as `policy` says, and `data_tokens`
+/// tokens of training data.
 pub fn estimate_gpt2(
     model: &GptConfig,
     schedule: &Schedule,
     ranges: &[Range<usize>],
     mb_seqs: usize,
     seq: usize,
-    recompute: bool,
+    policy: StashPolicy,
     data_tokens: usize,
 ) -> MemoryEstimate {
+    let recompute = policy.recompute;
     let elem = CPU_ELEM_BYTES as u64;
     let (c, v) = (model.d_model as u64, model.vocab_size as u64);
     // The head keeps its own copy of the tied `wte`.
     let params = model.num_params() as u64 + v * c;
     let stages = schedule.stages() as usize;
-    let receive = peak_receive_buffers(schedule).unwrap_or_default();
+    let receive = if policy.batch_weight_grads {
+        peak_receive_buffers_batched(schedule)
+    } else {
+        peak_receive_buffers(schedule)
+    }
+    .unwrap_or_default();
     let mut stash = vec![0u64; stages];
     let mut receive_bytes = vec![0u64; stages];
     let mut scratch_max = vec![0u64; stages];
@@ -160,21 +177,35 @@ pub fn estimate_gpt2(
         .collect();
     for s in 0..stages {
         // Replay the stage's list as the executor does: + at F, − at B or I; + the weight-gradient stash at I,
-        // − at W. The peak of the running sum is the stage's stash.
+        // − at W. The peak of the running sum is the stage's stash. With batched weight gradients, a B or W adds
+        // its weight-gradient stash instead, and the part's last one of the step frees all of them.
         let (mut now, mut peak) = (0i128, 0i128);
+        let mut held = vec![0u32; per_part.len()];
         for action in &schedule.actions[s] {
-            let Some(&(a, g, sc)) = schedule
+            let Some((part, &(a, g, sc))) = schedule
                 .part_of(s as u32, action)
-                .and_then(|part| per_part.get(part as usize))
+                .and_then(|part| Some((part as usize, per_part.get(part as usize)?)))
             else {
                 continue;
             };
             scratch_max[s] = scratch_max[s].max(sc);
+            let (a, g) = (i128::from(a), i128::from(g));
             match action.op {
-                Op::F => now += i128::from(a),
-                Op::B => now -= i128::from(a),
-                Op::I => now += i128::from(g) - i128::from(a),
-                Op::W => now -= i128::from(g),
+                Op::F => now += a,
+                Op::I => now += g - a,
+                Op::B if !policy.batch_weight_grads => now -= a,
+                Op::W if !policy.batch_weight_grads => now -= g,
+                Op::B | Op::W => {
+                    if action.op == Op::B {
+                        now += g - a;
+                    }
+                    peak = peak.max(now);
+                    held[part] += 1;
+                    if held[part] == schedule.microbatches {
+                        now -= i128::from(held[part]) * g;
+                        held[part] = 0;
+                    }
+                }
             }
             peak = peak.max(now);
         }

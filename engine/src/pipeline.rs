@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use baton_kernels::cpu::AdamW;
-use baton_schedules::{generate, peak_receive_buffers, validate, Schedule, ScheduleKind, Validation};
+use baton_schedules::{
+    generate, peak_receive_buffers, peak_receive_buffers_batched, validate, Schedule, ScheduleKind, Validation,
+};
 
 use crate::backend::{Backend, PoolStats};
 use crate::comm::{Cohort, Collective, Collectives, LocalCollectives, LocalTransport, Transport, Workers};
@@ -54,6 +56,15 @@ pub struct TrainOptions {
     pub optimizer: OptimizerConfig,
     /// Keep only part inputs between forward and backward and recompute.
     pub recompute: bool,
+    /// Batched weight gradients: each part keeps the weight-gradient halves of its micro-batches until the last
+    /// one of the step, then computes every weight's gradient in one product over all their tokens. Each weight
+    /// and weight gradient is then read once per step instead of once per micro-batch (on the CPU, where that
+    /// traffic dominates small micro-batches, the step is faster), and on the CPU backend the gradients — so the
+    /// trained weights — are the same bits for any micro-batch count, as one micro-batch of the whole batch gives.
+    /// The cost: every micro-batch's weight-gradient stash is held until the part's last one (as GPipe holds its
+    /// activations), whatever the schedule.
+    #[serde(default)]
+    pub batch_weight_grads: bool,
     /// Longest wait for one input inside a step, and longest one action may compute before
     /// the watchdog declares its stage stalled, in milliseconds.
     pub recv_timeout_ms: u64,
@@ -70,6 +81,7 @@ impl Default for TrainOptions {
         TrainOptions {
             optimizer: OptimizerConfig::default(),
             recompute: false,
+            batch_weight_grads: false,
             recv_timeout_ms: RECV_TIMEOUT_MS_DEFAULT,
             nonfinite: NonFinitePolicy::Skip,
             max_consecutive_skips: MAX_CONSECUTIVE_SKIPS_DEFAULT,
@@ -112,6 +124,9 @@ pub struct PipelineConfig {
     pub optimizer: OptimizerConfig,
     /// Keep only part inputs between forward and backward and recompute.
     pub recompute: bool,
+    /// Batched weight gradients ([`TrainOptions::batch_weight_grads`]).
+    #[serde(default)]
+    pub batch_weight_grads: bool,
     /// Seed of the initial weights.
     pub seed: u64,
     /// Longest wait for one input inside a step, and longest one action may compute before
@@ -163,6 +178,7 @@ impl PipelineConfig {
             split: StageSplit::Uniform,
             optimizer: o.optimizer,
             recompute: o.recompute,
+            batch_weight_grads: o.batch_weight_grads,
             seed: 1337,
             recv_timeout_ms: o.recv_timeout_ms,
             nonfinite: o.nonfinite,
@@ -176,6 +192,7 @@ impl PipelineConfig {
         TrainOptions {
             optimizer: self.optimizer.clone(),
             recompute: self.recompute,
+            batch_weight_grads: self.batch_weight_grads,
             recv_timeout_ms: self.recv_timeout_ms,
             nonfinite: self.nonfinite,
             max_consecutive_skips: self.max_consecutive_skips,
@@ -761,7 +778,12 @@ impl<B: Backend> Pipeline<B> {
         let validation = validate(&schedule)?;
         let parts = schedule.placement.num_parts() as usize;
         let ranges = split.resolve(model.as_ref(), parts)?;
-        let pools = peak_receive_buffers(&schedule)?;
+        // Batched weight gradients hold the received buffers their stashes read until each part's last B/W.
+        let pools = if options.batch_weight_grads {
+            peak_receive_buffers_batched(&schedule)?
+        } else {
+            peak_receive_buffers(&schedule)?
+        };
         let mut replicas = Vec::with_capacity(d);
         let mut transport = transport;
         let mut given = backends.into_iter();
@@ -1713,6 +1735,7 @@ impl<B: Backend> Pipeline<B> {
         (0..self.replicas.len())
             .map(|r| ExecConfig {
                 recompute: self.options.recompute,
+                batch_weight_grads: self.options.batch_weight_grads,
                 recv_timeout: Duration::from_millis(self.options.recv_timeout_ms),
                 fail: fail.filter(|(fr, _)| *fr == r).map(|(_, f)| f.clone()),
                 hosted: self.hosted[r].clone(),

@@ -2,7 +2,8 @@
 //! p ∈ {1,2,3,4} and m ∈ {1,2,4,8} (where the family admits the shape), a tiny GPT trained 3
 //! steps gives bitwise the same losses and parameters as the single-stage run on the same
 //! micro-batches; the tied copies stay bitwise identical; the measured peak of stashed
-//! activations equals the validator's prediction; recomputation changes nothing.
+//! activations equals the validator's prediction; recomputation changes nothing. With batched weight gradients
+//! the micro-batch count changes nothing either: every schedule, split and m trains the bits of one micro-batch.
 //!
 //! Written once for every backend (`on_every_backend!`): `cpu::*` runs in CI and compares bit for bit; `cuda::*`
 //! (ignored without a GPU, run by `scripts/gpu-check.sh`) compares within the device's tolerance.
@@ -17,7 +18,8 @@ use common::Device;
 on_every_backend!(
     every_schedule_trains_like_the_unpipelined_run,
     recomputation_changes_nothing,
-    explicit_split_equals_uniform_split
+    explicit_split_equals_uniform_split,
+    batched_weight_grads_train_the_same_bits_for_any_micro_batch_count
 );
 
 const STEPS: usize = 3;
@@ -38,9 +40,22 @@ struct Run {
 }
 
 fn train(d: &impl Device, kind: ScheduleKind, p: u32, m: u32, chunks: u32, recompute: bool) -> Run {
+    train_with(d, kind, p, m, chunks, recompute, false)
+}
+
+fn train_with(
+    d: &impl Device,
+    kind: ScheduleKind,
+    p: u32,
+    m: u32,
+    chunks: u32,
+    recompute: bool,
+    batch_weight_grads: bool,
+) -> Run {
     let mut cfg = PipelineConfig::new(model(), p, kind, m);
     cfg.chunks = chunks;
     cfg.recompute = recompute;
+    cfg.batch_weight_grads = batch_weight_grads;
     cfg.optimizer.warmup_steps = 1;
     cfg.optimizer.total_steps = STEPS as u64;
     let mut pipe = Pipeline::new(cfg, d.stages(p)).unwrap_or_else(|e| panic!("{kind} p={p} m={m}: {e}"));
@@ -53,7 +68,11 @@ fn train(d: &impl Device, kind: ScheduleKind, p: u32, m: u32, chunks: u32, recom
         assert!(report.loss.is_finite());
         // Receive pools: sized from the schedule, never short, filled on the first step, no allocation after.
         let pools = pipe.receive_pools();
-        let needed = baton_schedules::peak_receive_buffers(pipe.schedule()).unwrap();
+        let needed = if batch_weight_grads {
+            baton_schedules::peak_receive_buffers_batched(pipe.schedule()).unwrap()
+        } else {
+            baton_schedules::peak_receive_buffers(pipe.schedule()).unwrap()
+        };
         for (s, pool) in pools.iter().enumerate() {
             let want = needed[s] as usize;
             assert_eq!(pool.capacity, want, "{kind} p={p} m={m} stage {s}");
@@ -199,4 +218,58 @@ fn explicit_split_equals_uniform_split(d: &impl Device) {
         },
         "split 0..2,2..8",
     );
+}
+
+/// Batched weight gradients: every layout and micro-batch count gives the parameters of one micro-batch holding
+/// the whole batch (bitwise on the CPU), and the losses agree to rounding (each micro-batch's loss is summed on
+/// its own). Without batching, m = 4 accumulates four products per weight and differs, so the test can tell.
+fn batched_weight_grads_train_the_same_bits_for_any_micro_batch_count(d: &impl Device) {
+    let one = train_with(d, ScheduleKind::OneFOneB, 1, 1, 1, false, false);
+    let reference = train_with(d, ScheduleKind::OneFOneB, 1, 1, 1, false, true);
+    assert_same(d, &one, &reference, "m=1 batched against m=1");
+    let mut checked = 0;
+    for (kind, p, m, recompute) in [
+        (ScheduleKind::OneFOneB, 1, 2, false),
+        (ScheduleKind::OneFOneB, 1, 8, false),
+        (ScheduleKind::OneFOneB, 2, 4, false),
+        (ScheduleKind::OneFOneB, 2, 4, true),
+        (ScheduleKind::GPipe, 4, 8, false),
+        (ScheduleKind::ZbH1, 3, 4, false),
+        (ScheduleKind::ZbV, 2, 4, false),
+        (ScheduleKind::Interleaved, 2, 4, false),
+    ] {
+        let what = format!("batched {kind} p={p} m={m} recompute={recompute}");
+        let run = train_with(d, kind, p, m, chunks_of(kind), recompute, true);
+        let want: Vec<f32> = reference.losses.iter().map(|&x| f32::from_bits(x)).collect();
+        let got: Vec<f32> = run.losses.iter().map(|&x| f32::from_bits(x)).collect();
+        let e = common::rel_err(&got, &want);
+        assert!(e <= 1e-5, "{what}: losses differ by {e:.2e}");
+        assert_same(
+            d,
+            &Run {
+                losses: reference.losses.clone(),
+                params: reference.params.clone(),
+            },
+            &Run {
+                losses: reference.losses.clone(),
+                params: run.params,
+            },
+            &what,
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 8);
+    if d.tolerance().is_none() {
+        let unbatched = train(d, ScheduleKind::OneFOneB, 1, 4, 1, false);
+        let differs = unbatched.params.iter().any(|(name, t)| {
+            t.data
+                .iter()
+                .zip(&reference.params[name].data)
+                .any(|(x, y)| x.to_bits() != y.to_bits())
+        });
+        assert!(
+            differs,
+            "unbatched m=4 should accumulate its weight gradients in four products"
+        );
+    }
 }

@@ -259,3 +259,35 @@ fn a_stream_matches_its_windows_on_every_backend(dev: &impl common::Device) {
         }
     }
 }
+
+/// Batched weight gradients in a 2BW stream: each window's weight halves run once its last micro-batch has reached
+/// them (before its gradients go to the updater), so a stream gives the bits of the same windows batched one at a
+/// time, and every window trains the bits of one micro-batch of its whole batch (m = 1 with the same delay).
+#[test]
+fn batched_weight_grads_run_per_window_in_a_stream() {
+    let data = batches(3);
+    let batched = |m: u32| {
+        let mut cfg = config(ScheduleKind::TwoBw, 2, m, 3);
+        cfg.batch_weight_grads = true;
+        cfg
+    };
+    let stepwise_batched = stepwise(&batched(4), &data);
+    let mut pipe = pipeline(&batched(4));
+    let reports = pipe.train_windows(&data).unwrap();
+    assert_eq!(reports.len(), 3);
+    assert!(reports.iter().all(|r| r.loss.is_finite()));
+    assert!(
+        pipe.parameters().unwrap() == stepwise_batched.2,
+        "a stream of batched windows equals the batched windows one at a time"
+    );
+    let one = stepwise(&batched(1), &data);
+    assert!(
+        stepwise_batched.2 == one.2,
+        "batched windows of 4 micro-batches equal windows of one micro-batch"
+    );
+    let unbatched = stepwise(&config(ScheduleKind::TwoBw, 2, 4, 3), &data);
+    assert!(
+        unbatched.2 != one.2,
+        "unbatched, m = 4 accumulates four products per weight"
+    );
+}

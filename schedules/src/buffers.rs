@@ -34,11 +34,24 @@ use crate::ir::{Op, Schedule};
 pub fn peak_receive_buffers(schedule: &Schedule) -> Result<Vec<u32>, ScheduleError> {
     let graph = DepGraph::build(schedule)?;
     let order = graph.run_order()?;
-    Ok(receive_peaks(schedule, &graph, &order))
+    Ok(receive_peaks(schedule, &graph, &order, false))
 }
 
-/// [`peak_receive_buffers`] on an already built and checked graph (`order` is a topological order of it).
-fn receive_peaks(schedule: &Schedule, graph: &DepGraph, order: &[u32]) -> Vec<u32> {
+/// [`peak_receive_buffers`] for an executor that batches the weight gradients: a part's weight-gradient halves
+/// all run at its last `B`/`W` of the step, and they may read the received buffers, so every message into
+/// (part, mb) is released there instead of at the `B`/`W` of (part, mb). Never below [`peak_receive_buffers`].
+///
+/// # Errors
+/// Whatever [`crate::validate`] reports for an invalid schedule.
+pub fn peak_receive_buffers_batched(schedule: &Schedule) -> Result<Vec<u32>, ScheduleError> {
+    let graph = DepGraph::build(schedule)?;
+    let order = graph.run_order()?;
+    Ok(receive_peaks(schedule, &graph, &order, true))
+}
+
+/// [`peak_receive_buffers`] on an already built and checked graph (`order` is a topological order of it);
+/// `batched`: releases at each part's last `B`/`W` ([`peak_receive_buffers_batched`]).
+fn receive_peaks(schedule: &Schedule, graph: &DepGraph, order: &[u32], batched: bool) -> Vec<u32> {
     let stages = schedule.actions.len();
     let m = schedule.microbatches as usize;
     let slots = schedule.placement.num_parts() as usize * m;
@@ -52,6 +65,17 @@ fn receive_peaks(schedule: &Schedule, graph: &DepGraph, order: &[u32]) -> Vec<u3
             let node = &graph.nodes[id as usize];
             if matches!(node.action.op, Op::B | Op::W) {
                 release[node.part as usize * m + node.action.mb as usize] = id - start;
+            }
+        }
+        if batched {
+            // Every micro-batch of a part held by this stage is released at the part's last B/W.
+            for part in release.chunks_mut(m) {
+                let mine = part.iter().copied().filter(|&r| r != u32::MAX);
+                if let Some(last_weight) = mine.max() {
+                    for r in part.iter_mut().filter(|r| **r != u32::MAX) {
+                        *r = last_weight;
+                    }
+                }
             }
         }
         // last_s for every node, in topological order.

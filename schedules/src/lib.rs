@@ -25,7 +25,7 @@ mod torch;
 mod two_bw;
 mod validate;
 
-pub use buffers::peak_receive_buffers;
+pub use buffers::{peak_receive_buffers, peak_receive_buffers_batched};
 pub use cluster::{
     Cluster, Link, LinkKind, GPUS_PER_NODE_DEFAULT, GPUS_PER_NODE_MAX, INFINIBAND_BYTES_PER_S, INFINIBAND_LATENCY_S,
     INFINIBAND_NDR, NVLINK_BYTES_PER_S, NVLINK_H200, NVLINK_LATENCY_S,

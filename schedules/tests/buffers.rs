@@ -3,11 +3,14 @@
 //! `j` runs after sending its outputs (its releases still pending); an action may start once every action it
 //! needs has sent. The
 //! closed-form pass must equal the worst state exactly: never less (a pool sized from it would run dry), never
-//! more (it would hold memory no execution uses).
+//! more (it would hold memory no execution uses). The same holds for `peak_receive_buffers_batched`, where every
+//! message into a part is released at the part's last `B`/`W` (batched weight gradients).
 
 use std::collections::{HashMap, HashSet};
 
-use baton_schedules::{generate, peak_receive_buffers, validate, Op, Schedule, ScheduleKind};
+use baton_schedules::{
+    generate, peak_receive_buffers, peak_receive_buffers_batched, validate, Op, Schedule, ScheduleKind,
+};
 
 /// Where each (op, part, mb) sits: (stage, index in the stage's list).
 type Positions = HashMap<(Op, u32, u32), (usize, usize)>;
@@ -52,8 +55,16 @@ struct Message {
     release: usize,
 }
 
-fn messages(s: &Schedule, at: &Positions) -> Vec<Message> {
+/// The messages into every stage; `batched`: each is released at its part's last `B`/`W` on the stage.
+fn messages(s: &Schedule, at: &Positions, batched: bool) -> Vec<Message> {
     let parts = s.placement.num_parts();
+    let last_weight = |part: u32| {
+        at.iter()
+            .filter(|((op, q, _), _)| *q == part && matches!(op, Op::B | Op::W))
+            .map(|(_, &(_, i))| i)
+            .max()
+            .unwrap()
+    };
     let mut out = Vec::new();
     for (stage, list) in s.actions.iter().enumerate() {
         for a in list {
@@ -74,7 +85,7 @@ fn messages(s: &Schedule, at: &Positions) -> Vec<Message> {
             out.push(Message {
                 sender,
                 to: stage,
-                release: release.1,
+                release: if batched { last_weight(part) } else { release.1 },
             });
         }
     }
@@ -83,10 +94,10 @@ fn messages(s: &Schedule, at: &Positions) -> Vec<Message> {
 
 /// The worst count per stage over every reachable state, and the number of states visited.
 /// `pos[t]`: stage t's half-step position.
-fn brute_force(s: &Schedule) -> (Vec<u32>, usize) {
+fn brute_force(s: &Schedule, batched: bool) -> (Vec<u32>, usize) {
     let at = positions(s);
     let parts = s.placement.num_parts();
-    let msgs = messages(s, &at);
+    let msgs = messages(s, &at, batched);
     let p = s.actions.len();
     let mut worst = vec![0u32; p];
     let mut seen = HashSet::new();
@@ -121,7 +132,7 @@ fn brute_force(s: &Schedule) -> (Vec<u32>, usize) {
 
 #[test]
 fn matches_the_worst_reachable_state_for_every_generator() {
-    let mut checked = 0;
+    let (mut checked, mut grew) = (0, false);
     for kind in [
         ScheduleKind::GPipe,
         ScheduleKind::OneFOneB,
@@ -137,8 +148,16 @@ fn matches_the_worst_reachable_state_for_every_generator() {
                         continue; // the state space grows as (actions per stage)^p
                     }
                     let fast = peak_receive_buffers(&s).unwrap();
-                    let (slow, states) = brute_force(&s);
+                    let (slow, states) = brute_force(&s, false);
                     assert_eq!(fast, slow, "{kind} p={p} m={m} v={v} ({states} states)");
+                    let batched = peak_receive_buffers_batched(&s).unwrap();
+                    let (slow, states) = brute_force(&s, true);
+                    assert_eq!(batched, slow, "batched {kind} p={p} m={m} v={v} ({states} states)");
+                    assert!(
+                        batched.iter().zip(&fast).all(|(b, f)| b >= f),
+                        "{kind} p={p} m={m} v={v}"
+                    );
+                    grew |= batched != fast;
                     validate(&s).unwrap();
                     checked += 1;
                 }
@@ -146,6 +165,7 @@ fn matches_the_worst_reachable_state_for_every_generator() {
         }
     }
     assert!(checked >= 40, "only {checked} schedules checked");
+    assert!(grew, "batching never held a receive buffer longer");
 }
 
 #[test]
@@ -230,13 +250,19 @@ fn matches_the_brute_force_on_random_orders() {
             actions,
         };
         validate(&s).unwrap_or_else(|e| panic!("case {case}: a topological order is valid: {e}"));
-        let (slow, states) = brute_force(&s);
-        assert_eq!(
-            peak_receive_buffers(&s).unwrap(),
-            slow,
-            "case {case} ({states} states): {:?}",
-            s.actions
-        );
+        for batched in [false, true] {
+            let (slow, states) = brute_force(&s, batched);
+            let fast = if batched {
+                peak_receive_buffers_batched(&s).unwrap()
+            } else {
+                peak_receive_buffers(&s).unwrap()
+            };
+            assert_eq!(
+                fast, slow,
+                "case {case} batched={batched} ({states} states): {:?}",
+                s.actions
+            );
+        }
         checked += 1;
     }
     assert_eq!(checked, 300);

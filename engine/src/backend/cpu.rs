@@ -149,6 +149,19 @@ impl Backend for Cpu {
         let _time = Timer::start("duplicate");
         self.upload(buf)
     }
+    fn concat(&self, parts: &[&CpuBuf]) -> Result<CpuBuf> {
+        let _time = Timer::start("concat");
+        if parts.is_empty() {
+            return Err(EngineError::backend("cpu", "concat", "no parts to concatenate"));
+        }
+        let mut out = super::scratch::scratch().take(parts.iter().map(|p| p.len()).sum());
+        let mut at = 0;
+        for part in parts {
+            f::ops::copy(&mut out[at..at + part.len()], part);
+            at += part.len();
+        }
+        Ok(out)
+    }
     fn transfer(&self, buf: CpuBuf, _dst: &Self) -> Result<CpuBuf> {
         Ok(buf)
     }
@@ -580,6 +593,23 @@ impl Backend for Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `concat` lays the parts end to end, leaves them as they were, and refuses an empty list.
+    #[test]
+    fn concat_joins_the_parts_in_order() {
+        let be = Cpu;
+        let (a, b, c) = (
+            be.upload(&[1.0, 2.0]).unwrap(),
+            be.upload(&[]).unwrap(),
+            be.upload(&[3.0, f32::NAN, -0.0]).unwrap(),
+        );
+        let joined = be.download(&be.concat(&[&a, &b, &c]).unwrap()).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&joined), bits(&[1.0, 2.0, 3.0, f32::NAN, -0.0]));
+        assert_eq!(be.download(&a).unwrap(), vec![1.0, 2.0]);
+        let e = be.concat(&[]).unwrap_err().to_string();
+        assert!(e.contains("concat") && e.contains("no parts"), "{e}");
+    }
 
     /// Bad shapes and targets come back as errors naming the op and the value, never as a panic in a kernel.
     #[test]

@@ -517,6 +517,22 @@ impl Cuda {
             .map_err(|e| self.err("fill_zero", CudaError::driver("cuMemsetD8Async", e)))
     }
 
+    fn concat_t<T: Stored>(&self, parts: &[&CudaBuf]) -> Result<CudaBuf> {
+        let op = "concat";
+        let mut out = self.scratch::<T>(op, parts.iter().map(|p| p.len()).sum())?;
+        let mut at = 0;
+        for part in parts {
+            let s = self.read::<T>(op, part)?;
+            let mut dst = out.slice_mut(at..at + s.len());
+            self.dev
+                .stream()
+                .memcpy_dtod(&*s, &mut dst)
+                .map_err(|e| self.err(op, CudaError::driver("cuMemcpyDtoDAsync", e)))?;
+            at += s.len();
+        }
+        Ok(T::wrap(out))
+    }
+
     fn copy_t<T: Stored>(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
         let op = "copy";
         let s = self.read::<T>(op, src)?;
@@ -1371,6 +1387,23 @@ impl Backend for Cuda {
                 working: self.dup(working)?,
             },
         }))
+    }
+    fn concat(&self, parts: &[&CudaBuf]) -> Result<CudaBuf> {
+        let first = parts
+            .first()
+            .ok_or_else(|| self.shape("concat", "no parts to concatenate".into()))?;
+        let native = first.storage().native();
+        if let Some(other) = parts.iter().find(|p| p.storage().native() != native) {
+            return Err(self.shape(
+                "concat",
+                format!(
+                    "the parts mix storage types ({:?} and {:?})",
+                    first.storage(),
+                    other.storage()
+                ),
+            ));
+        }
+        dispatch!(native, self.concat_t(parts))
     }
     fn transfer(&self, buf: CudaBuf, dst: &Self) -> Result<CudaBuf> {
         let route = self.route_to(dst)?;

@@ -71,6 +71,9 @@ pub trait Backend: Send + Sync + 'static {
     fn len(&self, buf: &Self::Buf) -> usize;
     /// A second buffer with the same contents.
     fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf>;
+    /// One buffer holding `parts` end to end, in order (the batched weight gradients' inputs); the parts keep
+    /// their contents. An error when `parts` is empty or mixes storage types.
+    fn concat(&self, parts: &[&Self::Buf]) -> Result<Self::Buf>;
     /// Moves a buffer of this backend to `dst` (a peer copy between devices; a move on the CPU).
     fn transfer(&self, buf: Self::Buf, dst: &Self) -> Result<Self::Buf>;
     /// Copies `buf` to `dst` into a buffer leased from `pool` (the receiving stage's receive pool; it goes back

@@ -180,6 +180,64 @@ impl<B: Backend> Saved<B> {
     }
 }
 
+/// Checks a batched weight-gradient call: one stash per micro-batch, at least one, all of one sequence length.
+fn check_batch<B: Backend>(layer: &str, stashes: usize, mbs: &[&MicroBatch<B>]) -> Result<()> {
+    if stashes != mbs.len() || mbs.is_empty() {
+        return Err(EngineError::layer(
+            layer,
+            format!(
+                "batched weight gradients need one stash per micro-batch and at least one: got {stashes} stashes \
+                 for {} micro-batches",
+                mbs.len()
+            ),
+        ));
+    }
+    if let Some(mb) = mbs.iter().find(|mb| mb.t != mbs[0].t) {
+        return Err(EngineError::layer(
+            layer,
+            format!(
+                "batched weight gradients need one sequence length: {} and {}",
+                mbs[0].t, mb.t
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The micro-batches' stashes joined slot by slot for a batched weight gradient: each of `slots` holds the rows
+/// of micro-batch 0, then 1, and so on (each part is freed as soon as it is copied), and the micro-batch returned
+/// has their total sequences (no tokens: the weight-gradient halves of the block and head read only `b` and `t`).
+/// One stash is returned as it is.
+fn join_stashes<B: Backend>(
+    be: &B,
+    mut saved: Vec<Saved<B>>,
+    mbs: &[&MicroBatch<B>],
+    slots: &[usize],
+    layer: &str,
+) -> Result<(Saved<B>, MicroBatch<B>)> {
+    check_batch(layer, saved.len(), mbs)?;
+    let whole = MicroBatch {
+        inputs: None,
+        targets: None,
+        b: mbs.iter().map(|mb| mb.b).sum(),
+        t: mbs[0].t,
+        loss_scale: mbs[0].loss_scale,
+    };
+    if saved.len() == 1 {
+        return Ok((saved.swap_remove(0), whole));
+    }
+    let mut joined = Saved::with_slots(saved[0].slots());
+    for &slot in slots {
+        let parts = saved
+            .iter_mut()
+            .map(|s| s.take(slot, layer))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&B::Buf> = parts.iter().collect();
+        joined.put(slot, be.concat(&refs)?, layer)?;
+    }
+    Ok((joined, whole))
+}
+
 fn missing(layer: &str, slot: usize) -> EngineError {
     EngineError::layer(layer, format!("stash slot {slot} is empty (backward before forward?)"))
 }
@@ -217,6 +275,18 @@ pub trait Layer<B: Backend>: Send + Sync {
     ) -> Result<Option<B::Buf>>;
     /// Accumulates the parameter gradients from what `backward_input` left in `saved`.
     fn backward_weight(&mut self, be: &B, saved: Saved<B>, mb: &MicroBatch<B>) -> Result<()>;
+    /// Accumulates the parameter gradients of several micro-batches of one step at once (the executor's
+    /// batched weight gradients, [`crate::TrainOptions::batch_weight_grads`]): `saved[i]` is what
+    /// `backward_input` left for micro-batch `mbs[i]`, in micro-batch order. The default runs
+    /// [`Layer::backward_weight`] on each in turn. GPT-2's block and head override it with one product per weight
+    /// over the tokens of all the micro-batches, read once instead of once per micro-batch.
+    fn backward_weight_batched(&mut self, be: &B, saved: Vec<Saved<B>>, mbs: &[&MicroBatch<B>]) -> Result<()> {
+        check_batch(&self.name(), saved.len(), mbs)?;
+        for (s, mb) in saved.into_iter().zip(mbs) {
+            self.backward_weight(be, s, mb)?;
+        }
+        Ok(())
+    }
     /// Inference forward: the next activation, or the logits `(b·t, V)` for the head. Needs no
     /// targets and keeps no stash.
     fn infer(&self, be: &B, x: Option<B::Buf>, mb: &MicroBatch<B>) -> Result<B::Buf> {
@@ -549,6 +619,15 @@ impl<B: Backend> Layer<B> for Block<B> {
         Ok(Some(dx))
     }
 
+    fn backward_weight_batched(&mut self, be: &B, saved: Vec<Saved<B>>, mbs: &[&MicroBatch<B>]) -> Result<()> {
+        let slots = [
+            S_X, S_LN1, S_MEAN1, S_RSTD1, S_ATTY, S_X2, S_LN2, S_MEAN2, S_RSTD2, S_GELU, S_DFCPROJ, S_DFC, S_DLN2,
+            S_DPROJ, S_DQKV, S_DLN1,
+        ];
+        let (s, whole) = join_stashes(be, saved, mbs, &slots, &self.name())?;
+        self.backward_weight(be, s, &whole)
+    }
+
     fn backward_weight(&mut self, be: &B, mut s: Saved<B>, mb: &MicroBatch<B>) -> Result<()> {
         let name = self.name();
         let (n, c) = (mb.b * mb.t, self.c);
@@ -764,6 +843,11 @@ impl<B: Backend> Layer<B> for Head<B> {
         s.put(HS_DLNF, dlnf, "head")?;
         Ok(Some(dx))
     }
+    fn backward_weight_batched(&mut self, be: &B, saved: Vec<Saved<B>>, mbs: &[&MicroBatch<B>]) -> Result<()> {
+        let slots = [HS_X, HS_LNF, HS_MEAN, HS_RSTD, HS_DLOGITS, HS_DLNF];
+        let (s, whole) = join_stashes(be, saved, mbs, &slots, "head")?;
+        self.backward_weight(be, s, &whole)
+    }
     fn backward_weight(&mut self, be: &B, mut s: Saved<B>, mb: &MicroBatch<B>) -> Result<()> {
         let (n, c, v) = (mb.b * mb.t, self.c, self.v);
         be.matmul_backward_weight(
@@ -786,5 +870,58 @@ impl<B: Backend> Layer<B> for Head<B> {
             n,
             c,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+
+    fn mb(b: usize, t: usize) -> MicroBatch<Cpu> {
+        MicroBatch {
+            inputs: None,
+            targets: None,
+            b,
+            t,
+            loss_scale: 1.0,
+        }
+    }
+
+    /// A batched weight-gradient call with no micro-batch, a stash count that does not match, or two sequence
+    /// lengths is an error naming the layer, before anything is computed.
+    #[test]
+    fn malformed_batched_weight_gradient_calls_are_errors_naming_the_layer() {
+        let cfg = GptConfig {
+            vocab_size: 16,
+            max_seq: 8,
+            layers: 1,
+            d_model: 8,
+            heads: 2,
+        };
+        let be = Cpu;
+        let mut block = Block::new(&cfg, 0, &be, 1).unwrap();
+        let e = block
+            .backward_weight_batched(&be, Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("block 0") && e.contains("at least one"), "{e}");
+        let (a, b) = (mb(1, 8), mb(1, 4));
+        let e = block
+            .backward_weight_batched(&be, vec![Saved::empty()], &[&a, &a])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("got 1 stashes for 2 micro-batches"), "{e}");
+        let e = block
+            .backward_weight_batched(&be, vec![Saved::empty(), Saved::empty()], &[&a, &b])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one sequence length: 8 and 4"), "{e}");
+        let mut head = Head::new(&cfg, &be, 1).unwrap();
+        let e = head
+            .backward_weight_batched(&be, Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("head"), "{e}");
     }
 }

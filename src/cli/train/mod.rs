@@ -426,7 +426,10 @@ fn estimate(c: &TrainConfig, setup: &Setup, data_tokens: usize) -> Result<Memory
         &ranges,
         mb_seqs,
         c.seq,
-        c.recompute,
+        memory::StashPolicy {
+            recompute: c.recompute,
+            batch_weight_grads: c.batch_weight_grads,
+        },
         data_tokens,
     )
     .replicated(u64::from(d), c.zero == 1, !c.no_overlap))
