@@ -179,6 +179,9 @@ impl Backend for Cpu {
     fn host_reads_are_free(&self) -> bool {
         true
     }
+    fn reads_buffers_of(&self, _other: &Self) -> bool {
+        true
+    }
     fn bind_stage(&self, stage: usize) {
         baton_kernels::fast::bind_stage(stage);
     }

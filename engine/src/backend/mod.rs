@@ -112,6 +112,12 @@ pub trait Backend: Send + Sync + 'static {
     fn shares_clock_with(&self, _other: &Self) -> bool {
         true
     }
+    /// True when this backend's ops may read and write `other`'s buffers in place, without a copy or any
+    /// ordering between their queues (one address space and no queues: the CPU). A collective between two
+    /// stages then sums and copies their buffers directly.
+    fn reads_buffers_of(&self, _other: &Self) -> bool {
+        false
+    }
     /// True when reading a value back to the host costs no synchronisation (the CPU). The
     /// executor checks every activation and gradient it sends for non-finite values only on such
     /// backends; on a device it would stall the queue once per action.

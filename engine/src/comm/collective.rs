@@ -169,6 +169,12 @@ impl<B: Backend> LocalGroup<B> {
         member_order("collective", &self.stages, members)
     }
 
+    /// Whether member `to`'s backend reads member `from`'s buffers in place (the same stage, or one address space:
+    /// the CPU), so no copy between them is needed.
+    fn reads_in_place(&self, from: usize, to: usize) -> bool {
+        self.stages[from] == self.stages[to] || self.be(to).reads_buffers_of(self.be(from))
+    }
+
     /// A copy of `buf` (on member `from`'s stage) on member `to`'s stage.
     fn copy_to(&self, from: usize, to: usize, buf: &B::Buf) -> Result<B::Buf> {
         let dup = self.be(from).duplicate(buf)?;
@@ -296,7 +302,7 @@ impl<B: Backend> Collective<B> for LocalGroup<B> {
         let p0 = order[0];
         for (m, &pos) in order.iter().enumerate().skip(1) {
             let (sum, x) = pair_mut(bufs, p0, pos);
-            if self.stages[m] == self.stages[0] {
+            if self.reads_in_place(m, 0) {
                 self.be(0).add_assign(sum, x)?;
             } else {
                 let x = self.copy_to(m, 0, x)?;
@@ -305,7 +311,7 @@ impl<B: Backend> Collective<B> for LocalGroup<B> {
         }
         for (m, &pos) in order.iter().enumerate().skip(1) {
             let (sum, x) = pair_mut(bufs, p0, pos);
-            if self.stages[m] == self.stages[0] {
+            if self.reads_in_place(0, m) {
                 self.be(m).copy(x, sum)?;
             } else {
                 let y = self.copy_to(0, m, sum)?;
@@ -328,7 +334,7 @@ impl<B: Backend> Collective<B> for LocalGroup<B> {
         // bits are those of `all_reduce`.
         let mut sum = self.copy_to(0, root, bufs[order[0]].1)?;
         for (m, &pos) in order.iter().enumerate().skip(1) {
-            if m == root {
+            if m == root || self.reads_in_place(m, root) {
                 self.be(root).add_assign(&mut sum, bufs[pos].1)?;
             } else {
                 let x = self.copy_to(m, root, bufs[pos].1)?;
