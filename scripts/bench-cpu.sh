@@ -28,15 +28,17 @@ mkdir -p "$OUT"
 
 # name | layers d_model heads vocab batch seq | measured steps | warm-up steps
 CONFIGS=(
-  "small-4L-d128-bytes-B8T128|4 128 4 256 8 128|10|3"
+  "small-4L-d128-bytes-B8T128|4 128 4 256 8 128|30|5"
   "gpt2-124M-B4T64|12 768 12 50257 4 64|4|2"
   "gpt2-124M-B8T256|12 768 12 50257 8 256|2|1"
 )
-# Baton runs: name | stages | micro-batches | extra flags. p=2 at m=1 is the pipeline at p=1's micro-batch size;
-# at m=4 each micro-batch re-reads every weight, so it is compared with PyTorch accumulating 4 micro-batches.
+# Baton runs: name | stages | micro-batches | extra flags. p=2 is compared with p=1 at the same micro-batch count
+# (m=1 and m=4): at m=4 each micro-batch re-reads every weight, so it is also compared with PyTorch accumulating 4
+# micro-batches.
 RUNS=(
   "baton p=1|1|1|"
   "baton p=2 m=1|2|1|"
+  "baton p=1 m=4|1|4|"
   "baton p=2 m=4|2|4|"
   "baton p=2 m=4 batched-W|2|4|--batch-weight-grads"
 )
@@ -78,7 +80,7 @@ for c in configs:
     print(f"| {c} | " + " | ".join(f"{med[c, r]*1e3:.0f} ms" for r in runs) + " |")
 # tokens/s ratios = inverse time ratios
 pairs = [("baton p=1", "pytorch m=1"), ("baton p=2 m=1", "pytorch m=1"), ("baton p=2 m=1", "baton p=1"),
-         ("baton p=2 m=4", "pytorch m=4"), ("baton p=2 m=4 batched-W", "pytorch m=4"),
+         ("baton p=2 m=4", "baton p=1 m=4"), ("baton p=2 m=4", "pytorch m=4"), ("baton p=2 m=4 batched-W", "pytorch m=4"),
          ("baton p=2 m=4 batched-W", "baton p=2 m=4")]
 print("\nTokens/s ratios (> 1: the first is faster) and peak resident memory:\n")
 print("| configuration | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " | peak RSS Baton p=1 / PyTorch m=1 |")
