@@ -267,52 +267,31 @@ fn train_plan_auto_refuses_the_flags_it_chooses_and_unknown_modes() {
 
 #[test]
 fn batched_weight_grads_train_but_are_refused_where_the_planner_would_model_them() {
-    let text = assert_one_line_usage_error(&run(&tiny_train(&[
-        "--stages",
-        "2",
-        "--steps",
-        "1",
-        "--plan",
-        "auto",
-        "--batch-weight-grads",
-    ])));
-    assert!(
-        text.contains("--plan auto does not model --batch-weight-grads"),
-        "{text}"
-    );
     let dir = tmp("plan", "batched");
-    let text = assert_one_line_usage_error(&run(&tiny_train(&[
-        "--stages",
-        "2",
-        "--microbatches",
-        "2",
-        "--steps",
-        "1",
-        "--memory-budget",
-        "1GiB",
-        "--batch-weight-grads",
-        "--out",
-        dir.to_str().unwrap(),
-    ])));
-    assert!(
-        text.contains("--memory-budget does not model --batch-weight-grads"),
-        "{text}"
-    );
-    assert!(!dir.exists());
-    let out = run(&tiny_train(&[
-        "--stages",
-        "2",
-        "--microbatches",
-        "4",
-        "--steps",
-        "2",
-        "--eval-every",
-        "0",
-        "--batch-weight-grads",
-        "--out",
-        dir.to_str().unwrap(),
-    ]));
-    assert!(out.status.success(), "{}", err(&out));
+    let out = dir.to_str().unwrap();
+    // Two stages with batched weight gradients, and `flags`.
+    let batched = |flags: &str| {
+        let mut args: Vec<&str> = "--stages 2 --batch-weight-grads --out".split(' ').collect();
+        args.push(out);
+        args.extend(flags.split(' '));
+        run(&tiny_train(&args))
+    };
+    for (flags, refusal) in [
+        (
+            "--steps 1 --plan auto",
+            "--plan auto does not model --batch-weight-grads",
+        ),
+        (
+            "--microbatches 2 --steps 1 --memory-budget 1GiB",
+            "--memory-budget does not model --batch-weight-grads",
+        ),
+    ] {
+        let text = assert_one_line_usage_error(&batched(flags));
+        assert!(text.contains(refusal), "{flags}: {text}");
+        assert!(!dir.exists(), "{flags}");
+    }
+    let trained = batched("--microbatches 4 --steps 2 --eval-every 0");
+    assert!(trained.status.success(), "{}", err(&trained));
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["config"]["batch_weight_grads"], true, "{config}");
