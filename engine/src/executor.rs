@@ -750,6 +750,10 @@ impl<B: Backend> Worker<B> {
                     let rest = self.backward_input(action, stash).map_err(fail)?;
                     if action.op == Op::B {
                         bytes += rest.bytes;
+                        if self.cfg.batch_weight_grads {
+                            // Every held stash is alive while the batch runs.
+                            out.peak_stash_bytes = out.peak_stash_bytes.max(bytes);
+                        }
                         bytes -= self.weight_grads(action, rest, &mut held).map_err(fail)?;
                     } else {
                         bytes += rest.bytes;
@@ -764,6 +768,9 @@ impl<B: Backend> Worker<B> {
                             what: format!("`{action}` has no stash: a W before its I"),
                         })
                     })?;
+                    if self.cfg.batch_weight_grads {
+                        out.peak_stash_bytes = out.peak_stash_bytes.max(bytes);
+                    }
                     bytes -= self.weight_grads(action, stash, &mut held).map_err(fail)?;
                 }
             }
