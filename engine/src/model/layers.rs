@@ -204,15 +204,15 @@ fn check_batch<B: Backend>(layer: &str, stashes: usize, mbs: &[&MicroBatch<B>]) 
     Ok(())
 }
 
-/// The micro-batches' stashes joined slot by slot for a batched weight gradient: each of `slots` holds the rows
-/// of micro-batch 0, then 1, and so on (each part is freed as soon as it is copied), and the micro-batch returned
-/// has their total sequences (no tokens: the weight-gradient halves of the block and head read only `b` and `t`).
-/// One stash is returned as it is.
+/// The micro-batches' stashes joined slot by slot for a batched weight gradient: every slot filled in the first
+/// stash (what `backward_input` left for the weight half; each other stash must have it too) holds the rows of
+/// micro-batch 0, then 1, and so on (each part is freed as soon as it is copied), and the micro-batch returned has
+/// their total sequences (no tokens: the weight-gradient halves of the block and head read only `b` and `t`). One
+/// stash is returned as it is.
 fn join_stashes<B: Backend>(
     be: &B,
     mut saved: Vec<Saved<B>>,
     mbs: &[&MicroBatch<B>],
-    slots: &[usize],
     layer: &str,
 ) -> Result<(Saved<B>, MicroBatch<B>)> {
     check_batch(layer, saved.len(), mbs)?;
@@ -227,7 +227,10 @@ fn join_stashes<B: Backend>(
         return Ok((saved.swap_remove(0), whole));
     }
     let mut joined = Saved::with_slots(saved[0].slots());
-    for &slot in slots {
+    let filled: Vec<usize> = (0..saved[0].slots())
+        .filter(|&slot| saved[0].slots[slot].is_some())
+        .collect();
+    for slot in filled {
         let parts = saved
             .iter_mut()
             .map(|s| s.take(slot, layer))
@@ -620,11 +623,7 @@ impl<B: Backend> Layer<B> for Block<B> {
     }
 
     fn backward_weight_batched(&mut self, be: &B, saved: Vec<Saved<B>>, mbs: &[&MicroBatch<B>]) -> Result<()> {
-        let slots = [
-            S_X, S_LN1, S_MEAN1, S_RSTD1, S_ATTY, S_X2, S_LN2, S_MEAN2, S_RSTD2, S_GELU, S_DFCPROJ, S_DFC, S_DLN2,
-            S_DPROJ, S_DQKV, S_DLN1,
-        ];
-        let (s, whole) = join_stashes(be, saved, mbs, &slots, &self.name())?;
+        let (s, whole) = join_stashes(be, saved, mbs, &self.name())?;
         self.backward_weight(be, s, &whole)
     }
 
@@ -844,8 +843,7 @@ impl<B: Backend> Layer<B> for Head<B> {
         Ok(Some(dx))
     }
     fn backward_weight_batched(&mut self, be: &B, saved: Vec<Saved<B>>, mbs: &[&MicroBatch<B>]) -> Result<()> {
-        let slots = [HS_X, HS_LNF, HS_MEAN, HS_RSTD, HS_DLOGITS, HS_DLNF];
-        let (s, whole) = join_stashes(be, saved, mbs, &slots, "head")?;
+        let (s, whole) = join_stashes(be, saved, mbs, "head")?;
         self.backward_weight(be, s, &whole)
     }
     fn backward_weight(&mut self, be: &B, mut s: Saved<B>, mb: &MicroBatch<B>) -> Result<()> {
